@@ -57,35 +57,43 @@ def is_student_folder(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
-def convert_default_student(cache_dir: Path | None = None, conversion: StudentConversion | None = None) -> Path:
-    """Convert the GGUF default student to a plain HF folder in the cache, once; return the folder.
+def convert_gguf(gguf: Path, target: Path, dtype: str = "bfloat16") -> Path:
+    """Dequantise a GGUF causal LM into a plain HF folder at ``target``, atomically; return it.
 
-    Idempotent: an existing complete folder is returned as is. Atomic: the folder is built
-    under a temporary name and renamed, so an interrupted conversion leaves nothing behind.
+    Idempotent: an existing complete folder is returned as is. The folder is built under a
+    temporary name and renamed, so an interrupted conversion leaves nothing behind.
     """
-    conversion = conversion or StudentConversion()
-    target = Path(cache_dir or paths.cache_dir()) / "students" / conversion.folder_name
+    gguf, target = Path(gguf), Path(target)
     if is_student_folder(target):
         return target
-    gguf = default_gguf_path()
+    if not gguf.is_file():
+        raise StudentError(f"{gguf}: GGUF file not found")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = getattr(torch, conversion.dtype)
+    torch_dtype = getattr(torch, dtype)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch_dtype)
     # The dequantised weights are plain tensors; drop the GGUF quantiser so save_pretrained writes them as such.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.config.torch_dtype = dtype
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "mode_cotd_source.json").write_text(
-            json.dumps({"source": f"{_GGUF_PACKAGE}:{_GGUF_NAME}", "dtype": conversion.dtype}, indent=2)
+            json.dumps({"source": gguf.name, "dtype": dtype}, indent=2)
         )
     return target
+
+
+def convert_default_student(cache_dir: Path | None = None, conversion: StudentConversion | None = None) -> Path:
+    """Convert the GGUF default student to a plain HF folder in the cache, once; return the folder."""
+    conversion = conversion or StudentConversion()
+    target = Path(cache_dir or paths.cache_dir()) / "students" / conversion.folder_name
+    if is_student_folder(target):
+        return target
+    return convert_gguf(default_gguf_path(), target, conversion.dtype)
 
 
 def resolve_student(name_or_path: str | Path | None = None, cache_dir: Path | None = None) -> Path:

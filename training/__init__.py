@@ -1,0 +1,1 @@
+"""Offline training: teacher rationales, expert distillation, gate training, composition, evaluation."""
