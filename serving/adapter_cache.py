@@ -1,0 +1,255 @@
+"""Mixture -> exact composite LoRA folder on local disk, built once, served by a stable id.
+
+- One expert at weight 1 is served from its own bundle folder: no composite.
+- Any other mixture becomes one composite (mode "exact": `compose_exact`, rank Σrᵢ;
+  mode "linear": the paper's `merge_linear`), written atomically to
+  `<cache dir>/<mode>-<mixture digest>-r<max rank>/`. A composite over the engine's
+  max LoRA rank is compressed by truncated SVD to fit; the relative error is reported.
+- Single flight: concurrent requests for a mixture that is not ready share one build
+  (an asyncio task); the one that started it reports a "miss" with the build time, the
+  others a "hit".
+- LRU: beyond `max_entries` composites, the least recently used idle one is evicted from
+  vLLM (`remove_lora`, freeing its slot) and then from disk. Composites in use (leased)
+  are never evicted.
+- LoRA ids are stable: derived from the adapter's name (a hash), the same across restarts.
+- Folders left by an earlier run are reused after `load_adapter` validates them, so vLLM
+  never sees a folder it cannot load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import shutil
+import time
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from mode_cotd.adapter import LoraAdapter, load_adapter, save_adapter
+from mode_cotd.errors import ModeCotdError
+from mode_cotd.mixing import compose_exact, compress_svd, merge_linear
+from serving.errors import ApiError, InternalError, InvalidMixture
+from serving.protocol import AdapterSpec, LoraTarget
+
+logger = logging.getLogger(__name__)
+
+_FOLDER = re.compile(r"(exact|linear)-[0-9a-f]{16}-r\d+")
+
+
+class LoraSlots(Protocol):
+    """The engine side of eviction: drop an adapter from vLLM's slots and host cache."""
+
+    async def remove_lora(self, lora_id: int) -> bool: ...
+
+
+def stable_lora_id(name: str) -> int:
+    """A positive id from the adapter's name: the first 6 bytes of its sha256, plus 1."""
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:6], "big") + 1
+
+
+@dataclass
+class Lease:
+    """An adapter held for one request; `release` it when the request ends."""
+
+    target: LoraTarget
+    """What vLLM loads."""
+    outcome: str
+    """"expert" (own folder), "hit" (composite ready or being built by another request), "miss" (built it)."""
+    key: str | None = None
+    """Cache key of a composite (None for an expert's folder)."""
+    build_seconds: float | None = None
+    """Build time, for the request that built the composite."""
+    svd_error: float | None = None
+    """Relative error of the SVD compression, when the composite needed one (reported with the build)."""
+    evictions: int = 0
+    """Composites evicted to make room, reported with the build."""
+
+
+@dataclass
+class _Built:
+    seconds: float | None
+    svd_error: float | None
+    evictions: int
+
+
+class AdapterCache:
+    """Composite adapters on disk for one bundle, keyed by mixture; see the module docstring."""
+
+    def __init__(
+        self,
+        experts: dict[str, Path],
+        cache_dir: Path,
+        max_lora_rank: int,
+        max_entries: int = 64,
+        slots: LoraSlots | None = None,
+    ):
+        if max_entries < 1:
+            raise ValueError("max_entries must be >= 1")
+        self.experts = {name: Path(path) for name, path in experts.items()}
+        self.cache_dir = Path(cache_dir)
+        self.max_lora_rank = max_lora_rank
+        self.max_entries = max_entries
+        self.slots = slots
+        self._ready: OrderedDict[str, LoraTarget] = OrderedDict()  # LRU order: oldest first
+        self._on_disk: set[str] = set()  # found from an earlier run, not validated yet
+        self._pending: dict[str, asyncio.Task] = {}
+        self._users: Counter[str] = Counter()
+        self._ids: dict[int, str] = {}
+        self._expert_adapters: dict[str, LoraAdapter] = {}
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self._adopt_earlier_folders()
+
+    # ------------------------------------------------------------------------ names and ids
+
+    def target(self, name: str, path: Path) -> LoraTarget:
+        lora_id = stable_lora_id(name)
+        known = self._ids.setdefault(lora_id, name)
+        if known != name:
+            raise InternalError(f"LoRA id collision between {known!r} and {name!r}")
+        return LoraTarget(name=name, lora_id=lora_id, path=str(path))
+
+    def key(self, spec: AdapterSpec) -> str:
+        return f"{spec.mode}-{spec.mixture.digest}-r{self.max_lora_rank}"
+
+    def _composite_target(self, key: str) -> LoraTarget:
+        return self.target(f"composite-{key}", self.cache_dir / key)
+
+    @property
+    def entries(self) -> list[str]:
+        """Cache keys of composites on disk, least recently used first."""
+        return [*sorted(self._on_disk), *self._ready]
+
+    # ------------------------------------------------------------------------ leasing
+
+    async def acquire(self, spec: AdapterSpec) -> Lease:
+        """The adapter of `spec`, built if needed (once for concurrent callers); hold it until `release`."""
+        expert = spec.single_expert()
+        if expert is not None:
+            if expert not in self.experts:
+                raise InvalidMixture(f"unknown expert {expert!r}", param="mixture")
+            return Lease(self.target(f"expert-{expert}", self.experts[expert]), "expert")
+        key = self.key(spec)
+        self._users[key] += 1
+        try:
+            if key in self._ready:
+                self._ready.move_to_end(key)
+                return Lease(self._ready[key], "hit", key)
+            task = self._pending.get(key)
+            owner = task is None
+            if owner:
+                task = asyncio.ensure_future(self._prepare(key, spec))
+                self._pending[key] = task
+            built: _Built = await asyncio.shield(task)
+        except BaseException:
+            self._release_key(key)
+            raise
+        self._ready.move_to_end(key)
+        if owner and built.seconds is not None:
+            return Lease(self._ready[key], "miss", key, built.seconds, built.svd_error, built.evictions)
+        return Lease(self._ready[key], "hit", key)
+
+    def release(self, lease: Lease) -> None:
+        if lease.key is not None:
+            self._release_key(lease.key)
+
+    @asynccontextmanager
+    async def lease(self, spec: AdapterSpec) -> AsyncIterator[Lease]:
+        held = await self.acquire(spec)
+        try:
+            yield held
+        finally:
+            self.release(held)
+
+    def _release_key(self, key: str) -> None:
+        self._users[key] -= 1
+        if self._users[key] <= 0:
+            del self._users[key]
+
+    # ------------------------------------------------------------------------ building
+
+    async def _prepare(self, key: str, spec: AdapterSpec) -> _Built:
+        try:
+            folder = self.cache_dir / key
+            if key in self._on_disk:
+                self._on_disk.discard(key)
+                if await asyncio.to_thread(self._valid, folder):
+                    self._ready[key] = self._composite_target(key)
+                    return _Built(None, None, 0)
+                await asyncio.to_thread(shutil.rmtree, folder, True)
+            started = time.perf_counter()
+            try:
+                svd_error = await asyncio.to_thread(self._build, spec, folder)
+            except ApiError:
+                raise
+            except (ModeCotdError, OSError, ValueError, RuntimeError) as e:
+                raise InternalError(f"could not build the adapter for mixture {spec.mixture}: {e}") from e
+            seconds = time.perf_counter() - started
+            self._ready[key] = self._composite_target(key)
+            evictions = await self._evict()
+            return _Built(seconds, svd_error, evictions)
+        finally:
+            self._pending.pop(key, None)
+
+    def _expert(self, name: str) -> LoraAdapter:
+        if name not in self.experts:
+            raise InvalidMixture(f"unknown expert {name!r}; known: {', '.join(sorted(self.experts))}", param="mixture")
+        if name not in self._expert_adapters:
+            self._expert_adapters[name] = load_adapter(self.experts[name])
+        return self._expert_adapters[name]
+
+    def _build(self, spec: AdapterSpec, folder: Path) -> float | None:
+        """Compose (exact or linear), compress to the max rank if needed, write; return the SVD error or None."""
+        adapters = [self._expert(name) for name in spec.mixture.experts]
+        weights = list(spec.mixture.weights)
+        if spec.mode == "exact":
+            composite = compose_exact(adapters, weights)
+        elif spec.mode == "linear":
+            composite = merge_linear(adapters, weights, convention="lorahub")
+        else:
+            raise InvalidMixture(f"unknown composition mode {spec.mode!r}")
+        svd_error = None
+        if composite.r > self.max_lora_rank:
+            composite, svd_error = compress_svd(composite, self.max_lora_rank)
+        save_adapter(composite, folder)
+        return svd_error
+
+    def _valid(self, folder: Path) -> bool:
+        try:
+            return load_adapter(folder).r <= self.max_lora_rank
+        except ModeCotdError as e:
+            logger.warning("discarding cached composite %s: %s", folder, e)
+            return False
+
+    # ------------------------------------------------------------------------ eviction
+
+    async def _evict(self) -> int:
+        """Evict least recently used idle composites beyond max_entries; return how many."""
+        evicted = 0
+        while len(self._ready) + len(self._on_disk) > self.max_entries:
+            victim = next((k for k in [*sorted(self._on_disk), *self._ready]
+                           if self._users[k] == 0 and k not in self._pending), None)
+            if victim is None:
+                break  # everything is in use: stay over the limit until requests finish
+            target = self._ready.pop(victim, None)
+            self._on_disk.discard(victim)
+            if target is not None and self.slots is not None:
+                try:
+                    await self.slots.remove_lora(target.lora_id)
+                except Exception:  # the engine may already have dropped it
+                    logger.warning("remove_lora(%s) failed", target.name, exc_info=True)
+            await asyncio.to_thread(shutil.rmtree, self.cache_dir / victim, True)
+            evicted += 1
+        return evicted
+
+    def _adopt_earlier_folders(self) -> None:
+        found = sorted((p for p in self.cache_dir.iterdir() if p.is_dir() and _FOLDER.fullmatch(p.name)),
+                       key=lambda p: p.stat().st_mtime)
+        for stale in found[: max(0, len(found) - self.max_entries)]:
+            shutil.rmtree(stale, ignore_errors=True)
+        self._on_disk = {p.name for p in found[max(0, len(found) - self.max_entries):]}

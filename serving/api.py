@@ -1,0 +1,101 @@
+"""The HTTP surface: a FastAPI app with the OpenAI endpoints, /health and /metrics.
+
+    POST /v1/completions        completion, or SSE chunks with "stream": true
+    POST /v1/chat/completions   chat completion through the student's chat template
+    GET  /v1/models             every route (gate, experts, compositions, the bare student)
+    GET  /health                200 once the student is loaded, 503 before
+    GET  /metrics               Prometheus text of every mode_cotd_* series
+
+`create_app` takes a Backend (Ray handles in production, plain classes in tests), so the
+same app runs under Ray Serve's ingress and in a test client.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from serving.errors import install_error_handlers
+from serving.handler import OpenAIHandler
+from serving.metrics import ServingMetrics
+from serving.prompts import PromptRenderer
+from serving.protocol import Backend
+from serving.routes import RouteTable
+from serving.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from serving.settings import ApiSettings
+
+API_ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models")
+
+
+class RequestCounter:
+    """ASGI middleware: count every /v1 request by route, endpoint and final status code.
+
+    The handler puts the route kind in `request.state.route` once it is resolved; requests
+    that fail before that count under route "none".
+    """
+
+    def __init__(self, app, metrics: ServingMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def remember_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, remember_status)
+        finally:
+            route = scope.get("state", {}).get("route", "none")
+            endpoint = path if path in API_ENDPOINTS else "other"
+            self.metrics.requests.labels(route, endpoint, str(status)).inc()
+
+
+def create_app(backend: Backend, routes: RouteTable, prompts: PromptRenderer,
+               settings: ApiSettings, metrics: ServingMetrics) -> FastAPI:
+    """The OpenAI-compatible app over `backend`."""
+    handler = OpenAIHandler(backend, routes, prompts, settings, metrics)
+    created = int(time.time())
+    app = FastAPI(title="mode-cotd", summary="Mixture of LoRA experts over one student, OpenAI-compatible")
+    install_error_handlers(app)
+    app.add_middleware(RequestCounter, metrics=metrics)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        try:
+            ready = await backend.ready()
+        except Exception:  # noqa: BLE001 - an unreachable student is simply not ready
+            ready = False
+        return JSONResponse({"status": "ok" if ready else "loading"}, status_code=200 if ready else 503)
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=[
+            ModelCard(id=m.id, created=created,
+                      mode_cotd={"route": m.kind, "experts": m.experts, "candidates": m.candidates})
+            for m in routes.models()
+        ])
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await handler.completions(request, body)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await handler.chat(request, body)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        text, content_type = metrics.exposition()
+        return Response(text, media_type=content_type)
+
+    return app

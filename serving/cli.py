@@ -1,0 +1,161 @@
+"""`mode-cotd serve`: start a local Ray (or join one), deploy the app, wait until the student is loaded.
+
+With no arguments it serves the repo's `bundles/default` over the default student on
+http://127.0.0.1:8000/v1. Every field of ServeSettings has a flag (`--engine-max-loras`,
+`--batching-max-batch-size`, `--student-deployment-num-gpus`, ...), with the field's
+docstring as its help; `--config` reads the same tree from YAML (a Serve config's `args:`
+or a plain mapping), and flags override it. Ctrl-C (or SIGTERM) shuts Serve and Ray down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import signal
+import sys
+import time
+import typing
+from pathlib import Path
+from typing import Any
+
+from mode_cotd import paths
+from mode_cotd.errors import ConfigError, StudentError
+from serving.settings import ServeSettings, field_docs, from_dict
+
+DEFAULT_BUNDLE = paths.REPO_ROOT / "bundles" / "default"
+"""The bundle `mode-cotd serve` serves when neither --bundle nor --config names one."""
+
+
+def _leaf_type(tp: Any) -> Any:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args and type(None) in typing.get_args(tp) else tp
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser, cls: type, defaults: Any, prefix: str = "") -> None:
+    """One flag per leaf field of the settings tree; dest is the dotted path (e.g. "engine.max_loras")."""
+    hints, docs = typing.get_type_hints(cls), field_docs(cls)
+    for f in dataclasses.fields(cls):
+        tp = _leaf_type(hints[f.name])
+        dest = f"{prefix}{f.name}"
+        default = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(tp):
+            _add_settings_flags(parser, tp, default if default is not None else tp(), dest + ".")
+            continue
+        if typing.get_origin(tp) is dict:
+            continue  # mappings (engine.extra) only through --config
+        flag = "--" + dest.replace(".", "-").replace("_", "-")
+        help_text = f"{docs.get(f.name, '')} (default: {default})"
+        if tp is bool:
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, dest=dest, type=tp, default=argparse.SUPPRESS, metavar=tp.__name__.upper(),
+                                help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mode-cotd serve",
+        description="Serve a bundle over Ray Serve + vLLM: OpenAI API, /metrics, /health. "
+                    f"Defaults: bundle {DEFAULT_BUNDLE}, the default student, http://127.0.0.1:8000.",
+    )
+    parser.add_argument("--config", type=Path, help="YAML with settings (a Serve config's first app args, or a mapping)")
+    parser.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
+    parser.add_argument("--ray-num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    parser.add_argument("--startup-timeout-s", type=float, default=900.0, help="how long to wait for the student")
+    group = parser.add_argument_group("settings (serving/settings.py; flags override --config)")
+    _add_settings_flags(group, ServeSettings, ServeSettings(bundle=str(DEFAULT_BUNDLE)))
+    return parser
+
+
+def _config_file(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read settings ({e})") from e
+    if isinstance(data, dict) and "applications" in data:
+        data = (data["applications"] or [{}])[0].get("args", {}) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings")
+    return data
+
+
+def settings_from_cli(args: argparse.Namespace) -> ServeSettings:
+    """The settings tree: --config first, then every flag given on the command line."""
+    tree: dict[str, Any] = _config_file(args.config) if args.config else {}
+    for dest, value in vars(args).items():
+        if "." not in dest and dest not in {f.name for f in dataclasses.fields(ServeSettings)}:
+            continue  # CLI-only flags
+        *parents, leaf = dest.split(".")
+        node = tree
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[leaf] = value
+    tree.setdefault("bundle", str(DEFAULT_BUNDLE))
+    return from_dict(ServeSettings, tree)
+
+
+def _wait_until_ready(url: str, timeout_s: float) -> float:
+    import httpx
+
+    started = time.monotonic()
+    next_note = started + 15
+    while time.monotonic() - started < timeout_s:
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return time.monotonic() - started
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() >= next_note:
+            print(f"mode-cotd serve: loading the student ({time.monotonic() - started:.0f} s)...", flush=True)
+            next_note += 15
+        time.sleep(0.5)
+    raise StudentError(f"the student did not become ready within {timeout_s:.0f} s (GET {url} never returned 200)")
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    settings = settings_from_cli(args)
+
+    from serving.app import build_app
+    from serving.components import resolve_settings
+
+    settings = resolve_settings(settings)  # a missing or bad bundle fails here, before Ray starts
+    import ray
+    from ray import serve
+
+    started = time.monotonic()
+    try:
+        ray.init(address=args.ray_address, num_cpus=args.ray_num_cpus, include_dashboard=False)
+        for stop_signal in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which sets its own SIGTERM handler
+            signal.signal(stop_signal, _stop)
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        serve.run(build_app(settings), name=settings.app_name, route_prefix=settings.route_prefix, blocking=False)
+        base = f"http://{settings.host}:{settings.port}{settings.route_prefix.rstrip('/')}"
+        _wait_until_ready(f"{base}/health", args.startup_timeout_s)
+        print(f"mode-cotd serve: ready in {time.monotonic() - started:.0f} s. OpenAI API at {base}/v1 "
+              f"(bundle {settings.bundle}); metrics at {base}/metrics. Ctrl-C stops.", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("mode-cotd serve: shutting down...", flush=True)
+        return 0
+    finally:
+        for stop_signal in (signal.SIGINT, signal.SIGTERM):  # let nothing interrupt the clean-up
+            signal.signal(stop_signal, signal.SIG_IGN)
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
+        print("mode-cotd serve: stopped.", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,136 @@
+"""The three Ray Serve deployments. Thin: each builds its plain piece (serving.components) and wires it.
+
+    IngressDeployment   FastAPI app (serving.api) over a RayBackend of the two handles below
+    RouterDeployment    GateRouter behind @serve.batch (max batch size and wait from settings)
+    StudentDeployment   StudentService: adapter cache + vLLM engine, streaming generation
+
+The student starts its engine in the background, so the app comes up at once and
+/health says 503 until the student is loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from ray import serve
+from ray.exceptions import RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from serving import components
+from serving.api import create_app
+from serving.errors import ApiError, InternalError, ModelNotFound, ServiceUnavailable
+from serving.metrics import ServingMetrics
+from serving.protocol import GateDecision, GenerationEvent, GenerationRequest
+from serving.settings import ServeSettings
+
+
+def as_api_error(exc: BaseException) -> ApiError:
+    """What a failed handle call means for the client: the replica's ApiError, or 503 / 500."""
+    if isinstance(exc, RayTaskError) and isinstance(exc.cause, ApiError):
+        return exc.cause
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, (BackPressureError, DeploymentUnavailableError)):
+        return ServiceUnavailable(f"the server is overloaded ({type(exc).__name__}); retry shortly")
+    return InternalError(f"{type(exc).__name__}: {exc}")
+
+
+class RayBackend:
+    """serving.protocol.Backend over the router and student deployment handles."""
+
+    def __init__(self, router: DeploymentHandle | None, student: DeploymentHandle):
+        self.router = router
+        self.student = student
+
+    async def ready(self) -> bool:
+        return await self.student.is_ready.remote()
+
+    async def route(self, text: str) -> GateDecision:
+        if self.router is None:
+            raise ModelNotFound("this bundle has no gate", param="model")
+        try:
+            return await self.router.decide.remote(text)
+        except Exception as e:
+            raise as_api_error(e) from e
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        stream = self.student.options(stream=True).generate.remote(request)
+        finished = False
+        try:
+            async for event in stream:
+                yield event
+            finished = True
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as e:
+            finished = True
+            raise as_api_error(e) from e
+        finally:
+            if not finished:
+                stream.cancel()  # the client went away: the student aborts the request in vLLM
+
+
+@serve.deployment(name="student")
+class StudentDeployment:
+    async def __init__(self, settings: ServeSettings):
+        replica = serve.get_replica_context().replica_id.unique_id
+        self.service = components.student_service(settings, components.load_serving_bundle(settings), replica=replica)
+        self.starting = asyncio.create_task(self.service.start())
+
+    async def is_ready(self) -> bool:
+        return self.service.ready
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        events = self.service.generate(request)
+        async with aclosing(events):  # cancelled by the ingress (client gone): vLLM aborts the request
+            async for event in events:
+                yield event
+
+    async def check_health(self) -> None:
+        if self.starting.done() and self.starting.exception() is not None:
+            raise RuntimeError(f"the student engine failed to start: {self.starting.exception()!r}")
+        if self.starting.done() and not self.service.ready:
+            raise RuntimeError("the student engine stopped")
+
+    def __del__(self) -> None:
+        self.service.shutdown()
+
+
+@serve.deployment(name="router")
+class RouterDeployment:
+    def __init__(self, settings: ServeSettings):
+        bundle = components.load_serving_bundle(settings)
+        self.router = components.gate_router(settings, bundle)
+        if self.router is None:
+            raise ValueError(f"{settings.bundle}: the bundle has no gate; the app runs without a router")
+        self.decide_batch.set_max_batch_size(settings.batching.max_batch_size)
+        self.decide_batch.set_batch_wait_timeout_s(settings.batching.batch_wait_timeout_s)
+
+    @serve.batch
+    async def decide_batch(self, prompts: list[str]) -> list[GateDecision]:
+        # One result per prompt, in order; if the gate fails, @serve.batch gives every caller the error.
+        return await asyncio.to_thread(self.router.decide, prompts)
+
+    async def decide(self, prompt: str) -> GateDecision:
+        return await self.decide_batch(prompt)
+
+
+@serve.deployment(name="ingress")
+@serve.ingress()
+class IngressDeployment:
+    def __init__(self, settings: ServeSettings, router: DeploymentHandle | None, student: DeploymentHandle):
+        self.settings = settings
+        self.backend = RayBackend(router, student)
+
+    def __serve_build_asgi_app__(self):
+        bundle = components.load_serving_bundle(self.settings)
+        return create_app(
+            self.backend,
+            components.route_table(self.settings, bundle),
+            components.prompt_renderer(self.settings),
+            self.settings.api,
+            ServingMetrics(),
+        )

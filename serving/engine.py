@@ -1,0 +1,171 @@
+"""The student's inference engine: vLLM's AsyncLLM with multi-LoRA and continuous batching.
+
+`VllmEngine` implements serving.protocol.StudentEngine through vLLM's public API:
+`AsyncLLM.from_engine_args(AsyncEngineArgs(...))`, `SamplingParams` (DELTA outputs, so
+every yielded piece is new text), `LoRARequest`, `vllm.inputs.tokens_input` (the ingress
+sends token ids it has already checked against the context). Cancelling the generator
+(the client went away) makes vLLM abort the request. vLLM is imported only here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import typing
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from serving.errors import ApiError, InternalError, InvalidRequest, ServiceUnavailable
+from serving.protocol import GenerationDelta, LoraTarget, SamplingSettings, TokenLogprob
+from serving.settings import EngineSettings
+
+logger = logging.getLogger(__name__)
+
+
+def supported_lora_rank(needed: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that is >= needed (vLLM takes only 1, 8, 16, 32, ...)."""
+    from vllm.config.lora import MaxLoRARanks
+
+    ranks = sorted(typing.get_args(MaxLoRARanks))
+    for rank in ranks:
+        if rank >= needed:
+            return rank
+    return ranks[-1]
+
+
+def engine_args(student: Path, settings: EngineSettings, max_lora_rank: int, max_model_len: int):
+    """vLLM's AsyncEngineArgs for the student with LoRA enabled."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    kwargs: dict[str, Any] = {
+        "model": str(student),
+        "tokenizer": str(student),
+        "dtype": settings.dtype,
+        "max_model_len": max_model_len,
+        "enable_lora": True,
+        "max_loras": settings.max_loras,
+        "max_cpu_loras": max(settings.max_cpu_loras, settings.max_loras),
+        "max_lora_rank": max_lora_rank,
+        "max_num_seqs": settings.max_num_seqs,
+        "gpu_memory_utilization": settings.gpu_memory_utilization,
+        "enforce_eager": settings.enforce_eager,
+        "seed": settings.seed,
+        "disable_log_stats": True,
+    }
+    if settings.kv_cache_memory_bytes is not None:
+        kwargs["kv_cache_memory_bytes"] = settings.kv_cache_memory_bytes
+    kwargs.update(settings.extra)
+    return AsyncEngineArgs(**kwargs)
+
+
+def sampling_params(sampling: SamplingSettings):
+    """vLLM SamplingParams for one request; outputs come as deltas."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        n=sampling.n,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        max_tokens=sampling.max_tokens,
+        stop=list(sampling.stop) or None,
+        seed=sampling.seed,
+        logprobs=sampling.logprobs,
+        presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty,
+        output_kind=RequestOutputKind.DELTA,
+    )
+
+
+class VllmEngine:
+    """vLLM AsyncLLM for one student; start() loads it (tens of seconds), then generate() streams."""
+
+    def __init__(self, student: Path, settings: EngineSettings, max_lora_rank: int, max_model_len: int):
+        self.student = Path(student)
+        self.settings = settings
+        self.max_lora_rank = max_lora_rank
+        self.max_model_len = max_model_len
+        self._llm = None
+
+    @property
+    def ready(self) -> bool:
+        return self._llm is not None and not self._llm.errored
+
+    async def start(self) -> None:
+        """Create the engine (in a thread, so the caller's event loop keeps answering health checks)."""
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = engine_args(self.student, self.settings, self.max_lora_rank, self.max_model_len)
+        self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSettings, lora: LoraTarget | None
+    ) -> AsyncIterator[GenerationDelta]:
+        from vllm.exceptions import VLLMValidationError
+        from vllm.inputs import tokens_input
+        from vllm.lora.request import LoRARequest
+
+        if not self.ready:
+            raise ServiceUnavailable("the student is not loaded yet", code="model_loading")
+        lora_request = None if lora is None else LoRARequest(lora.name, lora.lora_id, lora.path)
+        stream = self._llm.generate(
+            tokens_input(list(prompt_token_ids)), sampling_params(sampling), request_id, lora_request=lora_request
+        )
+        try:
+            async for output in stream:
+                for choice in output.outputs:
+                    yield GenerationDelta(
+                        index=choice.index,
+                        text=choice.text,
+                        num_tokens=len(choice.token_ids),
+                        logprobs=self._logprobs(choice, sampling.logprobs),
+                        finish_reason=choice.finish_reason,
+                    )
+        except ApiError:
+            raise
+        except VLLMValidationError as e:
+            raise InvalidRequest(str(e), param=e.parameter) from e
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as e:
+            if type(e).__name__ in ("QueueOverflowError", "MaxQueuedTokensError"):
+                raise ServiceUnavailable(f"the engine is overloaded: {e}") from e
+            raise InternalError(f"generation failed: {type(e).__name__}: {e}") from e
+        finally:
+            await stream.aclose()
+
+    def _logprobs(self, choice: Any, top: int | None) -> list[TokenLogprob] | None:
+        """OpenAI-style logprobs of the new tokens of one choice."""
+        if top is None or choice.logprobs is None:
+            return None
+        entries = []
+        for token_id, candidates in zip(choice.token_ids, choice.logprobs):
+            candidates = candidates or {}
+            ranked = sorted(candidates.items(), key=lambda kv: (kv[1].rank or 0, -kv[1].logprob))
+            chosen = candidates.get(token_id)
+            entries.append(TokenLogprob(
+                token=self._text(token_id, chosen),
+                logprob=float(chosen.logprob) if chosen is not None else float("-inf"),
+                top=[(self._text(t, lp), float(lp.logprob)) for t, lp in ranked[:top]],
+            ))
+        return entries
+
+    def _text(self, token_id: int, logprob: Any) -> str:
+        if logprob is not None and logprob.decoded_token is not None:
+            return logprob.decoded_token
+        return self._llm.get_tokenizer().decode([token_id])
+
+    async def remove_lora(self, lora_id: int) -> bool:
+        return bool(self._llm is not None and await self._llm.remove_lora(lora_id))
+
+    async def lora_slots_in_use(self) -> int:
+        return len(await self._llm.list_loras()) if self._llm is not None else 0
+
+    def queue_depth(self) -> int:
+        return self._llm.get_num_unfinished_requests() if self._llm is not None else 0
+
+    def shutdown(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None

@@ -1,0 +1,157 @@
+"""Routes: the request's `model` (and optional `mixture`) -> what serves it.
+
+    "mode-cotd"                      the gate decides the mixture per prompt     (kind "gate")
+    "mode-cotd:<expert>"             one expert at weight 1                       (kind "expert")
+    "mode-cotd:<composition>"        a named composition from the bundle         (kind "composition")
+    "<student name>"                 the bare student, no adapter                 (kind "base")
+    "mode-cotd" + "mixture": {...}   an explicit mixture, overriding the gate    (kind "mixture")
+
+When an expert and a composition share a name, "mode-cotd:<name>" is the expert and
+"mode-cotd:composition:<name>" the composition ("mode-cotd:expert:<name>" also works).
+Explicit mixtures are exact: weights are used as given (negative allowed), rounded to the
+grid (the gate's, so that equal mixtures share one composite), zero weights dropped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from mode_cotd.bundle import COMPOSITION_MODES, Bundle
+from mode_cotd.errors import BundleError, ConfigError
+from mode_cotd.gate import MixtureKey
+from serving.errors import InvalidMixture, InvalidRequest, ModelNotFound
+from serving.protocol import AdapterSpec
+
+ROUTE_KINDS = ("gate", "expert", "composition", "base", "mixture")
+
+
+@dataclass(frozen=True)
+class Route:
+    """What serves a request. `adapter` is None for "base", and for "gate" until the gate decides."""
+
+    kind: str
+    """One of ROUTE_KINDS."""
+    model: str
+    """The model name as requested (echoed in responses)."""
+    name: str | None = None
+    """The expert's or composition's name."""
+    adapter: AdapterSpec | None = None
+    """The fixed adapter of this route, if it has one before the gate runs."""
+
+
+@dataclass
+class ModelEntry:
+    """One row of /v1/models."""
+
+    id: str
+    """The model name to request."""
+    kind: str
+    """One of ROUTE_KINDS."""
+    experts: dict[str, float] | None = None
+    """Fixed expert weights of the route (None for the gate, which decides per prompt)."""
+    candidates: list[str] = field(default_factory=list)
+    """Experts the route may use."""
+
+
+@dataclass
+class RouteTable:
+    """All routes of one bundle; `resolve` maps a request's model and mixture to a Route."""
+
+    served_name: str
+    """Model name of the gate route, and prefix of expert/composition routes."""
+    student_name: str
+    """Model name of the bare student."""
+    experts: list[str]
+    """Expert names in the bundle."""
+    compositions: dict[str, AdapterSpec]
+    """Composition name -> its fixed adapter."""
+    gate_experts: list[str] | None
+    """Experts the gate routes to (None: the bundle has no gate, so no gate route)."""
+    grid: float
+    """Grid explicit mixtures are rounded to."""
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, student_name: str, served_name: str, default_grid: float) -> RouteTable:
+        compositions = {}
+        for name, record in bundle.compositions.items():
+            if record.mode not in COMPOSITION_MODES:
+                raise BundleError(f"{bundle.root}: composition {name!r} has unknown mode {record.mode!r}")
+            kept = {e: w for e, w in record.weights.items() if w != 0}
+            if not kept:
+                raise BundleError(f"{bundle.root}: composition {name!r} has only zero weights")
+            compositions[name] = AdapterSpec(MixtureKey(tuple(kept), tuple(kept.values())), record.mode)
+        gate = bundle.gate
+        return cls(
+            served_name=served_name,
+            student_name=student_name,
+            experts=sorted(bundle.experts),
+            compositions=compositions,
+            gate_experts=list(gate.config.experts) if gate is not None else None,
+            grid=gate.config.grid if gate is not None else default_grid,
+        )
+
+    def __post_init__(self) -> None:
+        if ":" in self.student_name or self.student_name == self.served_name:
+            raise ConfigError(f"student name {self.student_name!r} clashes with the route names")
+
+    # ------------------------------------------------------------------------ resolving
+
+    def resolve(self, model: str, mixture: dict[str, Any] | None = None) -> Route:
+        """The route for `model` (+ explicit `mixture`); ModelNotFound / InvalidMixture / InvalidRequest."""
+        if mixture is not None:
+            if model != self.served_name:
+                raise InvalidRequest(
+                    f"'mixture' is only accepted with model {self.served_name!r}, not {model!r}", param="mixture"
+                )
+            return Route("mixture", model, adapter=AdapterSpec(self.mixture_key(mixture)))
+        if model == self.served_name:
+            if self.gate_experts is None:
+                raise ModelNotFound(
+                    f"model {model!r} needs a gate, and this bundle has none; use one of: {', '.join(self.model_ids())}",
+                    param="model",
+                )
+            return Route("gate", model)
+        if model == self.student_name:
+            return Route("base", model)
+        prefix = f"{self.served_name}:"
+        if model.startswith(prefix):
+            kind, _, name = model[len(prefix):].rpartition(":")
+            if kind in ("", "expert") and name in self.experts:
+                return Route("expert", model, name, AdapterSpec(MixtureKey((name,), (1.0,))))
+            if kind in ("", "composition") and name in self.compositions:
+                return Route("composition", model, name, self.compositions[name])
+        raise ModelNotFound(
+            f"The model {model!r} does not exist; available: {', '.join(self.model_ids())}", param="model"
+        )
+
+    def mixture_key(self, mixture: Any) -> MixtureKey:
+        """Validate an explicit {expert: weight} and round it to the grid (InvalidMixture on any fault)."""
+        if isinstance(mixture, dict):
+            for name, weight in mixture.items():
+                if isinstance(weight, (int, float)) and not isinstance(weight, bool) and not math.isfinite(weight):
+                    raise InvalidMixture(f"mixture weight for {name!r} must be finite, got {weight}", param="mixture")
+        try:
+            return MixtureKey.from_dict(mixture, self.grid, known_experts=self.experts, normalise=False)
+        except ConfigError as e:
+            raise InvalidMixture(str(e), param="mixture") from e
+
+    # ------------------------------------------------------------------------ listing
+
+    def models(self) -> list[ModelEntry]:
+        """Every route, as /v1/models lists it."""
+        entries = []
+        if self.gate_experts is not None:
+            entries.append(ModelEntry(self.served_name, "gate", None, list(self.gate_experts)))
+        clash = set(self.experts) & set(self.compositions)
+        for name in self.experts:
+            entries.append(ModelEntry(f"{self.served_name}:{name}", "expert", {name: 1.0}, [name]))
+        for name, spec in self.compositions.items():
+            model = f"{self.served_name}:composition:{name}" if name in clash else f"{self.served_name}:{name}"
+            entries.append(ModelEntry(model, "composition", spec.mixture.as_dict(), list(spec.mixture.experts)))
+        entries.append(ModelEntry(self.student_name, "base", {}))
+        return entries
+
+    def model_ids(self) -> list[str]:
+        return [m.id for m in self.models()]

@@ -1,0 +1,241 @@
+"""Serving configuration: plain dataclasses, one docstring per field.
+
+`ServeSettings` is the whole app: the bundle and student, HTTP address, and one section
+per concern (deployments, engine, router batching, adapter cache, API limits). The same
+tree is filled from `mode-cotd serve` flags (serving.cli), from a Serve config YAML's
+`args:` (serving.app.build_app), or in code (tests). `from_dict` refuses unknown keys.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import itertools
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+from mode_cotd.errors import ConfigError
+
+
+@dataclass
+class AutoscalingSettings:
+    """Ray Serve autoscaling of one deployment (replaces a fixed replica count)."""
+
+    min_replicas: int = 1
+    """Fewest replicas kept running."""
+    max_replicas: int = 4
+    """Most replicas started under load."""
+    target_ongoing_requests: float = 16.0
+    """Requests in flight per replica that autoscaling aims for."""
+
+
+@dataclass
+class DeploymentSettings:
+    """Replicas and resources of one Ray Serve deployment."""
+
+    num_replicas: int = 1
+    """Fixed number of replicas (ignored when `autoscaling` is set)."""
+    autoscaling: AutoscalingSettings | None = None
+    """Autoscale between min and max replicas instead of a fixed count."""
+    num_cpus: float = 0.0
+    """CPUs Ray reserves per replica."""
+    num_gpus: float = 0.0
+    """GPUs Ray reserves per replica (the student wants 1 on a GPU machine)."""
+    max_ongoing_requests: int = 256
+    """Requests one replica handles at once; more wait in Serve's queue."""
+    max_queued_requests: int = -1
+    """Requests waiting for a replica before callers get 503 (-1: no limit)."""
+
+    def serve_options(self) -> dict[str, Any]:
+        """Keyword arguments for `Deployment.options(...)`."""
+        options: dict[str, Any] = {
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+        }
+        if self.autoscaling is None:
+            options["num_replicas"] = self.num_replicas
+        else:
+            options["autoscaling_config"] = dataclasses.asdict(self.autoscaling)
+        return options
+
+
+@dataclass
+class EngineSettings:
+    """The vLLM engine of the student deployment."""
+
+    max_model_len: int = 2048
+    """Context length (prompt + output tokens); capped by the student's own maximum."""
+    dtype: str = "auto"
+    """Weights and activations dtype ("auto": the student's config)."""
+    max_loras: int = 4
+    """LoRA slots: distinct adapters in one running batch."""
+    max_cpu_loras: int = 16
+    """Adapters vLLM keeps loaded in host memory (LRU beyond that); >= max_loras."""
+    max_lora_rank: int | None = None
+    """Largest adapter rank vLLM serves; None sizes it for k·r from the bundle. Rounded up to a rank vLLM supports."""
+    max_num_seqs: int = 64
+    """Sequences in one continuous batch."""
+    gpu_memory_utilization: float = 0.3
+    """Fraction of accelerator memory (host memory on vLLM's CPU backend) vLLM may take."""
+    kv_cache_memory_bytes: int | None = None
+    """Explicit KV cache size in bytes (overrides gpu_memory_utilization for the cache)."""
+    enforce_eager: bool = False
+    """Skip graph capture/compilation: faster start, slower steps."""
+    seed: int = 0
+    """Engine seed (per-request `seed` still applies)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """More vllm.AsyncEngineArgs keyword arguments, passed as given."""
+
+
+@dataclass
+class RouterSettings:
+    """The gate deployment's batching (Ray Serve @serve.batch)."""
+
+    max_batch_size: int = 32
+    """Most prompts the gate scores in one call."""
+    batch_wait_timeout_s: float = 0.01
+    """Longest wait for a batch to fill before it runs."""
+
+
+@dataclass
+class CacheSettings:
+    """Composite adapters on local disk."""
+
+    dir: str | None = None
+    """Folder for composites (None: <mode-cotd cache>/composites); one sub-folder per bundle."""
+    max_entries: int = 64
+    """Composites kept on disk; the least recently used idle one is evicted beyond that."""
+    mixture_grid: float = 0.05
+    """Grid explicit mixtures are rounded to when the bundle has no gate (else the gate's grid)."""
+
+
+@dataclass
+class ApiSettings:
+    """The OpenAI HTTP surface."""
+
+    served_model_name: str = "mode-cotd"
+    """Model name of the gate route; `<name>:<expert or composition>` names the others."""
+    default_max_tokens: int = 256
+    """max_tokens when a request gives none (capped by the room left in the context)."""
+    max_inflight_requests: int = 512
+    """Requests in flight at one ingress replica before new ones get 429."""
+    max_n: int = 8
+    """Largest `n` (choices per request) accepted."""
+    max_logprobs: int = 20
+    """Largest `logprobs` / `top_logprobs` accepted."""
+
+
+@dataclass
+class ServeSettings:
+    """Everything `mode-cotd serve` and `serve run serving.app:build_app` configure."""
+
+    bundle: str = "bundles/default"
+    """Bundle folder (manifest.json, experts/, gate/)."""
+    student: str | None = None
+    """Student name or HF folder (None: the default student, SmolLM2-135M-Instruct)."""
+    host: str = "127.0.0.1"
+    """HTTP host the Serve proxy binds."""
+    port: int = 8000
+    """HTTP port the Serve proxy binds."""
+    app_name: str = "mode-cotd"
+    """Ray Serve application name."""
+    route_prefix: str = "/"
+    """HTTP path prefix of the app."""
+    ingress: DeploymentSettings = field(default_factory=lambda: DeploymentSettings(max_ongoing_requests=1024))
+    """The FastAPI ingress deployment (its own in-flight limit, api.max_inflight_requests, answers 429)."""
+    router: DeploymentSettings = field(default_factory=DeploymentSettings)
+    """The gate deployment."""
+    student_deployment: DeploymentSettings = field(default_factory=lambda: DeploymentSettings(num_cpus=1.0))
+    """The vLLM student deployment."""
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    """vLLM engine sizes."""
+    batching: RouterSettings = field(default_factory=RouterSettings)
+    """Gate batching."""
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    """Composite adapter cache."""
+    api: ApiSettings = field(default_factory=ApiSettings)
+    """OpenAI API limits and names."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------- from dicts
+
+
+def _strip_optional(tp: Any) -> Any:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return tp
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    inner = _strip_optional(tp)
+    if value is None:
+        if inner is not tp:
+            return None
+        raise ConfigError(f"{where}: must not be null")
+    if dataclasses.is_dataclass(inner):
+        return from_dict(inner, value, where) if isinstance(value, dict) else _fail(where, value, inner)
+    origin = typing.get_origin(inner) or inner
+    if isinstance(value, str) and inner in (bool, int, float):
+        value = _parse_scalar(value)  # "8", "0.3", "true" from `serve run ... key=value` or the CLI
+    if origin is dict:
+        return dict(value) if isinstance(value, dict) else _fail(where, value, inner)
+    if inner is bool:
+        return value if isinstance(value, bool) else _fail(where, value, bool)
+    if inner is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _fail(where, value, int)
+    if inner is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return float(value) if ok else _fail(where, value, float)
+    if inner is str:
+        return value if isinstance(value, str) else _fail(where, value, str)
+    return value
+
+
+def _parse_scalar(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _fail(where: str, value: Any, tp: Any):
+    raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def from_dict(cls: type, data: Any, where: str = "settings"):
+    """Build dataclass `cls` from a nested dict; ConfigError names unknown keys and bad values."""
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown}; known: {sorted(names)}")
+    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()})
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> the docstring written under it in the class body (used for --help)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, following in itertools.pairwise(body):
+        named = isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+        if named and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(following.value.value).split())
+    return docs

@@ -1,0 +1,86 @@
+"""The student side of a request: lease the adapter, generate, release.
+
+`StudentService` joins the adapter cache and the engine. Its stream starts with a
+`GenerationStarted` (how the adapter was obtained, for the ingress's metrics) and goes
+on with the engine's `GenerationDelta`s; the adapter stays leased (never evicted) until
+the stream ends or is cancelled. The student deployment only wraps this class.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from pathlib import Path
+
+from mode_cotd import paths
+from mode_cotd.bundle import MANIFEST, Bundle
+from serving.adapter_cache import AdapterCache, Lease
+from serving.errors import ServiceUnavailable
+from serving.protocol import (
+    AdapterReport,
+    GenerationEvent,
+    GenerationRequest,
+    GenerationStarted,
+    StudentEngine,
+)
+
+
+def bundle_fingerprint(bundle: Bundle) -> str:
+    """First 16 hex digits of sha256(manifest.json): composites of different bundles never mix."""
+    return hashlib.sha256((bundle.root / MANIFEST).read_bytes()).hexdigest()[:16]
+
+
+def composite_dir(bundle: Bundle, cache_dir: str | None) -> Path:
+    """Where this bundle's composites live: <cache dir or <mode-cotd cache>/composites>/<fingerprint>."""
+    root = Path(cache_dir).expanduser() if cache_dir else paths.cache_dir() / "composites"
+    return root / bundle_fingerprint(bundle)
+
+
+class StudentService:
+    """Serves generation requests with the right adapter over one engine."""
+
+    def __init__(self, engine: StudentEngine, cache: AdapterCache, replica: str = "0"):
+        self.engine = engine
+        self.cache = cache
+        self.replica = replica
+
+    @property
+    def ready(self) -> bool:
+        return self.engine.ready
+
+    async def start(self) -> None:
+        await self.engine.start()
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        """GenerationStarted, then the engine's deltas; raises ApiError subclasses."""
+        if not self.engine.ready:
+            raise ServiceUnavailable("the student is still loading; retry shortly", code="model_loading")
+        lease = None if request.adapter is None else await self.cache.acquire(request.adapter)
+        try:
+            target = None if lease is None else lease.target
+            slots = await self.engine.lora_slots_in_use()
+            yield GenerationStarted(self._report(lease, slots), self.engine.queue_depth())
+            deltas = self.engine.generate(request.request_id, request.prompt_token_ids, request.sampling, target)
+            async with aclosing(deltas):  # closing this stream early (client gone) aborts the engine request
+                async for delta in deltas:
+                    yield delta
+        finally:
+            if lease is not None:
+                self.cache.release(lease)
+
+    def _report(self, lease: Lease | None, slots: int) -> AdapterReport:
+        if lease is None:
+            return AdapterReport(lora_slots_in_use=slots, replica=self.replica)
+        return AdapterReport(
+            lora_name=lease.target.name,
+            outcome=lease.outcome,
+            build_seconds=lease.build_seconds,
+            svd_error=lease.svd_error,
+            evictions=lease.evictions,
+            lora_slots_in_use=slots,
+            replica=self.replica,
+        )
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()

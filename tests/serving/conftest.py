@@ -1,0 +1,108 @@
+"""Serving fixtures: a tiny bundle (3 experts, 2 compositions, a gate) and a fake engine."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from mode_cotd.bundle import add_composition, add_expert, create_bundle, load_bundle, set_gate
+from mode_cotd.gate import Gate, GateConfig
+from mode_cotd.student import student_identity
+from mode_cotd.tiny import random_adapter
+from serving.protocol import GenerationDelta, LoraTarget, SamplingSettings, TokenLogprob
+
+EXPERTS = ("alpha", "beta", "gamma")
+EXPERT_RANK = 8
+
+
+def build_tiny_bundle(root: Path, student: Path) -> Path:
+    """3 random rank-8 experts on q/v, an exact and a linear composition, and a random top-2 gate (grid 0.25)."""
+    create_bundle(root, student_identity(student))
+    for seed, name in enumerate(EXPERTS, start=1):
+        adapter = random_adapter(student, r=EXPERT_RANK, lora_alpha=16.0, seed=seed, std=0.3)
+        add_expert(root, name, adapter, task=f"task_{name}")
+    add_composition(root, "all_three", {"alpha": 0.5, "beta": 0.3, "gamma": 0.2}, "exact", "task_all")
+    add_composition(root, "paper_mix", {"alpha": 0.6, "beta": 0.4}, "linear", "task_paper")
+    torch.manual_seed(0)
+    gate = Gate(GateConfig(experts=list(EXPERTS), feature_dim=64, hidden_dim=0, top_k=2, grid=0.25))
+    with torch.no_grad():
+        for p in gate.parameters():
+            p.normal_(0, 2.0)
+    set_gate(root, gate)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_student, tmp_path_factory) -> Path:
+    return build_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny", tiny_student)
+
+
+@pytest.fixture(scope="session")
+def loaded_bundle(tiny_bundle, tiny_student):
+    return load_bundle(tiny_bundle, student=tiny_student)
+
+
+class FakeEngine:
+    """A StudentEngine for unit tests: echoes which adapter served, one character per token."""
+
+    def __init__(self, start_delay: float = 0.0):
+        self.started = False
+        self.start_delay = start_delay
+        self.requests: list[tuple[str, list[int], SamplingSettings, LoraTarget | None]] = []
+        self.removed: list[int] = []
+        self.loaded: set[int] = set()
+        self.aborted: list[str] = []
+
+    @property
+    def ready(self) -> bool:
+        return self.started
+
+    async def start(self) -> None:
+        await asyncio.sleep(self.start_delay)
+        self.started = True
+
+    async def generate(self, request_id, prompt_token_ids, sampling, lora) -> AsyncIterator[GenerationDelta]:
+        self.requests.append((request_id, list(prompt_token_ids), sampling, lora))
+        if lora is not None:
+            self.loaded.add(lora.lora_id)
+        text = f"[{lora.name if lora else 'base'}]" * 4
+        text = text[: sampling.max_tokens]
+        finished = False
+        try:
+            for index in range(sampling.n):
+                for i, ch in enumerate(text):
+                    await asyncio.sleep(0)
+                    last = i == len(text) - 1
+                    yield GenerationDelta(
+                        index=index, text=ch, num_tokens=1,
+                        logprobs=None if sampling.logprobs is None else [TokenLogprob(ch, -0.5, [(ch, -0.5)])],
+                        finish_reason=("length" if len(text) == sampling.max_tokens else "stop") if last else None,
+                    )
+            finished = True
+        finally:
+            if not finished:  # like vLLM: a generator closed early aborts its request
+                self.aborted.append(request_id)
+
+    async def remove_lora(self, lora_id: int) -> bool:
+        self.removed.append(lora_id)
+        was_loaded = lora_id in self.loaded
+        self.loaded.discard(lora_id)
+        return was_loaded
+
+    async def lora_slots_in_use(self) -> int:
+        return len(self.loaded)
+
+    def queue_depth(self) -> int:
+        return 0
+
+    def shutdown(self) -> None:
+        self.started = False
+
+
+@pytest.fixture
+def fake_engine() -> FakeEngine:
+    return FakeEngine()
