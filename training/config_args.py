@@ -81,10 +81,12 @@ def _flag_type(hint: Any):
 
 def settings_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
     """One ``--flag`` per field of ``cls`` (dict fields only via --config), plus ``--config FILE``."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", type=Path, help="JSON/YAML/TOML file of settings (flags override it)")
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
+    mappings = [f.name for f in dataclasses.fields(cls) if _flag_type(hints[f.name]) == "dict"]
+    epilog = "Set through --config only: " + "; ".join(f"{n}: {docs.get(n, '')}" for n in mappings) if mappings else None
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog)
+    parser.add_argument("--config", type=Path, help="JSON/YAML/TOML file of settings (flags override it)")
     for f in dataclasses.fields(cls):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         shown = "required" if default is dataclasses.MISSING else f"default: {default}"

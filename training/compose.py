@@ -1,0 +1,328 @@
+"""Few-shot composition (LoraHub-style): one weight per expert for a new task, from k examples.
+
+    minimise  L(w) + l1 · mean_i |w_i|   over w ∈ [lower, upper]^n   (nevergrad, `budget` evaluations)
+
+L(w) is the student's mean cross-entropy over the target tokens of the k shots (prompt
+tokens masked, mode_cotd.format), with the experts mixed by the weights w:
+
+- exact: ΔW = Σ w_i·s_i·B_i·A_i, one LoRA of rank R = Σ r_i (mixing.compose_exact);
+- linear: the paper's A' = Σ w_i·A_i, B' = Σ w_i·B_i (mixing.merge_linear, experts share r).
+
+Each evaluation is cheap: the student is loaded once with one peft adapter of the mixture's
+shape, and each candidate only overwrites its LoRA tensors in place. For exact mixing, A =
+cat(A_i) never changes and B = cat(w_i·s_i·B_i) is the fixed cat(s_i·B_i) with each expert's
+block of columns scaled by its w_i; for linear mixing A' and B' are both rewritten.
+
+Shots: the task's 5-shot file learn/<task>.jsonl by default. A task without one
+(coin_flip) uses FALLBACK_SHOTS examples of its train file drawn with FALLBACK_SEED, the same
+five every run. The search starts from uniform weights 1/n; the report compares the loss of
+uniform weights with the loss of the best weights found (the lowest objective seen, uniform
+included, so the result is never worse than uniform on the objective).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from mode_cotd.adapter import LoraAdapter
+from mode_cotd.atomic import write_json_atomic
+from mode_cotd.errors import ConfigError, DataError
+from training.config_args import parse_settings
+
+FALLBACK_SHOTS = 5
+"""Shots drawn from the train file of a task that has no learn file."""
+FALLBACK_SEED = 0
+"""Seed of that draw (fixed: the shots are part of the task's definition, not of a run)."""
+MODES = ("exact", "linear")
+
+
+@dataclass
+class ComposeConfig:
+    """Settings of `mode-cotd compose`."""
+
+    task: str
+    """Task to compose for (usually an unseen one)."""
+    bundle: str = "bundle"
+    """Bundle root holding the experts; the composition is recorded in it."""
+    student: str | None = None
+    """Student: a local HF folder, or None for the default student."""
+    name: str | None = None
+    """Composition name (served as mode-cotd:<name>); None: the task's name."""
+    experts: list[str] | None = None
+    """Experts to weigh; None: every expert in the bundle."""
+    shots_file: str | None = None
+    """File of the k examples (JSON list or JSONL); None: learn/<task>.jsonl, or 5 fixed train examples."""
+    data_dir: str | None = None
+    """Shared data folder; None: $MODE_COTD_DATA or ../shared/data/mode-cotd."""
+    mode: str = "exact"
+    """"exact" (compose_exact, rank Σr_i) or "linear" (the paper's merge of A and B, shared rank)."""
+    optimizer: str = "NGOpt"
+    """nevergrad optimizer name (ng.optimizers.registry)."""
+    budget: int = 40
+    """Loss evaluations the search may spend (besides the one of uniform weights)."""
+    lower: float = -3.0
+    """Lower bound of every weight."""
+    upper: float = 3.0
+    """Upper bound of every weight."""
+    l1: float = 0.05
+    """L1 penalty: objective = loss + l1 · mean_i |w_i|."""
+    max_length: int = 512
+    """Most tokens per shot (prompt kept whole, target cut)."""
+    batch_size: int = 5
+    """Shots per forward pass."""
+    dtype: str = "float32"
+    """Student dtype: "float32" or "bfloat16"."""
+    device: str = "auto"
+    """"cpu", "cuda", or "auto" (CUDA when available)."""
+    seed: int = 0
+    """Seed of the search."""
+    report: str | None = None
+    """Where the JSON report goes; None: <bundle>/reports/compose_<name>.json."""
+
+    def validate(self) -> None:
+        """ConfigError naming the first invalid field."""
+        from mode_cotd.gate import check_name
+        from mode_cotd.tasks import get_task
+
+        get_task(self.task)
+        check_name(self.name or self.task, "compose: name")
+        checks = {
+            "mode": self.mode in MODES, "budget": self.budget >= 1, "upper": self.lower < self.upper,
+            "l1": self.l1 >= 0, "max_length": self.max_length >= 2, "batch_size": self.batch_size >= 1,
+            "dtype": self.dtype in ("float32", "bfloat16"), "device": self.device in ("auto", "cpu", "cuda"),
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"compose: {name}: invalid value {getattr(self, name)!r}")
+
+
+# ----------------------------------------------------------------------------- shots and loss
+
+
+def load_shots(config: ComposeConfig):
+    """(examples, where they came from): the shots file, learn/<task>.jsonl, or 5 fixed train examples."""
+    from mode_cotd.data import load_examples, load_task, split_path, subsample
+
+    if config.shots_file:
+        path = Path(config.shots_file)
+        examples = [e for e in load_examples(path, None if path.suffix == ".jsonl" else config.task)
+                    if e.task == config.task]
+        source = str(path)
+    elif split_path(config.task, "learn", config.data_dir).exists():
+        examples, source = load_task(config.task, "learn", config.data_dir), str(
+            split_path(config.task, "learn", config.data_dir))
+    else:
+        train = load_task(config.task, "train", config.data_dir)
+        examples = subsample(train, FALLBACK_SHOTS, FALLBACK_SEED)
+        source = f"{split_path(config.task, 'train', config.data_dir)} ({FALLBACK_SHOTS} drawn with seed {FALLBACK_SEED})"
+    shots = [e for e in examples if e.rationale is not None]
+    if not shots:
+        raise DataError(f"compose: {source} has no examples of task {config.task!r} with a rationale target")
+    return shots, source
+
+
+class FewShotLoss:
+    """Mean cross-entropy over the target tokens of the shots, for the model as it is now."""
+
+    def __init__(self, model, tokenizer, shots: Sequence, max_length: int, batch_size: int, device: str):
+        from mode_cotd.data import student_prompt
+        from mode_cotd.format import completion_prompt, completion_target, tokenize_example
+        from training.distill import collate
+
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pairs = [tokenize_example(tokenizer, completion_prompt(student_prompt(e)), completion_target(e.output),
+                                  max_length) for e in shots]
+        self.model = model
+        self.batches = [tuple(t.to(device) for t in collate(pairs[i:i + batch_size], pad))
+                        for i in range(0, len(pairs), batch_size)]  # each: input_ids, attention_mask, labels [B, T]
+        self.tokens = sum(int((b[2] != -100).sum()) for b in self.batches)
+
+    @torch.no_grad()
+    def __call__(self) -> float:
+        total = 0.0
+        for input_ids, attention_mask, labels in self.batches:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, T, V]
+            total += torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum").item()
+        return total / self.tokens
+
+
+# ----------------------------------------------------------------------------- mixing in place
+
+
+class ExactMixer:
+    """Candidates under exact mixing: A = cat(A_i) fixed, B = cat(w_i·s_i·B_i) (mixing.compose_exact)."""
+
+    def __init__(self, adapters: Sequence[LoraAdapter]):
+        from mode_cotd.mixing import compose_exact
+
+        self.unit = compose_exact(adapters, [1.0] * len(adapters))  # B blocks = s_i·B_i
+        self.ranks = torch.tensor([a.r for a in adapters])  # [n]
+
+    def initial(self) -> LoraAdapter:
+        """The adapter the student is loaded with (its shape; weights are overwritten)."""
+        return self.unit
+
+    def tensors(self, weights: Sequence[float]) -> dict[str, tuple[torch.Tensor | None, torch.Tensor]]:
+        """Module path -> (None: A unchanged, B [out, R]) for the weights."""
+        columns = torch.repeat_interleave(torch.tensor(weights, dtype=torch.float32), self.ranks)  # [R]
+        return {path: (None, b * columns) for path, (_, b) in self.unit.modules().items()}  # B [out, R]
+
+
+class LinearMixer:
+    """Candidates under the paper's linear merge: A' = Σ w_i·A_i, B' = Σ w_i·B_i (mixing.merge_linear)."""
+
+    def __init__(self, adapters: Sequence[LoraAdapter]):
+        from mode_cotd.mixing import merge_linear
+
+        self.adapters, self.merge = list(adapters), merge_linear
+        self.start = merge_linear(self.adapters, [1.0 / len(adapters)] * len(adapters))
+
+    def initial(self) -> LoraAdapter:
+        return self.start
+
+    def tensors(self, weights: Sequence[float]) -> dict[str, tuple[torch.Tensor | None, torch.Tensor]]:
+        """Module path -> (A' [r, in], B' [out, r]) for the weights."""
+        return self.merge(self.adapters, list(weights)).modules()
+
+
+def write_lora(peft_model, tensors: dict[str, tuple[torch.Tensor | None, torch.Tensor]], adapter: str = "default"):
+    """Overwrite, in place, the LoRA A (when given) and B of each module path of a PeftModel."""
+    with torch.no_grad():
+        for path, (a, b) in tensors.items():
+            module = peft_model.get_submodule(path)
+            if a is not None:
+                module.lora_A[adapter].weight.copy_(a)
+            module.lora_B[adapter].weight.copy_(b)
+
+
+def mixed_student(student: Path, initial: LoraAdapter, dtype: str, device: str):
+    """(PeftModel, tokenizer): the frozen student with one adapter of ``initial``'s shape, in eval mode."""
+    from peft import PeftModel
+
+    from mode_cotd.adapter import save_adapter
+    from mode_cotd.student import load_student
+
+    model, tokenizer = load_student(student, dtype=dtype, device=device)
+    with tempfile.TemporaryDirectory(prefix="mode-cotd-compose-") as tmp:
+        save_adapter(initial, Path(tmp) / "adapter")
+        peft_model = PeftModel.from_pretrained(model, str(Path(tmp) / "adapter"), is_trainable=False)
+    return peft_model.to(device).eval(), tokenizer
+
+
+# ----------------------------------------------------------------------------- search
+
+
+def search_weights(objective, n: int, config: ComposeConfig) -> list[dict]:
+    """Run nevergrad on ``objective(weights) -> (loss, value)``; returns every evaluation, in order."""
+    import nevergrad as ng
+    import numpy as np
+
+    if config.optimizer not in ng.optimizers.registry:
+        raise ConfigError(f"compose: unknown nevergrad optimizer {config.optimizer!r}")
+    uniform = np.clip(np.full(n, 1.0 / n), config.lower, config.upper)
+    parametrization = ng.p.Array(init=uniform, lower=config.lower, upper=config.upper)
+    parametrization.random_state = np.random.RandomState(config.seed)
+    optimizer = ng.optimizers.registry[config.optimizer](parametrization=parametrization, budget=config.budget)
+    history = []
+    with warnings.catch_warnings():  # NGOpt's COBYLA warns about its own default tolerances
+        warnings.filterwarnings("ignore", message=".*RHOEND.*")
+        for _ in range(config.budget):
+            candidate = optimizer.ask()
+            weights = [float(w) for w in candidate.value]
+            loss, value = objective(weights)
+            optimizer.tell(candidate, value)
+            history.append({"weights": weights, "loss": loss, "objective": value})
+    return history
+
+
+@dataclass
+class ComposeResult:
+    """What compose() produced."""
+
+    weights: dict[str, float]
+    """Expert -> weight of the best candidate."""
+    report: dict
+    """The JSON report (also in the manifest and at `report_path`)."""
+    report_path: Path
+    """Where the report was written."""
+
+
+def compose(config: ComposeConfig) -> ComposeResult:
+    """Search the expert weights for ``config.task`` and record them as a composition in the bundle."""
+    from mode_cotd.bundle import add_composition, load_bundle
+    from mode_cotd.student import resolve_student, student_identity
+
+    config.validate()
+    started = time.perf_counter()
+    name = config.name or config.task
+    student = resolve_student(config.student)
+    bundle = load_bundle(config.bundle, student=student, strict=True)
+    experts = list(bundle.experts) if config.experts is None else list(config.experts)
+    unknown = sorted(set(experts) - set(bundle.experts))
+    if unknown or not experts:
+        raise ConfigError(f"compose: experts {unknown or experts} not usable; the bundle has {sorted(bundle.experts)}")
+    adapters = [bundle.experts[e].load() for e in experts]
+    if config.mode == "linear" and len({a.r for a in adapters}) != 1:
+        raise ConfigError(f"compose: linear mixing needs experts of one rank, got {[a.r for a in adapters]}")
+    shots, source = load_shots(config)
+
+    device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    mixer = ExactMixer(adapters) if config.mode == "exact" else LinearMixer(adapters)
+    peft_model, tokenizer = mixed_student(student, mixer.initial(), config.dtype, device)
+    few_shot_loss = FewShotLoss(peft_model, tokenizer, shots, config.max_length, config.batch_size, device)
+
+    def objective(weights: list[float]) -> tuple[float, float]:
+        write_lora(peft_model, mixer.tensors(weights))
+        loss = few_shot_loss()
+        return loss, loss + config.l1 * sum(abs(w) for w in weights) / len(weights)
+
+    uniform_weights = [1.0 / len(experts)] * len(experts)
+    uniform_loss, uniform_objective = objective(uniform_weights)
+    history = search_weights(objective, len(experts), config)
+    best = min([{"weights": uniform_weights, "loss": uniform_loss, "objective": uniform_objective}, *history],
+               key=lambda h: h["objective"])
+    weights = dict(zip(experts, best["weights"]))
+
+    digest = hashlib.sha256(json.dumps([[e.input, e.output] for e in shots]).encode()).hexdigest()
+    report = {
+        "task": config.task, "name": name, "mode": config.mode, "experts": experts,
+        "shots": {"source": source, "n": len(shots), "target_tokens": few_shot_loss.tokens, "sha256": digest},
+        "uniform": {"weights": dict(zip(experts, uniform_weights)), "loss": uniform_loss,
+                    "objective": uniform_objective},
+        "found": {"weights": weights, "loss": best["loss"], "objective": best["objective"]},
+        "loss_reduction": uniform_loss - best["loss"],
+        "history": [{"loss": h["loss"], "objective": h["objective"]} for h in history],
+        "student": student_identity(student), "config": asdict(config),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    add_composition(config.bundle, name, weights, config.mode, config.task, report)
+    report_path = Path(config.report) if config.report else Path(config.bundle) / "reports" / f"compose_{name}.json"
+    write_json_atomic(report_path, report)
+    return ComposeResult(weights, report, report_path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_settings(ComposeConfig, argv, "mode-cotd compose",
+                            "Search one weight per expert for a task from its few shots (LoraHub-style) "
+                            "and record the composition in the bundle.")
+    result = compose(config)
+    report = result.report
+    print(json.dumps({"report": str(result.report_path), "name": report["name"], "mode": report["mode"],
+                      "uniform_loss": report["uniform"]["loss"], "found_loss": report["found"]["loss"],
+                      "weights": result.weights}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,228 @@
+"""Evaluation routes: which adapter serves each test prompt.
+
+    base                    the bare student, no adapter
+    expert:<name>           one expert of the bundle
+    composition:<name>      a named composition of the bundle (its mode: exact or linear)
+    gate                    the bundle's gate picks a mixture per prompt (top-k, grid-rounded)
+    mixture:{"a": 0.5, ...} one explicit mixture for every prompt (exact; weights as given,
+                            negative allowed, rounded to the gate's grid, as the server does)
+    task                    the bundle's own route for each prompt's task: the expert trained on
+                            it, else the composition found for it (the paper's protocol)
+
+A plan maps each prompt to a `LoraChoice` (a PEFT folder) or None (no adapter). Mixtures
+other than one expert at weight 1 become exact composites (mixing.compose_exact), written
+once into the cache folder as ``<mode>-<MixtureKey digest>-<experts fingerprint>/``; the
+fingerprint hashes the experts' file checksums, so a retrained bundle never reuses a stale
+composite. Every folder handed out has been read back with adapter.load_adapter, so vLLM
+never meets one it cannot load. An adapter (composite or expert) of a rank above `max_rank`
+is compressed by truncated SVD (mixing.compress_svd) into a cached folder, and the relative
+error is kept in `compressions`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mode_cotd.adapter import LoraAdapter, load_adapter, save_adapter
+from mode_cotd.bundle import Bundle
+from mode_cotd.errors import BundleError, ConfigError
+from mode_cotd.gate import MixtureKey
+
+ROUTE_KINDS = ("base", "expert", "composition", "gate", "mixture", "task")
+DEFAULT_GRID = 0.05
+"""Grid for explicit mixtures when the bundle has no gate (the gate's own grid otherwise)."""
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    """A parsed route."""
+
+    kind: str
+    """One of ROUTE_KINDS."""
+    name: str | None = None
+    """The expert's or composition's name."""
+    weights: tuple[tuple[str, float], ...] | None = None
+    """An explicit mixture's (expert, weight) pairs, sorted."""
+
+    @property
+    def label(self) -> str:
+        """The route as text, e.g. "expert:gsm8k" or 'mixture:{"a": 0.5, "b": 0.5}'."""
+        if self.kind in ("expert", "composition"):
+            return f"{self.kind}:{self.name}"
+        if self.kind == "mixture":
+            return "mixture:" + json.dumps(dict(self.weights or ()), sort_keys=True)
+        return self.kind
+
+
+def parse_route(text: str) -> RouteSpec:
+    """A RouteSpec from its text form (see the module docstring); ConfigError names a bad one."""
+    kind, _, rest = text.partition(":")
+    if kind in ("base", "gate", "task") and not rest:
+        return RouteSpec(kind)
+    if kind in ("expert", "composition") and rest:
+        return RouteSpec(kind, name=rest)
+    if kind == "mixture" and rest:
+        try:
+            weights = json.loads(rest)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"route {text!r}: the mixture is not JSON ({e.msg})") from None
+        if not isinstance(weights, dict) or not weights:
+            raise ConfigError(f"route {text!r}: the mixture must be a JSON object {{expert: weight}}")
+        return RouteSpec(kind, weights=tuple(sorted(weights.items())))
+    raise ConfigError(f"unknown route {text!r}; routes: base, expert:<name>, composition:<name>, gate, "
+                      "mixture:{json}, task")
+
+
+@dataclass(frozen=True)
+class LoraChoice:
+    """One adapter folder that serves some prompts."""
+
+    name: str
+    """Unique adapter name (vLLM's lora_name): "expert-<name>" or "composite-<folder>"."""
+    path: Path
+    """The PEFT folder."""
+    rank: int
+    """Its LoRA rank (vLLM's max_lora_rank must be >= it)."""
+    experts: tuple[tuple[str, float], ...]
+    """(expert, weight) pairs it computes, for reports."""
+
+
+@dataclass
+class RoutePlanner:
+    """Turns routes into per-prompt adapter folders for one bundle and student."""
+
+    bundle: Bundle | None
+    """The loaded bundle (None: only the base route)."""
+    student: Path
+    """The student folder (the gate's featuriser reads it)."""
+    cache_dir: Path
+    """Where composite folders are written."""
+    max_rank: int = 512
+    """Composites above this rank are compressed by truncated SVD."""
+    compressions: dict[str, float] = field(default_factory=dict)
+    """Composite name -> relative error of its SVD compression."""
+
+    def __post_init__(self) -> None:
+        self._adapters: dict[str, LoraAdapter] = {}
+        self._choices: dict[tuple, LoraChoice] = {}
+
+    # ------------------------------------------------------------------------ planning
+
+    def plan(self, route: RouteSpec, prompts: Sequence[str], tasks: Sequence[str]) -> list[LoraChoice | None]:
+        """One adapter (or None) per prompt; ``tasks[i]`` is prompt i's task (used by the "task" route)."""
+        if route.kind == "base":
+            return [None] * len(prompts)
+        self._need_bundle(route)
+        if route.kind == "expert":
+            return [self.expert(route.name)] * len(prompts)
+        if route.kind == "composition":
+            return [self.composition(route.name)] * len(prompts)
+        if route.kind == "mixture":
+            return [self.mixture(self.explicit_key(route))] * len(prompts)
+        if route.kind == "gate":
+            return self.gate(prompts)
+        if route.kind == "task":
+            return [self.for_task(task) for task in tasks]
+        raise ConfigError(f"unknown route kind {route.kind!r}")  # parse_route never makes one
+
+    def _need_bundle(self, route: RouteSpec) -> Bundle:
+        if self.bundle is None:
+            raise ConfigError(f"route {route.label!r} needs a bundle")
+        return self.bundle
+
+    def expert(self, name: str) -> LoraChoice:
+        bundle = self._need_bundle(RouteSpec("expert", name))
+        if name not in bundle.experts:
+            raise ConfigError(f"route expert:{name}: no such expert in {bundle.root}; it has {sorted(bundle.experts)}")
+        key = ("expert", name)
+        if key not in self._choices:
+            entry = bundle.experts[name]
+            if entry.record.r > self.max_rank:  # served compressed, like any adapter over the limit
+                self._choices[key] = self._composite(MixtureKey((name,), (1.0,)), "exact")
+            else:
+                self._choices[key] = LoraChoice(f"expert-{name}", entry.path, entry.record.r, ((name, 1.0),))
+        return self._choices[key]
+
+    def composition(self, name: str) -> LoraChoice:
+        bundle = self._need_bundle(RouteSpec("composition", name))
+        if name not in bundle.compositions:
+            raise ConfigError(f"route composition:{name}: no such composition in {bundle.root}; "
+                              f"it has {sorted(bundle.compositions)}")
+        record = bundle.compositions[name]
+        return self.mixture(MixtureKey(tuple(record.weights), tuple(record.weights.values())), record.mode)
+
+    def explicit_key(self, route: RouteSpec) -> MixtureKey:
+        bundle = self._need_bundle(route)
+        grid = bundle.gate.config.grid if bundle.gate is not None else DEFAULT_GRID
+        return MixtureKey.from_dict(dict(route.weights or ()), grid, known_experts=list(bundle.experts),
+                                    normalise=False)
+
+    def gate(self, prompts: Sequence[str]) -> list[LoraChoice | None]:
+        from mode_cotd.featurise import make_featuriser
+        from training.gate import featurise
+
+        bundle = self._need_bundle(RouteSpec("gate"))
+        if bundle.gate is None:
+            raise ConfigError(f"route gate: the bundle {bundle.root} has no gate (run mode-cotd train-gate)")
+        featuriser = make_featuriser(bundle.gate.config.featuriser, self.student)
+        keys = bundle.gate.mixtures(featurise(featuriser, list(prompts)))  # [B] keys
+        return [self.mixture(key) for key in keys]
+
+    def for_task(self, task: str) -> LoraChoice:
+        bundle = self._need_bundle(RouteSpec("task"))
+        experts = sorted(n for n, e in bundle.experts.items() if e.record.task == task)
+        if experts:
+            return self.expert(task if task in experts else experts[0])
+        compositions = sorted(n for n, c in bundle.compositions.items() if c.task == task)
+        if compositions:
+            return self.composition(task if task in compositions else compositions[0])
+        raise ConfigError(f"route task: the bundle {bundle.root} has neither an expert nor a composition "
+                          f"for task {task!r}")
+
+    # ------------------------------------------------------------------------ composites
+
+    def mixture(self, key: MixtureKey, mode: str = "exact") -> LoraChoice:
+        """The folder computing ``key`` under ``mode``: an expert's own folder for one expert at weight 1."""
+        if len(key.experts) == 1 and key.weights[0] == 1.0:
+            return self.expert(key.experts[0])
+        cache_key = (mode, str(key))
+        if cache_key not in self._choices:
+            self._choices[cache_key] = self._composite(key, mode)
+        return self._choices[cache_key]
+
+    def _fingerprint(self, experts: Sequence[str]) -> str:
+        bundle = self._need_bundle(RouteSpec("mixture"))
+        files = {name: bundle.experts[name].record.files for name in experts}
+        return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12]
+
+    def _adapter(self, name: str) -> LoraAdapter:
+        bundle = self._need_bundle(RouteSpec("expert", name))
+        if name not in bundle.experts:
+            raise ConfigError(f"mixture names unknown expert {name!r}; the bundle has {sorted(bundle.experts)}")
+        if name not in self._adapters:
+            self._adapters[name] = bundle.experts[name].load()
+        return self._adapters[name]
+
+    def _composite(self, key: MixtureKey, mode: str) -> LoraChoice:
+        from mode_cotd.mixing import compose_exact, compress_svd, merge_linear
+
+        folder = self.cache_dir / f"{mode}-{key.digest}-{self._fingerprint(key.experts)}-r{self.max_rank}"
+        adapter = None
+        if folder.is_dir():
+            try:
+                adapter = load_adapter(folder)
+            except BundleError:
+                adapter = None  # rebuilt below
+        if adapter is None:
+            adapters = [self._adapter(name) for name in key.experts]
+            adapter = compose_exact(adapters, key.weights) if mode == "exact" else merge_linear(adapters, key.weights)
+            if adapter.r > self.max_rank:
+                adapter, error = compress_svd(adapter, self.max_rank)
+                self.compressions[folder.name] = error
+            save_adapter(adapter, folder)
+            adapter = load_adapter(folder)
+        return LoraChoice(f"composite-{folder.name}", folder, adapter.r, tuple(zip(key.experts, key.weights)))
