@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "teach": ("training.teacher", "collect teacher rationales (endpoint, released files, programmatic)"),
     "distill": ("training.distill", "distil one LoRA expert per task over the frozen student"),
     "train-gate": ("training.gate", "train the router (gate) on the seen tasks' prompts"),
+    "gate-e2e": ("training.gate_e2e", "fine-tune the gate through the LM loss of the mixed experts"),
     "compose": ("training.compose", "search expert weights for a new task from its few shots"),
     "eval": ("training.evaluate", "accuracy of a route on the test sets (vLLM batched)"),
     "pipeline": ("training.pipeline", "teach -> distill -> gate -> compose -> eval from one config"),
