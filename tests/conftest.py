@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 from pathlib import Path
 
 import pytest
@@ -24,3 +26,30 @@ def tiny_student(tmp_path_factory) -> Path:
     from mode_cotd.tiny import build_tiny_student
 
     return build_tiny_student(tmp_path_factory.mktemp("tiny-student"))
+
+
+HEAVY_LOCK = Path("/tmp/heavy.lock")
+"""Held by tests that start vLLM, Ray or the real student, so such runs never overlap on a small machine."""
+
+
+def _lock_held_by_an_ancestor(path: Path) -> bool:
+    """True when a process above this one (e.g. `flock /tmp/heavy.lock pytest`) holds the lock."""
+    inode, ancestors, pid = os.stat(path).st_ino, set(), os.getpid()
+    while pid > 1:
+        ancestors.add(pid)
+        pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if "->" not in fields and "FLOCK" in fields and int(fields[4]) in ancestors and int(fields[5].split(":")[2]) == inode:
+            return True
+    return False
+
+
+@pytest.fixture
+def heavy_lock():
+    """Hold /tmp/heavy.lock (heavy runs never overlap), unless a parent process already holds it."""
+    HEAVY_LOCK.touch(exist_ok=True)
+    with HEAVY_LOCK.open("a") as f:
+        if not _lock_held_by_an_ancestor(HEAVY_LOCK):
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal
@@ -25,7 +24,6 @@ from training.distill import DistillConfig, collate, distill, lr_factor, main, m
 from training.distill_config import build_parser
 
 TASK = "last_letter_concatenation"
-HEAVY_LOCK = Path("/tmp/heavy.lock")
 
 
 def tiny_config(tiny_student: Path, tmp_path: Path, name: str = "run", **overrides) -> DistillConfig:
@@ -261,30 +259,6 @@ def test_a_bundle_of_another_student_is_refused(tiny_student, tmp_path):
 
 
 # ----------------------------------------------------------------------------- the real student
-
-
-def _lock_held_by_an_ancestor(path: Path) -> bool:
-    """True when a process above this one (e.g. `flock /tmp/heavy.lock pytest`) holds the lock."""
-    inode, ancestors, pid = os.stat(path).st_ino, set(), os.getpid()
-    while pid > 1:
-        ancestors.add(pid)
-        pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    for line in Path("/proc/locks").read_text().splitlines():
-        fields = line.split()
-        if "->" not in fields and "FLOCK" in fields and int(fields[4]) in ancestors \
-                and int(fields[5].split(":")[2]) == inode:
-            return True
-    return False
-
-
-@pytest.fixture
-def heavy_lock():
-    """Hold /tmp/heavy.lock (heavy runs never overlap), unless a parent process already holds it."""
-    HEAVY_LOCK.touch(exist_ok=True)
-    with HEAVY_LOCK.open("a") as f:
-        if not _lock_held_by_an_ancestor(HEAVY_LOCK):
-            fcntl.flock(f, fcntl.LOCK_EX)
-        yield
 
 
 @pytest.mark.slow

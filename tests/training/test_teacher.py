@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import http.server
 import json
 import os
@@ -34,7 +33,6 @@ from training.teacher import (
     report_path,
 )
 
-HEAVY_LOCK = Path("/tmp/heavy.lock")
 EXACT_TASKS = ("last_letter_concatenation", "coin_flip")
 
 
@@ -236,29 +234,6 @@ def test_garbage_mid_run_keeps_the_complete_samples(data_dir, tmp_path):
 
 
 # ----------------------------------------------------------------------------- a real vLLM server
-
-
-def _lock_held_by_an_ancestor(path: Path) -> bool:
-    """True when a process above this one (e.g. `flock /tmp/heavy.lock pytest`) holds the lock."""
-    inode, ancestors, pid = os.stat(path).st_ino, set(), os.getpid()
-    while pid > 1:
-        ancestors.add(pid)
-        pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    for line in Path("/proc/locks").read_text().splitlines():
-        fields = line.split()
-        if "->" not in fields and "FLOCK" in fields and int(fields[4]) in ancestors and int(fields[5].split(":")[2]) == inode:
-            return True
-    return False
-
-
-@pytest.fixture
-def heavy_lock():
-    """Hold /tmp/heavy.lock (heavy runs never overlap), unless a parent process already holds it."""
-    HEAVY_LOCK.touch(exist_ok=True)
-    with HEAVY_LOCK.open("a") as f:
-        if not _lock_held_by_an_ancestor(HEAVY_LOCK):
-            fcntl.flock(f, fcntl.LOCK_EX)
-        yield
 
 
 @pytest.fixture
