@@ -444,6 +444,9 @@ def add_composition(
             )
     if mode not in COMPOSITION_MODES:
         raise ConfigError(f"composition {name!r}: mode must be one of {COMPOSITION_MODES}, got {mode!r}")
+    mixed = _mixed_ranks(mode, weights, manifest.experts)
+    if mixed:
+        raise ConfigError(f"composition {name!r}: {mixed}")
     if not isinstance(task, str) or not task:
         raise ConfigError(f"composition {name!r}: task must be a non-empty string")
     record = CompositionRecord(
@@ -455,6 +458,14 @@ def add_composition(
     manifest.compositions[name] = record
     _write_manifest(root, manifest)
     return record
+
+
+def _mixed_ranks(mode: str, weights: dict[str, float], experts: dict[str, ExpertRecord]) -> str | None:
+    """Why a linear composition cannot be built (the paper's merge needs one shared rank), or None."""
+    ranks = {e: experts[e].r for e in weights if e in experts}
+    if mode == "linear" and len(set(ranks.values())) > 1:
+        return f"linear mixing needs experts of one rank, got ranks {ranks}; use mode 'exact'"
+    return None
 
 
 # ---------------------------------------------------------------------------- reading
@@ -612,6 +623,10 @@ def load_bundle(
         unknown = sorted(set(record.weights) - set(manifest.experts))
         if unknown:
             fault(BundleError(f"{manifest_path}: composition {name!r} names unknown experts {unknown}"))
+            continue
+        mixed = _mixed_ranks(record.mode, record.weights, manifest.experts)
+        if mixed:
+            fault(BundleError(f"{manifest_path}: composition {name!r}: {mixed}"))
             continue
         skipped = sorted(set(record.weights) - set(experts))
         if skipped:

@@ -123,13 +123,50 @@ def student_identity(path: str | Path) -> dict[str, str]:
     return {"name": name, "config_sha256": config_sha256(config)}
 
 
+def stop_token_ids(path: str | Path) -> set[int]:
+    """The token ids generation stops on for a student folder: ``eos_token_id`` of its generation_config.json,
+    else of its config.json (an int or a list). vLLM and transformers' ``generate`` stop on these."""
+    path = Path(path)
+    for name in ("generation_config.json", "config.json"):
+        file = path / name
+        if file.is_file():
+            try:
+                value = json.loads(file.read_text()).get("eos_token_id")
+            except (OSError, json.JSONDecodeError) as exc:
+                raise StudentError(f"cannot read {file}: {exc}") from exc
+            if value is not None:
+                return set(value) if isinstance(value, list) else {int(value)}
+    return set()
+
+
+def check_eos(tokenizer, path: str | Path) -> None:
+    """StudentError unless the tokenizer's eos is a token the model stops on.
+
+    Training ends every target with ``tokenizer.eos_token_id``; if that id is not among
+    ``stop_token_ids(path)``, a trained expert ends its answer with a token that servers do not
+    stop on, and runs on to ``max_tokens`` (a tokenizer from another conversion of the student does this).
+    """
+    stops = stop_token_ids(path)
+    eos = tokenizer.eos_token_id
+    if stops and eos not in stops:
+        raise StudentError(
+            f"{path}: the tokenizer's eos is {tokenizer.eos_token!r} (id {eos}), but the model stops on ids "
+            f"{sorted(stops)} (generation_config.json / config.json); experts trained with this tokenizer would "
+            "not stop. Use the tokenizer saved with this student (reconvert it with `mode-cotd student`)."
+        )
+
+
 def load_student(path: str | Path, dtype: str = "float32", device: str = "cpu"):
-    """Load a frozen student (eval mode, no grads) and its tokenizer from an HF folder."""
+    """Load a frozen student (eval mode, no grads) and its tokenizer from an HF folder.
+
+    The tokenizer's eos must be a token the model stops on (``check_eos``): training appends it to
+    every target."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_student(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    check_eos(tokenizer, path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)

@@ -69,13 +69,20 @@ def sampling_params(sampling: SamplingSettings):
         temperature=sampling.temperature,
         top_p=sampling.top_p,
         max_tokens=sampling.max_tokens,
-        stop=list(sampling.stop) or None,
+        stop=[*sampling.stop, *sampling.end_markers] or None,
         seed=sampling.seed,
         logprobs=sampling.logprobs,
         presence_penalty=sampling.presence_penalty,
         frequency_penalty=sampling.frequency_penalty,
         output_kind=RequestOutputKind.DELTA,
     )
+
+
+def _kept_marker(choice: Any, sampling: SamplingSettings) -> str:
+    """The end marker that stopped a choice (vLLM drops every stop string from the text; markers stay)."""
+    if choice.finish_reason == "stop" and choice.stop_reason in sampling.end_markers:
+        return choice.stop_reason
+    return ""
 
 
 class VllmEngine:
@@ -117,7 +124,7 @@ class VllmEngine:
                 for choice in output.outputs:
                     yield GenerationDelta(
                         index=choice.index,
-                        text=choice.text,
+                        text=choice.text + _kept_marker(choice, sampling),
                         num_tokens=len(choice.token_ids),
                         logprobs=self._logprobs(choice, sampling.logprobs),
                         finish_reason=choice.finish_reason,

@@ -95,7 +95,7 @@ class OpenAIHandler:
         except ValueError as e:
             raise InvalidRequest(str(e), param="prompt") from e
         rendered = await asyncio.to_thread(self.prompts.completion, prompt)
-        sampling = self._sampling(body, rendered, body.max_tokens, body.logprobs, "logprobs")
+        sampling = self._sampling(body, route, rendered, body.max_tokens, body.logprobs, "logprobs")
         return await self._serve("completion", body, route, rendered, sampling)
 
     async def chat(self, http: Request, body: ChatCompletionRequest) -> Response:
@@ -103,7 +103,7 @@ class OpenAIHandler:
         messages = [m.as_template_dict() for m in body.messages]
         rendered = await asyncio.to_thread(self.prompts.chat, messages)
         top = (body.top_logprobs or 0) if body.logprobs else None
-        sampling = self._sampling(body, rendered, body.requested_max_tokens(), top, "top_logprobs")
+        sampling = self._sampling(body, route, rendered, body.requested_max_tokens(), top, "top_logprobs")
         return await self._serve("chat", body, route, rendered, sampling)
 
     # ------------------------------------------------------------------------ steps
@@ -113,15 +113,17 @@ class OpenAIHandler:
         http.state.route = route.kind
         return route
 
-    def _sampling(self, body: SamplingFields, rendered: RenderedPrompt, max_tokens: int | None,
+    def _sampling(self, body: SamplingFields, route: Route, rendered: RenderedPrompt, max_tokens: int | None,
                   logprobs: int | None, logprobs_param: str) -> SamplingSettings:
         if body.n > self.settings.max_n:
             raise InvalidRequest(f"n must be <= {self.settings.max_n}, got {body.n}", param="n")
         if logprobs is not None and logprobs > self.settings.max_logprobs:
             raise InvalidRequest(f"{logprobs_param} must be <= {self.settings.max_logprobs}", param=logprobs_param)
         tokens = self.prompts.max_tokens(len(rendered.token_ids), max_tokens, self.settings.default_max_tokens)
+        marker = self.settings.adapter_end_marker
         return SamplingSettings(
             max_tokens=tokens, temperature=body.temperature, top_p=body.top_p, n=body.n, stop=body.stop_list(),
+            end_markers=(marker,) if marker and route.kind != "base" else (),
             seed=body.seed, logprobs=logprobs, presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty,
         )

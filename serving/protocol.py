@@ -44,6 +44,8 @@ class SamplingSettings:
     """Choices per request."""
     stop: tuple[str, ...] = ()
     """Strings that end a choice (not included in its text)."""
+    end_markers: tuple[str, ...] = ()
+    """Strings that end a choice and stay in its text (the experts' format end, " END")."""
     seed: int | None = None
     """Per-request sampling seed."""
     logprobs: int | None = None

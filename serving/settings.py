@@ -129,6 +129,9 @@ class ApiSettings:
     """Largest `n` (choices per request) accepted."""
     max_logprobs: int = 20
     """Largest `logprobs` / `top_logprobs` accepted."""
+    adapter_end_marker: str | None = " END"
+    """End of the experts' output format (`<rationale> --> <answer> END`): a choice served with an adapter
+    stops after it, and keeps it in its text, as in evaluation. None: adapters stop only at eos or `stop`."""
 
 
 @dataclass

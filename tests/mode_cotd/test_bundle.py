@@ -302,9 +302,20 @@ def test_writers_validate_their_input(bundle, tiny_student):
         add_composition(bundle, "c", {"addsub": 1.0}, mode="sum", task="t")
     with pytest.raises(ConfigError, match="finite number"):
         add_composition(bundle, "c", {"addsub": float("nan")}, mode="exact", task="t")
+    with pytest.raises(ConfigError, match=r"linear mixing needs experts of one rank.*'addsub': 4, 'gsm8k': 8"):
+        add_composition(bundle, "c", {"addsub": 0.5, "gsm8k": 0.5}, mode="linear", task="t")
     with pytest.raises(ConfigError, match=r"not in the bundle .*\['aqua'\]"):
         set_gate(bundle, Gate(GateConfig(experts=["addsub", "aqua"], feature_dim=64)))
     with pytest.raises(BundleError, match="a bundle already exists"):
         create_bundle(bundle, identity(tiny_student))
     with pytest.raises(BundleError, match="student identity: student: 'config_sha256'"):
         create_bundle(bundle.parent / "other", {"name": "x", "config_sha256": "abc"})
+
+
+def test_linear_composition_of_different_ranks_is_refused_at_load(bundle, tiny_student):
+    """Written by hand (or by an older writer): refused at load, never a failure per request."""
+    edit_manifest(bundle, lambda m: m["compositions"]["svamp-mix"].update(mode="linear"))
+    with pytest.raises(BundleError, match="composition 'svamp-mix': linear mixing needs experts of one rank"):
+        load_bundle(bundle, student=tiny_student)
+    lenient = load_bundle(bundle, student=tiny_student, strict=False)
+    assert "svamp-mix" not in lenient.compositions and "addsub-only" in lenient.compositions

@@ -123,7 +123,9 @@ def test_completion_per_route(served, body, route, adapter_prefix):
     assert prompt_ids == served.prompts.tokenizer(PROMPT)["input_ids"] and sampling.max_tokens == 8
     if route == "base":
         assert served_by["experts"] == {} and served_by["adapter"] is None and lora is None
+        assert sampling.end_markers == ()  # the bare student is not held to the experts' format
     else:
+        assert sampling.end_markers == (" END",)
         assert served_by["experts"] and abs(sum(served_by["experts"].values()) - 1.0) < 1e-9
         assert served_by["adapter"] == lora.name
         if adapter_prefix:
@@ -319,7 +321,7 @@ def test_a_client_that_goes_away_aborts_its_generation_and_frees_everything(serv
     async def disconnect_after_two_chunks():
         route = served.routes.resolve(body.model, body.mixture)
         rendered = served.prompts.completion(PROMPT)
-        sampling = handler._sampling(body, rendered, 20, None, "logprobs")
+        sampling = handler._sampling(body, route, rendered, 20, None, "logprobs")
         response = await handler._serve("completion", body, route, rendered, sampling)
         assert handler.inflight == 1 and served.service.cache._users  # adapter leased while streaming
         stream = response.body_iterator
