@@ -1,0 +1,47 @@
+"""Smoke-check a running `make serve`: the gate route answers a last-letter test prompt in the paper's format.
+
+    make serve &                      # in another shell; ready when GET /health answers 200
+    .venv/bin/python scripts/smoke_serve.py [--base-url http://127.0.0.1:8000]
+
+Prints the routes, a gate-routed completion (openai client) with the experts that served it, a chat, and the
+same kind of completion through curl. Exits 1 when the gate route does not end its answer with " END".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+from openai import OpenAI
+
+from mode_cotd.data import load_task, student_prompt
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base-url", default="http://127.0.0.1:8000")
+    args = parser.parse_args()
+    client = OpenAI(base_url=f"{args.base_url}/v1", api_key="none")
+    print("routes:", [m.id for m in client.models.list().data])
+
+    example = load_task("last_letter_concatenation", "test")[3]
+    r = client.completions.create(model="mode-cotd", prompt=student_prompt(example), max_tokens=200, temperature=0)
+    print("gate completion:", repr(r.choices[0].text), r.choices[0].finish_reason, f"(gold {example.gold!r})")
+    print("served by:", r.model_extra["mode_cotd"])
+
+    c = client.chat.completions.create(model="mode-cotd", messages=[{"role": "user", "content": "What is 12 + 30?"}],
+                                       max_tokens=120, temperature=0)
+    print("gate chat:", repr(c.choices[0].message.content), c.choices[0].finish_reason, c.model_extra["mode_cotd"])
+
+    body = {"model": "mode-cotd", "max_tokens": 150, "temperature": 0,
+            "prompt": "Q: Tom has 3 apples and buys 4 more. How many apples does he have?\nA:"}
+    curl = subprocess.run(["curl", "-s", f"{args.base_url}/v1/completions", "-H", "Content-Type: application/json",
+                           "-d", json.dumps(body)], capture_output=True, text=True, check=True)
+    print("curl:", curl.stdout)
+    return 0 if r.choices[0].text.endswith(" END") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
