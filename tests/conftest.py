@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 from pathlib import Path
@@ -28,8 +29,9 @@ def tiny_student(tmp_path_factory) -> Path:
     return build_tiny_student(tmp_path_factory.mktemp("tiny-student"))
 
 
-HEAVY_LOCK = Path("/tmp/heavy.lock")
-"""Held by tests that start vLLM, Ray or the real student, so such runs never overlap on a small machine."""
+HEAVY_LOCK = Path(os.environ.get("MODE_COTD_HEAVY_LOCK", "/tmp/heavy.lock"))
+"""Held by tests that start vLLM, Ray or the real student, so such runs never overlap on a small machine.
+MODE_COTD_HEAVY_LOCK names another file (e.g. for a second checkout that must not queue behind the first)."""
 
 
 def _lock_held_by_an_ancestor(path: Path) -> bool:
@@ -45,11 +47,18 @@ def _lock_held_by_an_ancestor(path: Path) -> bool:
     return False
 
 
-@pytest.fixture
-def heavy_lock():
-    """Hold /tmp/heavy.lock (heavy runs never overlap), unless a parent process already holds it."""
+@contextlib.contextmanager
+def hold_heavy_lock():
+    """Hold HEAVY_LOCK (heavy runs never overlap), unless a parent process already holds it."""
     HEAVY_LOCK.touch(exist_ok=True)
     with HEAVY_LOCK.open("a") as f:
         if not _lock_held_by_an_ancestor(HEAVY_LOCK):
             fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+@pytest.fixture
+def heavy_lock():
+    """hold_heavy_lock() for one test."""
+    with hold_heavy_lock():
         yield

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import subprocess
 import sys
@@ -19,13 +17,6 @@ from training.pipeline import load_pipeline_config, plan, run_pipeline
 
 TINY = REPO_ROOT / "training" / "configs" / "tiny.yaml"
 DEFAULT = REPO_ROOT / "training" / "configs" / "default.yaml"
-
-
-@contextlib.contextmanager
-def heavy_lock():
-    with open("/tmp/heavy.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 def _write(path: Path, text: str) -> Path:
@@ -91,11 +82,10 @@ def test_missing_or_non_mapping_config_file(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_tiny_pipeline_end_to_end(tmp_path):
+def test_tiny_pipeline_end_to_end(tmp_path, heavy_lock):
     work = tmp_path / "work"
     command = [sys.executable, "-m", "mode_cotd.cli", "pipeline", str(TINY), "--work-dir", str(work)]
-    with heavy_lock():
-        proc = subprocess.run(command, check=False, capture_output=True, text=True, timeout=900, cwd=REPO_ROOT)
+    proc = subprocess.run(command, check=False, capture_output=True, text=True, timeout=900, cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((work / "pipeline.json").read_text())
     assert set(summary["seconds"]) == {"teacher", "distill", "gate", "compose", "eval"}
@@ -121,19 +111,18 @@ def test_tiny_pipeline_end_to_end(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_experts_as_ray_tasks_match_in_process_training(tmp_path, data_dir):
+def test_experts_as_ray_tasks_match_in_process_training(tmp_path, data_dir, heavy_lock):
     import ray
 
     yaml = _write(tmp_path / "ray.yaml", TINY.read_text().replace("enabled: false", "enabled: true\n  num_cpus: 1"))
     overrides = {"work_dir": str(tmp_path / "ray"), "stages": ["teacher", "distill"], "data_dir": str(data_dir)}
-    with heavy_lock():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        try:
-            summary = run_pipeline(load_pipeline_config(yaml, overrides), str(yaml))
-        finally:
-            ray.shutdown()
-        local = load_pipeline_config(TINY, {**overrides, "work_dir": str(tmp_path / "local")})
-        run_pipeline(local, str(TINY))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        summary = run_pipeline(load_pipeline_config(yaml, overrides), str(yaml))
+    finally:
+        ray.shutdown()
+    local = load_pipeline_config(TINY, {**overrides, "work_dir": str(tmp_path / "local")})
+    run_pipeline(local, str(TINY))
 
     assert set(summary["stages"]["distill"]) == {"last_letter_concatenation", "single_eq"}
     remote = load_bundle(tmp_path / "ray" / "bundle", student=tmp_path / "ray" / "student", strict=True)
