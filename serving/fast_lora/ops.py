@@ -1,0 +1,158 @@
+"""Grouped LoRA ops: one dense matmul pair per adapter slot present in the step.
+
+vLLM's CPU ops (vllm/lora/ops/torch_ops) gather a private copy of the adapter weights for
+every token (`w[indices]`: [T, out, in]) and multiply with a batched einsum. Here every
+group (slot s, rows r; serving.fast_lora.segments) multiplies its rows against the slot's
+weights once: `x[r] @ Aₛᵀ` then `@ Bₛᵀ`. Rows with no adapter (slot -1) are not touched.
+
+Weights are vLLM's stacked LoRA tensors: A `[S, 1, R, H]` (or `[S, R, H]`), B `[S, 1, N, R]`
+(or `[S, N, R]`), S = LoRA slots, R = max rank (zero-padded), H = input size, N = output size.
+vLLM folds `alpha / r` into B when it loads an adapter; the `scale` arguments are vLLM's.
+
+Rounding follows vLLM's torch ops, so results agree with them to the last bit but for the order
+of sums: the shrink computes in the dtype of its buffer (float32), its result is rounded to y's
+dtype, multiplied by B and rounded again before it is added to y. The matmuls themselves run in
+float32 (ACCUMULATE) even when y is bfloat16: bf16 x bf16 products are exact in float32, which is
+what a bf16 matmul accumulates in anyway, and on CPUs without native bf16 (AVX2) a thin bf16
+matmul (K = rank) is ~20x slower than the same one in float32.
+Every op writes in place and returns None.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from serving.fast_lora.segments import Batched, Group, Rows
+
+ACCUMULATE = torch.float32
+"""Dtype the matmuls run in (inputs are first rounded to the dtype vLLM would use)."""
+
+
+def _weight(stacked: torch.Tensor, slot: int) -> torch.Tensor:
+    """One slot's matrix from vLLM's stacked weights: [S, 1, P, Q] or [S, P, Q] -> [P, Q]."""
+    w = stacked[slot]
+    return w[0] if w.dim() == 3 else w
+
+
+def _acc(t: torch.Tensor, rounded_to: torch.dtype) -> torch.Tensor:
+    """t rounded to `rounded_to` (as vLLM's ops cast it), then held in ACCUMULATE (float64 stays float64)."""
+    return t.to(rounded_to).to(torch.promote_types(rounded_to, ACCUMULATE))
+
+
+def _mm(x: torch.Tensor, w: torch.Tensor, rounded_to: torch.dtype) -> torch.Tensor:
+    """x @ wᵀ in ACCUMULATE, after rounding x and w to `rounded_to`."""
+    return _acc(x, rounded_to) @ _acc(w, rounded_to).t()
+
+
+def _take(x: torch.Tensor, rows: Rows) -> torch.Tensor:
+    return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+
+
+def _put(y: torch.Tensor, rows: Rows, value: torch.Tensor, add: bool) -> None:
+    """y[rows] += value (add) or y[rows] = value; y may be a column slice of a larger tensor."""
+    if isinstance(rows, slice) and add:
+        y[rows].add_(value)
+    elif isinstance(rows, slice):
+        y[rows].copy_(value)
+    elif add:
+        y.index_add_(0, rows, value)
+    else:
+        y.index_copy_(0, rows, value)
+
+
+def grouped_shrink(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, groups: Sequence[Group],
+                   scale: float) -> None:
+    """y[r, :R] += scale · x[r] @ A[s]ᵀ for each group (slot s, rows r), computed in y.dtype.
+
+    y `[T, ≥R]` (float32 buffer), x `[T, H]`, lora_a `[S, 1, R, H]`.
+    """
+    for g in groups:
+        a = _weight(lora_a, g.slot)  # [R, H]
+        h = _mm(_take(x, g.rows), a, y.dtype)  # [t, R]
+        if scale != 1.0:
+            h.mul_(scale)
+        _put(y[:, : a.shape[0]], g.rows, h.to(y.dtype), add=True)
+
+
+def grouped_expand(y: torch.Tensor, x: torch.Tensor, lora_b: torch.Tensor, groups: Sequence[Group],
+                   offset: int = 0, add: bool = True) -> None:
+    """y[r, o:o+n] (+)= x[r] @ B[s][:n]ᵀ for each group, n = min(N, y's columns - o), computed in y.dtype.
+
+    y `[T, ≥o+n]`, x `[T, ≥R]` (the shrink's buffer), lora_b `[S, 1, N, R]`; `add=False` overwrites the rows.
+    The clamp on n matches vLLM's torch ops, where an adapter's vocab may be padded differently from y.
+    """
+    for g in groups:
+        b = _weight(lora_b, g.slot)  # [N, R]
+        n = min(b.shape[0], y.shape[1] - offset)
+        out = _mm(_take(x, g.rows)[:, : b.shape[1]], b[:n], y.dtype)  # [t, n]
+        _put(y[:, offset : offset + n], g.rows, out.to(y.dtype), add)
+
+
+def grouped_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor],
+                        lora_b: Sequence[torch.Tensor], groups: Sequence[Group], scale: float,
+                        output_slices: Sequence[int], buffer_dtype: torch.dtype = torch.float32,
+                        batched: Batched | None = None) -> None:
+    """y[r, oᵢ:oᵢ+nᵢ] += ((scale · x[r] @ Aᵢ[s]ᵀ) in buffer_dtype) @ Bᵢ[s]ᵀ, for each slice i and group (s, r).
+
+    y `[T, Σnᵢ]`, x `[T, H]`, lora_a[i] `[S, 1, R, H]`, lora_b[i] `[S, 1, nᵢ, R]`, oᵢ = n₀ + … + nᵢ₋₁.
+    The fused form of shrink + expand (vLLM's add_lora_linear). With `batched` (the same groups laid out
+    by segments.batch_groups) all groups run in one bmm pair per slice; otherwise one matmul pair per group.
+    """
+    if batched is not None and batched.rows == x.shape[0] == y.shape[0]:
+        _batched_lora_linear(y, x, lora_a, lora_b, batched, scale, output_slices, buffer_dtype)
+        return
+    width = sum(output_slices)
+    for g in groups:
+        xg = _acc(_take(x, g.rows), buffer_dtype)  # [t, H]
+        out = torch.empty(g.count, width, dtype=torch.promote_types(y.dtype, ACCUMULATE))  # [t, N]
+        offset = 0
+        for a_stacked, b_stacked, n in zip(lora_a, lora_b, output_slices):
+            h = xg @ _acc(_weight(a_stacked, g.slot), buffer_dtype).t()  # [t, R]
+            if scale != 1.0:
+                h.mul_(scale)
+            out[:, offset : offset + n] = _mm(h, _weight(b_stacked, g.slot), y.dtype)  # [t, n]
+            offset += n
+        _put(y[:, :width], g.rows, out.to(y.dtype), add=True)
+
+
+def _batched_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor],
+                         lora_b: Sequence[torch.Tensor], bt: Batched, scale: float, output_slices: Sequence[int],
+                         buffer_dtype: torch.dtype) -> None:
+    """grouped_lora_linear over all groups at once: gather rows [G, w, H], bmm with the G slots' weights, scatter."""
+    g, w, width = bt.slots.numel(), bt.width, sum(output_slices)
+    xp = _acc(x.index_select(0, bt.gather), buffer_dtype).view(g, w, -1)  # [G, w, H]
+    out = torch.empty(g * w, width, dtype=torch.promote_types(y.dtype, ACCUMULATE))  # [G·w, N]
+    offset = 0
+    for a_stacked, b_stacked, n in zip(lora_a, lora_b, output_slices):
+        a = _acc(a_stacked.index_select(0, bt.slots), buffer_dtype).view(g, -1, xp.shape[-1])  # [G, R, H]
+        h = torch.bmm(xp, a.transpose(1, 2))  # [G, w, R]
+        if scale != 1.0:
+            h.mul_(scale)
+        b = _acc(b_stacked.index_select(0, bt.slots), y.dtype).view(g, n, -1)  # [G, n, R]
+        out[:, offset : offset + n] = torch.bmm(_acc(h, y.dtype), b.transpose(1, 2)).view(g * w, n)  # [G·w, n]
+        offset += n
+    delta = torch.zeros(y.shape[0] + 1, width, dtype=y.dtype)  # [T+1, N]; row T takes the padding
+    delta.index_copy_(0, bt.scatter, out.to(y.dtype))
+    y[:, :width].add_(delta[:-1])  # rows without an adapter add exactly 0
+
+
+def grouped_lora_logits(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                        groups: Sequence[Group], scale: float, buffer_dtype: torch.dtype = torch.float32) -> None:
+    """y[r, :n] += ((scale · x[r] @ A[s]ᵀ) in buffer_dtype) @ B[s][:n]ᵀ, n = min(V', V), one group per slot.
+
+    y `[N, V]` logits, x `[N, H]` hidden states, lora_a `[S, 1, R, H]`, lora_b `[S, 1, V', R]`; rows are the
+    sampled rows (vLLM's sampler indices), not the tokens. A slot whose A is all zero (an adapter without
+    an lm_head LoRA, the usual case) adds exactly zero and is skipped.
+    """
+    for g in groups:
+        a = _weight(lora_a, g.slot)  # [R, H]
+        if not a.any():
+            continue  # no lm_head LoRA in this slot: skip a [t, V] matmul of zeros
+        b = _weight(lora_b, g.slot)  # [V', R]
+        n = min(b.shape[0], y.shape[1])
+        h = _mm(_take(x, g.rows), a, buffer_dtype)  # [t, R]
+        if scale != 1.0:
+            h.mul_(scale)
+        _put(y[:, :n], g.rows, _mm(h, b[:n], y.dtype).to(y.dtype), add=True)  # [t, n]

@@ -1,0 +1,95 @@
+"""Grouping a step's rows by LoRA slot: the one piece of bookkeeping the grouped ops need.
+
+vLLM gives every token (and every sampled row) the slot of its adapter, -1 for none. The
+grouped ops want the opposite view: for each slot present, which rows use it. `group_rows`
+computes that once per step (in `update_metadata`, outside the forward pass); every LoRA
+layer of the step then reuses it. Rows of one slot that sit next to each other (the usual
+case: vLLM's batch keeps a request's tokens together, and one adapter often serves the whole
+batch) come back as a `slice`, which the ops read and write in place with no copy; scattered
+rows come back as an index tensor (one gather of the activations, one index_add back).
+
+With many adapters in a step (decode with requests on different adapters, a few rows each),
+looping over groups costs a fixed overhead per group and layer; `batch_groups` lays the
+groups out for one batched matmul (bmm) over all of them instead, padding each to the size
+of the largest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+Rows = slice | torch.Tensor
+"""Rows of a step: a contiguous range, or sorted row indices (int64, 1-D)."""
+
+
+@dataclass(frozen=True)
+class Group:
+    """The rows of a step that use one LoRA slot."""
+
+    slot: int
+    """Index into the stacked LoRA weights (dim 0 of lora_a_stacked / lora_b_stacked)."""
+    rows: Rows
+    """Which rows use the slot."""
+    count: int
+    """How many rows."""
+
+
+def group_rows(indices: torch.Tensor) -> list[Group]:
+    """One Group per slot present in `indices` ([T] int64, -1 = no LoRA), in slot order; -1 rows are left out."""
+    if indices.numel() == 0:
+        return []
+    order = torch.sort(indices, stable=True)  # stable: each slot's rows stay in increasing order
+    slots, counts = torch.unique_consecutive(order.values, return_counts=True)  # [G], [G]
+    starts = torch.cumsum(counts, 0) - counts  # [G]
+    groups = []
+    for slot, start, count in zip(slots.tolist(), starts.tolist(), counts.tolist()):
+        if slot < 0:
+            continue
+        rows = order.indices[start : start + count]  # [count] increasing
+        first, last = int(rows[0]), int(rows[-1])
+        contiguous = last - first + 1 == count
+        groups.append(Group(slot, slice(first, last + 1) if contiguous else rows, count))
+    return groups
+
+
+@dataclass(frozen=True)
+class Batched:
+    """The groups of a step laid out for batched matmuls: G groups, each padded to `width` rows.
+
+    Position p = i·width + j is the j-th row of group i; padding positions read row 0 of x and
+    write to row T (a scratch row past the step's T rows), so they never reach the output.
+    """
+
+    slots: torch.Tensor
+    """[G] int64: each group's slot."""
+    gather: torch.Tensor
+    """[G·width] int64: the row of x each position reads."""
+    scatter: torch.Tensor
+    """[G·width] int64: the row of y each position writes (T for padding)."""
+    width: int
+    """Rows per group after padding (the largest group's count)."""
+    rows: int
+    """T, the rows of the step the layout was made for."""
+
+
+BATCH_MAX_PADDING = 2.0
+"""Batch the groups only while padding at most doubles the rows with an adapter; else loop over them."""
+
+
+def batch_groups(groups: list[Group], total_rows: int) -> Batched | None:
+    """The batched layout of `groups` over a step of `total_rows` rows; None for one group or too much padding."""
+    if len(groups) < 2:
+        return None
+    width = max(g.count for g in groups)
+    if len(groups) * width > BATCH_MAX_PADDING * sum(g.count for g in groups):
+        return None
+    gather = torch.zeros(len(groups), width, dtype=torch.long)  # [G, width]
+    scatter = torch.full((len(groups), width), total_rows, dtype=torch.long)  # [G, width]
+    for i, g in enumerate(groups):
+        rows = torch.arange(g.rows.start, g.rows.stop) if isinstance(g.rows, slice) else g.rows  # [count]
+        gather[i, : g.count] = rows
+        scatter[i, : g.count] = rows
+    slots = torch.tensor([g.slot for g in groups], dtype=torch.long)
+    return Batched(slots, gather.view(-1), scatter.view(-1), width, total_rows)

@@ -1,0 +1,88 @@
+"""`PunicaWrapperGrouped`: vLLM's CPU punica wrapper with the LoRA ops grouped by adapter slot.
+
+vLLM builds one wrapper per model (serving.fast_lora.platform names this class), calls
+`update_metadata` once per step with the step's LoRA mapping, and then, in every LoRA layer,
+one of the `add_*` methods below. This subclass keeps vLLM's metadata (the inherited index
+tensors) and adds the grouping (serving.fast_lora.segments) of the step's tokens and of its
+sampled rows; the ops (serving.fast_lora.ops) then run one matmul pair per slot present.
+Anything not overridden (full-linear classifier heads, MoE LoRA) is vLLM's CPU code as is.
+
+Rows with no adapter are left untouched. (vLLM's CPU ops index the weights with -1 for
+them, which reads the last slot: with every slot filled, base requests batched with LoRA
+requests pick up the last slot's adapter. The grouped ops do not.)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+from serving.fast_lora.ops import grouped_expand, grouped_lora_linear, grouped_lora_logits, grouped_shrink
+from serving.fast_lora.segments import Batched, Group, batch_groups, group_rows
+
+if TYPE_CHECKING:
+    from vllm.lora.layers import LoRAMapping
+
+
+class PunicaWrapperGrouped(PunicaWrapperCPU):
+    """Multi-LoRA metadata and ops for one model on CPU, one dense matmul pair per adapter in the step."""
+
+    def __init__(self, max_num_batched_tokens: int, max_batches: int, device: torch.device | str, **kwargs: Any):
+        super().__init__(max_num_batched_tokens, max_batches, device, **kwargs)
+        self.token_groups: list[Group] = []
+        """The step's tokens grouped by slot (linear and embedding layers)."""
+        self.token_batched: Batched | None = None
+        """The token groups laid out for batched matmuls (None: loop over the groups)."""
+        self.sampler_groups: list[Group] = []
+        """The step's sampled rows grouped by slot (logits)."""
+
+    def update_metadata(self, mapping: LoRAMapping, lora_index_to_id: list[int | None], max_loras: int,
+                        vocab_size: int, **kwargs: Any) -> None:
+        super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
+        self.token_groups = group_rows(self.token_lora_indices)
+        self.token_batched = batch_groups(self.token_groups, self.token_lora_indices.numel())
+        self.sampler_groups = group_rows(self.sampler_indices)
+
+    def add_shrink(self, y: tuple[torch.Tensor, ...] | torch.Tensor, x: torch.Tensor,
+                   lora_a_stacked: tuple[torch.Tensor, ...], scale: float, **kwargs: Any) -> None:
+        """y[i][r] += scale · x[r] @ Aᵢ[s]ᵀ per slice i; y[i] `[T, R]`, x `[T, H]`, Aᵢ `[S, 1, R, H]`."""
+        x = x.view(-1, x.shape[-1])  # [T, H]
+        for i, lora_a in enumerate(lora_a_stacked):
+            grouped_shrink(y[i], x, lora_a, self.token_groups, scale)
+
+    def add_expand(self, y: torch.Tensor, x: tuple[torch.Tensor, ...] | torch.Tensor,
+                   lora_b_stacked: tuple[torch.Tensor, ...], output_slices: tuple[int, ...],
+                   offset_start: int = 0, add_inputs: bool = True, **kwargs: Any) -> None:
+        """y[r, oᵢ:oᵢ+nᵢ] (+)= x[i][r] @ Bᵢ[s]ᵀ, oᵢ = offset_start + n₀ + … + nᵢ₋₁; x[i] `[T, R]`, Bᵢ `[S, 1, nᵢ, R]`."""
+        y = y.view(-1, y.shape[-1])  # [T, N]
+        offset = offset_start
+        for i, (lora_b, n) in enumerate(zip(lora_b_stacked, output_slices)):
+            grouped_expand(y[:, : offset + n], x[i], lora_b, self.token_groups, offset, add_inputs)
+            offset += n
+
+    def add_lora_embedding(self, y: torch.Tensor, x: torch.Tensor, lora_b_stacked: torch.Tensor,
+                           add_inputs: bool = True, **kwargs: Any) -> None:
+        """y[r] (+)= x[r] @ B[s]ᵀ; y `[T, D]`, x `[T, R]` (the adapter's embedding rows), B `[S, 1, D, R]`."""
+        grouped_expand(y, x, lora_b_stacked, self.token_groups, 0, add_inputs)
+
+    def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...],
+                        lora_b_stacked: tuple[torch.Tensor, ...], scale: float, output_slices: tuple[int, ...],
+                        *, buffer: tuple[torch.Tensor, ...] | None = None, **kwargs: Any) -> None:
+        """y[r, oᵢ:oᵢ+nᵢ] += ((scale · x[r] @ Aᵢ[s]ᵀ) in float32) @ Bᵢ[s]ᵀ; y `[T, Σnᵢ]`, x `[T, H]`.
+
+        `buffer` is not filled (nothing reads it after the call); only its dtype is used.
+        """
+        assert len(lora_a_stacked) == len(lora_b_stacked) == len(output_slices)
+        buffer_dtype = buffer[0].dtype if buffer else torch.float32
+        grouped_lora_linear(y, x, lora_a_stacked, lora_b_stacked, self.token_groups, scale, output_slices,
+                            buffer_dtype, self.token_batched)
+
+    def add_lora_logits(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: torch.Tensor,
+                        lora_b_stacked: torch.Tensor, scale: float, *, buffer: torch.Tensor | None = None,
+                        **kwargs: Any) -> None:
+        """y[r, :n] += ((scale · x[r] @ A[s]ᵀ) in float32) @ B[s][:n]ᵀ over the sampled rows; y `[N, V]`, x `[N, H]`."""
+        buffer_dtype = buffer.dtype if buffer is not None else torch.float32
+        grouped_lora_logits(y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1]), lora_a_stacked, lora_b_stacked,
+                            self.sampler_groups, scale, buffer_dtype)

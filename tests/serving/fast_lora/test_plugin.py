@@ -1,0 +1,105 @@
+"""The platform plugin: its version check, its off switch, and what it hands to vLLM."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+import pytest
+
+from serving.fast_lora import plugin
+
+
+@pytest.mark.parametrize("version", ["0.32.0", "0.32.0+cpu", "0.32.7"])
+def test_supported_versions_pass(version):
+    assert plugin.check_vllm_version(version) == version
+
+
+@pytest.mark.parametrize("version", ["0.31.2", "0.33.0", "1.0.0", "not-a-version"])
+def test_unsupported_versions_fail_with_a_clear_error(version):
+    with pytest.raises(plugin.UnsupportedVllmError) as e:
+        plugin.check_vllm_version(version)
+    message = str(e.value)
+    assert plugin.SUPPORTED_VLLM in message and version in message and "MODE_COTD_FAST_LORA=0" in message
+    assert "--no-engine-fast-lora" in message
+
+
+def test_register_falls_back_to_vllm_on_an_unsupported_version(monkeypatch, caplog):
+    monkeypatch.setenv(plugin.ENV, "1")
+    monkeypatch.setattr(plugin, "applies_here", lambda: True)
+    monkeypatch.setattr(plugin, "installed_vllm_version", lambda: "0.40.0")
+    with caplog.at_level("ERROR"):
+        assert plugin.register() is None
+    assert "supports vLLM" in caplog.text and "0.40.0" in caplog.text
+
+
+def test_select_raises_at_engine_start_on_an_unsupported_version(monkeypatch):
+    monkeypatch.setattr(plugin, "applies_here", lambda: True)
+    monkeypatch.setattr(plugin, "installed_vllm_version", lambda: "0.40.0")
+    monkeypatch.setenv(plugin.ENV, "1")
+    with pytest.raises(plugin.UnsupportedVllmError):
+        plugin.select(True)
+    plugin.select(False)  # off: no check, only the switch
+    assert not plugin.enabled()
+
+
+@pytest.mark.parametrize(("value", "on"), [(None, True), ("1", True), ("yes", True), ("0", False), ("off", False),
+                                           ("False", False)])
+def test_switch(monkeypatch, value, on):
+    if value is None:
+        monkeypatch.delenv(plugin.ENV, raising=False)
+    else:
+        monkeypatch.setenv(plugin.ENV, value)
+    assert plugin.enabled() is on
+
+
+def test_switch_off_register_returns_none(monkeypatch):
+    monkeypatch.setenv(plugin.ENV, "0")
+    assert plugin.register() is None
+
+
+def test_entry_point_is_installed():
+    names = {ep.name: ep.value for ep in entry_points(group="vllm.platform_plugins")}
+    assert names.get(plugin.ENTRY_POINT) == "serving.fast_lora.plugin:register", (
+        "reinstall the package (pip install -e .) so the vllm.platform_plugins entry point registers"
+    )
+
+
+def test_installed_vllm_is_supported():
+    assert plugin.check_vllm_version()
+
+
+SHOW_PLATFORM = (
+    "import vllm.platforms as p; pl = p.current_platform; "
+    "print('RESULT', type(pl).__name__, pl.get_punica_wrapper())"
+)
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize(("switch", "platform", "wrapper"), [
+    ("1", "FastLoraCpuPlatform", "serving.fast_lora.wrapper.PunicaWrapperGrouped"),
+    ("0", "CpuPlatform", "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU"),
+])
+def test_vllm_resolves_the_platform_through_the_entry_point(monkeypatch, switch, platform, wrapper):
+    """A fresh process (vLLM resolves its platform once per process) picks ours, or vLLM's when switched off."""
+    monkeypatch.setenv(plugin.ENV, switch)
+    monkeypatch.delenv("VLLM_TARGET_DEVICE", raising=False)
+    if not plugin.applies_here():
+        pytest.skip("vLLM does not run on its plain CPU platform here")
+    out = subprocess.run([sys.executable, "-c", SHOW_PLATFORM], capture_output=True, text=True, timeout=300,
+                         check=False)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT")]
+    assert lines == [f"RESULT {platform} {wrapper}"], out.stdout[-2000:] + out.stderr[-2000:]
+
+
+@pytest.mark.vllm
+def test_platform_follows_the_switch_after_resolution(monkeypatch):
+    """A process that resolved the platform before the switch was turned off (a Ray replica) still follows it."""
+    pytest.importorskip("vllm")
+    from serving.fast_lora.platform import WRAPPER, FastLoraCpuPlatform
+
+    monkeypatch.setenv(plugin.ENV, "1")
+    assert FastLoraCpuPlatform.get_punica_wrapper() == WRAPPER
+    monkeypatch.setenv(plugin.ENV, "0")
+    assert FastLoraCpuPlatform.get_punica_wrapper() == "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU"
