@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("training.evaluate", "accuracy of a route on the test sets (vLLM batched)"),
     "pipeline": ("training.pipeline", "teach -> distill -> gate -> compose -> eval from one config"),
     "serve": ("serving.cli", "serve a bundle: Ray Serve + vLLM, OpenAI API on 127.0.0.1:8000"),
+    "bench": ("benchmarks.cli", "throughput: mode-cotd vs vLLM's server vs transformers+peft (--quick: < 10 min)"),
 }
 
 

@@ -1,0 +1,96 @@
+"""What one benchmark run measures: a dataclass with a docstring per field, and the presets.
+
+`PRESETS` is a plain table: `--quick` picks "quick" (under 10 minutes on a 2-core CPU), the
+default is "full" (the dataclass defaults: about an hour there); a `mode-cotd bench` flag sets
+most fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from mode_cotd.paths import REPO_ROOT
+
+ALL_SCENARIOS = "abcdefg"
+DEFAULT_BUNDLE = REPO_ROOT / "bundles" / "default"
+
+
+@dataclass
+class BenchConfig:
+    """One run: the scenarios, the load, and the scaling measurements."""
+
+    scenarios: str = ALL_SCENARIOS
+    """Which scenarios run (letters of a–g, see benchmarks/scenarios.py)."""
+    output_tokens: int = 64
+    """Output tokens of every request of a–g (`ignore_eos`: every request makes exactly this many)."""
+    concurrencies: tuple[int, ...] = (1, 4, 16)
+    """Closed-loop concurrency levels of the sweep (scenarios a–f)."""
+    requests_per_level: int = 16
+    """Requests per concurrency level (at least the concurrency itself)."""
+    warmup_requests: int = 4
+    """Short requests sent to a scenario before it is measured (compiles, loads its adapter)."""
+    poisson_rates: tuple[float, ...] = (0.5, 1.0)
+    """Open-loop Poisson arrival rates (requests/s) run on the gate route, after the sweep."""
+    expert: str = "gsm8k"
+    """The expert of scenarios b and d."""
+    mixture_popularity: str = "distinct"
+    """Popularity of scenario f's explicit mixtures (benchmarks/workloads.py)."""
+    mixture_k: int = 2
+    """Experts per explicit mixture (scenario f, scaling, hit rate)."""
+    mixture_grid: float = 0.05
+    """Weight grid of explicit mixtures (a multiple of the gate's grid)."""
+    peft_requests: int = 6
+    """Requests of the transformers + peft baseline (one at a time)."""
+    dtype: str = "float32"
+    """Weights dtype of every scenario (`vllm serve --dtype`, `mode-cotd serve --engine-dtype`, the peft baseline).
+    float32: the student's own bfloat16 is ~8x slower on CPUs without native bf16 (AVX2 only, like this one)."""
+    scaling_in_flight: tuple[int, ...] = (1, 4, 16, 64)
+    """Distinct mixtures in flight at once, one row of the scaling table each."""
+    scaling_concurrency: int = 64
+    """Requests in flight during each scaling row (spread round robin over its mixtures)."""
+    scaling_requests: int = 64
+    """Requests per scaling row."""
+    scaling_output_tokens: int = 8
+    """Output tokens per scaling request."""
+    hit_rate_popularity: str = "zipf:1.1"
+    """Popularity of the composite-cache hit-rate workload (over all experts, k, grid)."""
+    hit_rate_requests: int = 256
+    """Requests of the hit-rate workload (short: `hit_rate_output_tokens` each)."""
+    hit_rate_concurrency: int = 16
+    """Requests in flight during the hit-rate workload."""
+    hit_rate_output_tokens: int = 2
+    """Output tokens per hit-rate request."""
+    simulated_hit_rate_requests: int = 20000
+    """Length of the offline LRU simulation of the same workload (steady state)."""
+    cross_check: bool = True
+    """Also run `vllm bench serve` against the gate route, as a check of our load generator."""
+    student: str | None = None
+    """Student folder (None: the default student)."""
+    bundle: str = str(DEFAULT_BUNDLE)
+    """Bundle served by mode-cotd (its experts also feed vLLM and the peft baseline)."""
+    serve_args: list[str] = field(default_factory=list)
+    """Extra `mode-cotd serve` flags (e.g. --no-engine-fast-lora)."""
+    vllm_args: list[str] = field(default_factory=list)
+    """Extra `vllm serve` flags."""
+    seed: int = 0
+    """Seed of prompt sampling, workloads and Poisson arrivals."""
+
+    @property
+    def ratio_concurrency(self) -> int:
+        """The concurrency the headline ratios compare at: the highest of the sweep."""
+        return max(self.concurrencies)
+
+
+PRESETS: dict[str, BenchConfig] = {
+    "full": BenchConfig(),
+    "quick": BenchConfig(
+        output_tokens=16, concurrencies=(8,), requests_per_level=8, warmup_requests=2, peft_requests=3,
+        scaling_in_flight=(1, 4, 16), scaling_concurrency=16, scaling_requests=16, scaling_output_tokens=4,
+        hit_rate_requests=64, hit_rate_output_tokens=1, poisson_rates=()),
+}
+"""Named configurations; `mode-cotd bench --quick` runs "quick"."""
+
+
+def preset(name: str, **overrides) -> BenchConfig:
+    """A preset with some fields replaced."""
+    return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})

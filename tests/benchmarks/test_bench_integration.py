@@ -1,0 +1,59 @@
+"""A tiny `mode-cotd bench` against a real `mode-cotd serve` (tiny student, tiny bundle): c–f, scaling, hit
+rate and the `vllm bench serve` cross-check, then the report. About 2 minutes on 2 CPU cores."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import plots, report
+from benchmarks.config import BenchConfig
+from benchmarks.prompts import Prompt
+from benchmarks.runner import Runner
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.ray]
+
+SERVE_ARGS = ["--engine-max-model-len", "512", "--engine-enforce-eager", "--engine-kv-cache-memory-bytes",
+              str(64 * 2**20), "--engine-max-num-seqs", "16", "--ray-num-cpus", "2", "--startup-timeout-s", "420"]
+
+
+def test_a_tiny_bench_against_a_real_server(tiny_student, bench_bundle, tmp_path, heavy_lock):
+    config = BenchConfig(
+        scenarios="cdef", output_tokens=5, concurrencies=(3,), requests_per_level=6, warmup_requests=1,
+        expert="alpha", mixture_k=2, mixture_grid=0.05, scaling_in_flight=(1, 3), scaling_concurrency=3,
+        scaling_requests=6, scaling_output_tokens=2, hit_rate_requests=12, hit_rate_concurrency=4,
+        hit_rate_output_tokens=1, simulated_hit_rate_requests=500, poisson_rates=(4.0,), student=str(tiny_student),
+        bundle=str(bench_bundle), serve_args=SERVE_ARGS)
+    prompts = [Prompt("t", f"Q: what is {i} plus {i}?\nA:") for i in range(12)]
+    results = Runner(config, tmp_path, prompts=prompts).run()
+    assert results["errors"] == {}, results["errors"]
+
+    for key, route in (("c", "base"), ("d", "expert"), ("e", "gate"), ("f", "mixture")):
+        level = results["scenarios"][key]["levels"]["3"]
+        assert level["completed"] == 6 and level["failed"] == 0, (key, level)
+        assert level["output_tokens"] == 6 * 5, key  # ignore_eos: exactly 5 tokens each
+        records = [json.loads(line) for line in (tmp_path / "records" / f"{key}-c3.jsonl").read_text().splitlines()]
+        assert {r["served"]["route"] for r in records} == {route}, key
+    f_records = [json.loads(line) for line in (tmp_path / "records" / "f-c3.jsonl").read_text().splitlines()]
+    assert len({json.dumps(r["mixture"], sort_keys=True) for r in f_records}) == 6  # distinct weight vectors
+
+    rows = results["scaling"]["rows"]
+    assert [r["in_flight"] for r in rows] == [1, 3]
+    assert [r["new_composites"] for r in rows] == [1, 3] and all(r["failed"] == 0 for r in rows)
+    assert results["scaling"]["composite_build_ms"]["n"] >= 4 + 6
+    hit = results["scaling"]["hit_rate"]
+    assert hit["cache_hits"] + hit["cache_misses"] == 12 and 0 <= hit["hit_rate"] <= 1
+    assert hit["cache_misses"] == hit["distinct_mixtures"]  # each new mixture built once
+    assert results["scaling"]["simulated_hit_rate"]
+
+    cross = results["cross_check"]
+    assert "error" not in cross["vllm_bench_serve"], cross
+    assert cross["vllm_bench_serve"]["completed"] == 6 and cross["vllm_bench_serve"]["output_tokens"] == 30
+
+    report.add_ratios(results)
+    assert results["ratios"]["gate_vs_expert"] is not None and results["ratios"]["gate_vs_student"] is not None
+    assert results["ratios"]["student_vs_vllm_base"] is None  # a was not run
+    assert len(plots.write_all(results, tmp_path)) == 3
+    report.write(results, tmp_path, "test")
+    print(json.dumps({"phases_s": results["phases_s"], "ratios": results["ratios"]}))
