@@ -11,8 +11,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 def _fsync_dir(path: Path) -> None:
@@ -63,7 +64,9 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = True) -> Iterator[Pa
     """Yield a temporary directory beside ``target``; on success rename it to ``target``.
 
     On any exception the temporary directory is removed and ``target`` is untouched.
-    Every file inside is fsynced before the rename.
+    Every file and folder inside is fsynced before the rename. Replacing an existing
+    ``target`` takes two renames (old aside, new in); a crash between them leaves no
+    ``target`` at all (and a dot-prefixed leftover), never a mix of old and new files.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -71,13 +74,14 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = True) -> Iterator[Pa
     try:
         yield tmp
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the final folder is readable like any other
-        for root, _dirs, files in os.walk(tmp):
+        for root, _dirs, files in os.walk(tmp, topdown=False):  # files, then their folder's entries
             for name in files:
                 fd = os.open(Path(root) / name, os.O_RDONLY)
                 try:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
+            _fsync_dir(Path(root))
         if target.exists():
             if not overwrite:
                 raise FileExistsError(f"{target} already exists")

@@ -12,14 +12,22 @@
   vLLM (`remove_lora`, freeing its slot) and then from disk. Composites in use (leased)
   are never evicted.
 - LoRA ids are stable: derived from the adapter's name (a hash), the same across restarts.
-- Folders left by an earlier run are reused after `load_adapter` validates them, so vLLM
-  never sees a folder it cannot load.
+- Integrity: each composite folder holds `mode_cotd_checksums.json` (sha256 of its files),
+  written after the folder itself. Folders left by an earlier run are reused only when
+  their checksums match and `load_adapter` accepts them; a ready composite whose files
+  changed on disk (size or mtime) is checked again. A bad one is dropped from vLLM and
+  rebuilt, so vLLM never loads a corrupt or half-written folder. A composite that fails
+  to build is reported (500, code "adapter_build_failed") and not cached: the next
+  request tries again.
+- Paths are confined: composites live under the cache dir, experts under `roots` (the
+  bundle); anything else is refused before vLLM sees it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import re
 import shutil
@@ -31,8 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from mode_cotd.adapter import LoraAdapter, load_adapter, save_adapter
-from mode_cotd.errors import ModeCotdError
+from mode_cotd.adapter import LoraAdapter, file_checksums, load_adapter, save_adapter
+from mode_cotd.atomic import write_json_atomic
+from mode_cotd.errors import ConfigError, ModeCotdError
 from mode_cotd.mixing import compose_exact, compress_svd, merge_linear
 from serving.errors import ApiError, InternalError, InvalidMixture
 from serving.protocol import AdapterSpec, LoraTarget
@@ -40,6 +49,12 @@ from serving.protocol import AdapterSpec, LoraTarget
 logger = logging.getLogger(__name__)
 
 _FOLDER = re.compile(r"(exact|linear)-[0-9a-f]{16}-r\d+")
+_LEFTOVER = re.compile(r"\.(exact|linear)-[0-9a-f]{16}-r\d+\..*")
+CHECKSUMS = "mode_cotd_checksums.json"
+"""sha256 of every other file of a composite folder, written last."""
+LEFTOVER_AGE_S = 600.0
+"""Temporary folders of an interrupted write older than this are removed at start (younger ones may be
+another replica's write in progress)."""
 
 
 class LoraSlots(Protocol):
@@ -88,11 +103,17 @@ class AdapterCache:
         max_lora_rank: int,
         max_entries: int = 64,
         slots: LoraSlots | None = None,
+        roots: list[Path] | None = None,
     ):
         if max_entries < 1:
             raise ValueError("max_entries must be >= 1")
         self.experts = {name: Path(path) for name, path in experts.items()}
         self.cache_dir = Path(cache_dir)
+        self.roots = [Path(r).resolve() for r in roots] if roots is not None else None
+        if self.roots is not None:
+            outside = {n: str(p) for n, p in self.experts.items() if not _inside(p, self.roots)}
+            if outside:
+                raise ConfigError(f"expert folders outside the bundle {[str(r) for r in self.roots]}: {outside}")
         self.max_lora_rank = max_lora_rank
         self.max_entries = max_entries
         self.slots = slots
@@ -102,12 +123,16 @@ class AdapterCache:
         self._users: Counter[str] = Counter()
         self._ids: dict[int, str] = {}
         self._expert_adapters: dict[str, LoraAdapter] = {}
+        self._stamps: dict[str, tuple] = {}  # key -> size and mtime of its files when last verified
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._adopt_earlier_folders()
 
     # ------------------------------------------------------------------------ names and ids
 
     def target(self, name: str, path: Path) -> LoraTarget:
+        allowed = [self.cache_dir.resolve(), *(self.roots if self.roots is not None else [Path(path).resolve()])]
+        if not _inside(path, allowed):
+            raise InternalError(f"adapter {name!r}: {path} is outside the bundle and cache folders")
         lora_id = stable_lora_id(name)
         known = self._ids.setdefault(lora_id, name)
         if known != name:
@@ -137,6 +162,10 @@ class AdapterCache:
         key = self.key(spec)
         self._users[key] += 1
         try:
+            if key in self._ready and key not in self._pending and not self._unchanged(key):
+                logger.warning("composite %s changed on disk; checking it again", key)
+                del self._ready[key]
+                self._on_disk.add(key)  # _prepare verifies its checksums and rebuilds it if they fail
             if key in self._ready:
                 self._ready.move_to_end(key)
                 return Lease(self._ready[key], "hit", key)
@@ -180,16 +209,22 @@ class AdapterCache:
                 self._on_disk.discard(key)
                 if await asyncio.to_thread(self._valid, folder):
                     self._ready[key] = self._composite_target(key)
+                    self._stamps[key] = _stamp(folder)
                     return _Built(None, None, 0)
+                if self._users[key] <= 1:  # vLLM may hold the bad copy; never pull one that requests still use
+                    await self._drop_from_engine(self._composite_target(key))
                 await asyncio.to_thread(shutil.rmtree, folder, True)
             started = time.perf_counter()
             try:
                 svd_error = await asyncio.to_thread(self._build, spec, folder)
             except ApiError:
                 raise
-            except (ModeCotdError, OSError, ValueError, RuntimeError) as e:
-                raise InternalError(f"could not build the adapter for mixture {spec.mixture}: {e}") from e
+            except (ModeCotdError, OSError, ValueError, RuntimeError, MemoryError) as e:
+                logger.error("composite %s failed to build: %s", key, e)
+                raise InternalError(f"could not build the adapter for mixture {spec.mixture}: {e}",
+                                    code="adapter_build_failed") from e
             seconds = time.perf_counter() - started
+            self._stamps[key] = await asyncio.to_thread(_stamp, folder)
             self._ready[key] = self._composite_target(key)
             evictions = await self._evict()
             return _Built(seconds, svd_error, evictions)
@@ -217,14 +252,35 @@ class AdapterCache:
         if composite.r > self.max_lora_rank:
             composite, svd_error = compress_svd(composite, self.max_lora_rank)
         save_adapter(composite, folder)
+        write_json_atomic(folder / CHECKSUMS, file_checksums(folder))  # last: a folder without it is invalid
         return svd_error
 
     def _valid(self, folder: Path) -> bool:
+        """Checksums recorded and matching, and an adapter vLLM can load within the max rank."""
         try:
+            recorded = json.loads((folder / CHECKSUMS).read_text(encoding="utf-8"))
+            actual = {f: digest for f, digest in file_checksums(folder).items() if f != CHECKSUMS}
+            if recorded != actual:
+                raise ModeCotdError(f"checksum mismatch (recorded {sorted(recorded)}, found {sorted(actual)})"
+                                    if set(recorded) != set(actual) else "checksum mismatch")
             return load_adapter(folder).r <= self.max_lora_rank
-        except ModeCotdError as e:
+        except (ModeCotdError, OSError, ValueError) as e:
             logger.warning("discarding cached composite %s: %s", folder, e)
             return False
+
+    def _unchanged(self, key: str) -> bool:
+        """True when the composite's files have the size and mtime they had when last verified."""
+        try:
+            return self._stamps.get(key) == _stamp(self.cache_dir / key)
+        except OSError:
+            return False
+
+    async def _drop_from_engine(self, target: LoraTarget) -> None:
+        if self.slots is not None:
+            try:
+                await self.slots.remove_lora(target.lora_id)
+            except Exception:  # the engine may not hold it
+                logger.warning("remove_lora(%s) failed", target.name, exc_info=True)
 
     # ------------------------------------------------------------------------ eviction
 
@@ -238,18 +294,33 @@ class AdapterCache:
                 break  # everything is in use: stay over the limit until requests finish
             target = self._ready.pop(victim, None)
             self._on_disk.discard(victim)
-            if target is not None and self.slots is not None:
-                try:
-                    await self.slots.remove_lora(target.lora_id)
-                except Exception:  # the engine may already have dropped it
-                    logger.warning("remove_lora(%s) failed", target.name, exc_info=True)
+            self._stamps.pop(victim, None)
+            if target is not None:
+                await self._drop_from_engine(target)
             await asyncio.to_thread(shutil.rmtree, self.cache_dir / victim, True)
             evicted += 1
         return evicted
 
     def _adopt_earlier_folders(self) -> None:
-        found = sorted((p for p in self.cache_dir.iterdir() if p.is_dir() and _FOLDER.fullmatch(p.name)),
+        now = time.time()
+        for leftover in self.cache_dir.iterdir():  # temporary folders of writes cut short by a crash
+            if _LEFTOVER.fullmatch(leftover.name) and now - leftover.lstat().st_mtime > LEFTOVER_AGE_S:
+                shutil.rmtree(leftover, ignore_errors=True)
+        found = sorted((p for p in self.cache_dir.iterdir()
+                        if _FOLDER.fullmatch(p.name) and p.is_dir() and not p.is_symlink()),
                        key=lambda p: p.stat().st_mtime)
         for stale in found[: max(0, len(found) - self.max_entries)]:
             shutil.rmtree(stale, ignore_errors=True)
         self._on_disk = {p.name for p in found[max(0, len(found) - self.max_entries):]}
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    """True when `path`, symlinks resolved, is one of `roots` or below one."""
+    resolved = Path(path).resolve()
+    return any(resolved.is_relative_to(root) for root in roots)
+
+
+def _stamp(folder: Path) -> tuple:
+    """(name, size, mtime_ns) of every file of a composite folder: cheap evidence that nothing changed."""
+    return tuple(sorted((f.name, st.st_size, st.st_mtime_ns) for f in folder.iterdir() if f.is_file()
+                        for st in [f.stat()]))

@@ -4,21 +4,29 @@
     POST /v1/chat/completions   chat completion through the student's chat template
     GET  /v1/models             every route (gate, experts, compositions, the bare student)
     GET  /health                200 once the student is loaded, 503 before
-    GET  /metrics               Prometheus text of every mode_cotd_* series
+    GET  /metrics               Prometheus text of every mode_cotd_* series (with the student's live counts)
 
 `create_app` takes a Backend (Ray handles in production, plain classes in tests), so the
 same app runs under Ray Serve's ingress and in a test client.
+
+Middleware, outermost first: request counting, API keys (401, serving.auth; only when
+keys are configured, and before any body is read), body size (413, serving.limits). No endpoint changes server state: the
+only POSTs are the two inference endpoints (tests/serving/test_security.py keeps it so).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from serving.auth import ApiKeyAuth, KeyChecker, load_api_keys
 from serving.errors import install_error_handlers
 from serving.handler import OpenAIHandler
+from serving.limits import BodyLimit
 from serving.metrics import ServingMetrics
 from serving.prompts import PromptRenderer
 from serving.protocol import Backend
@@ -27,6 +35,10 @@ from serving.schemas import ChatCompletionRequest, CompletionRequest, ModelCard,
 from serving.settings import ApiSettings
 
 API_ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models")
+STATS_TIMEOUT_S = 2.0
+"""Longest wait for the student's live counts when /metrics is scraped."""
+
+logger = logging.getLogger(__name__)
 
 
 class RequestCounter:
@@ -64,9 +76,13 @@ def create_app(backend: Backend, routes: RouteTable, prompts: PromptRenderer,
                settings: ApiSettings, metrics: ServingMetrics) -> FastAPI:
     """The OpenAI-compatible app over `backend`."""
     handler = OpenAIHandler(backend, routes, prompts, settings, metrics)
+    keys = KeyChecker(load_api_keys(settings))
     created = int(time.time())
     app = FastAPI(title="mode-cotd", summary="Mixture of LoRA experts over one student, OpenAI-compatible")
-    install_error_handlers(app)
+    install_error_handlers(app, settings.retry_after_s)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # the last added runs first
+    if keys:
+        app.add_middleware(ApiKeyAuth, checker=keys)
     app.add_middleware(RequestCounter, metrics=metrics)
 
     @app.get("/health")
@@ -95,6 +111,10 @@ def create_app(backend: Backend, routes: RouteTable, prompts: PromptRenderer,
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
+        try:
+            metrics.record_student_stats(await asyncio.wait_for(backend.stats(), STATS_TIMEOUT_S))
+        except Exception as e:  # noqa: BLE001 - a student that is down or loading has no live counts
+            logger.debug("no live student counts: %s", e)
         text, content_type = metrics.exposition()
         return Response(text, media_type=content_type)
 

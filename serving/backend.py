@@ -31,3 +31,6 @@ class LocalBackend:
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         return self.student.generate(request)
+
+    async def stats(self) -> dict:
+        return self.student.stats()

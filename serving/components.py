@@ -20,6 +20,7 @@ from mode_cotd.bundle import Bundle, load_bundle
 from mode_cotd.errors import BundleError, ConfigError
 from mode_cotd.student import resolve_student, student_identity
 from serving.adapter_cache import AdapterCache
+from serving.bundle_source import is_uri, local_bundle
 from serving.prompts import PromptRenderer
 from serving.protocol import StudentEngine
 from serving.router import GateRouter
@@ -32,8 +33,8 @@ DEFAULT_TOP_K = 2
 
 
 def resolve_settings(settings: ServeSettings) -> ServeSettings:
-    """A copy with absolute paths and the context length capped by the student's; checks the bundle fits."""
-    bundle = Path(settings.bundle).expanduser().resolve()
+    """A copy with absolute paths (a bundle URI stays a URI) and the context length capped; checks the bundle fits."""
+    bundle = local_bundle(settings.bundle)  # a URI is fetched here, and again (from the cache) by each replica
     if not (bundle / "manifest.json").is_file():
         raise BundleError(
             f"no bundle at {bundle} (manifest.json missing). Build one with the training commands "
@@ -43,14 +44,15 @@ def resolve_settings(settings: ServeSettings) -> ServeSettings:
     config = json.loads((student / "config.json").read_text(encoding="utf-8"))
     limit = config.get("max_position_embeddings") or settings.engine.max_model_len
     engine = dataclasses.replace(settings.engine, max_model_len=min(settings.engine.max_model_len, int(limit)))
-    resolved = dataclasses.replace(settings, bundle=str(bundle), student=str(student), engine=engine)
+    source = settings.bundle if is_uri(settings.bundle) else str(bundle)
+    resolved = dataclasses.replace(settings, bundle=source, student=str(student), engine=engine)
     load_serving_bundle(resolved)
     return resolved
 
 
 def load_serving_bundle(settings: ServeSettings) -> Bundle:
     """The bundle, validated against the student (strict: any fault is a BundleError naming the file)."""
-    return load_bundle(settings.bundle, student=settings.student, strict=True)
+    return load_bundle(local_bundle(settings.bundle), student=settings.student, strict=True)
 
 
 def student_name(settings: ServeSettings) -> str:
@@ -104,5 +106,8 @@ def student_service(
         max_lora_rank=rank,
         max_entries=settings.cache.max_entries,
         slots=engine,
+        roots=[bundle.root],
     )
-    return StudentService(engine, cache, replica)
+    queued = settings.engine.max_queued_requests
+    max_open = None if queued is None else settings.engine.max_num_seqs + queued
+    return StudentService(engine, cache, replica, max_open=max_open)

@@ -5,7 +5,9 @@
     StudentDeployment   StudentService: adapter cache + vLLM engine, streaming generation
 
 The student starts its engine in the background, so the app comes up at once and
-/health says 503 until the student is loaded.
+/health says 503 until the student is loaded. A student replica that dies (kill -9, out of
+memory) is restarted by Serve; requests it held get 503 + Retry-After, the ones after it
+503 (model_loading) until its engine is up again.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from ray import serve
-from ray.exceptions import RayTaskError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.exceptions import NodeDiedError, RayActorError, RayTaskError, WorkerCrashedError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from serving import components
@@ -33,9 +35,15 @@ def as_api_error(exc: BaseException) -> ApiError:
         return exc.cause
     if isinstance(exc, ApiError):
         return exc
-    if isinstance(exc, (BackPressureError, DeploymentUnavailableError)):
-        return ServiceUnavailable(f"the server is overloaded ({type(exc).__name__}); retry shortly")
-    return InternalError(f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, BackPressureError):
+        return ServiceUnavailable(f"the server is overloaded ({exc.message}); retry shortly")
+    if isinstance(exc, (RayActorError, ReplicaUnavailableError, WorkerCrashedError, NodeDiedError)):
+        return ServiceUnavailable(f"a replica failed ({type(exc).__name__}) and is being restarted; retry shortly",
+                                  code="replica_unavailable")
+    if isinstance(exc, DeploymentUnavailableError):
+        return ServiceUnavailable(f"a deployment is unavailable ({type(exc).__name__}); retry shortly",
+                                  code="unavailable")
+    return InternalError(f"{type(exc).__name__}: {str(exc)[:500]}")
 
 
 class RayBackend:
@@ -47,6 +55,9 @@ class RayBackend:
 
     async def ready(self) -> bool:
         return await self.student.is_ready.remote()
+
+    async def stats(self) -> dict:
+        return await self.student.stats.remote()
 
     async def route(self, text: str) -> GateDecision:
         if self.router is None:
@@ -82,6 +93,9 @@ class StudentDeployment:
 
     async def is_ready(self) -> bool:
         return self.service.ready
+
+    async def stats(self) -> dict:
+        return self.service.stats()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         events = self.service.generate(request)

@@ -52,6 +52,7 @@ def engine_args(student: Path, settings: EngineSettings, max_lora_rank: int, max
         "enforce_eager": settings.enforce_eager,
         "seed": settings.seed,
         "disable_log_stats": True,
+        "load_format": "safetensors",  # the student's weights are never unpickled (no .bin / .pt fallback)
     }
     if settings.kv_cache_memory_bytes is not None:
         kwargs["kv_cache_memory_bytes"] = settings.kv_cache_memory_bytes
@@ -74,6 +75,7 @@ def sampling_params(sampling: SamplingSettings):
         logprobs=sampling.logprobs,
         presence_penalty=sampling.presence_penalty,
         frequency_penalty=sampling.frequency_penalty,
+        ignore_eos=sampling.ignore_eos,
         output_kind=RequestOutputKind.DELTA,
     )
 
@@ -101,6 +103,9 @@ class VllmEngine:
 
     async def start(self) -> None:
         """Create the engine (in a thread, so the caller's event loop keeps answering health checks)."""
+        from serving.fast_lora import plugin as fast_lora
+
+        fast_lora.select(self.settings.fast_lora)  # before vLLM builds its config and spawns its processes
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = engine_args(self.student, self.settings, self.max_lora_rank, self.max_model_len)

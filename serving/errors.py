@@ -38,6 +38,14 @@ class ApiError(Exception):
         return (type(self), (self.message, self.param, self.code))
 
 
+class Unauthorized(ApiError):
+    """401: API keys are configured and the request has no valid `Authorization: Bearer <key>`."""
+
+    status = 401
+    type = "invalid_request_error"
+    default_code = "invalid_api_key"
+
+
 class InvalidRequest(ApiError):
     """400: a parameter is missing, malformed or out of range."""
 
@@ -65,6 +73,14 @@ class ModelNotFound(ApiError):
     default_code = "model_not_found"
 
 
+class PayloadTooLarge(ApiError):
+    """413: the request body is over api.max_body_bytes."""
+
+    status = 413
+    type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
 class TooManyRequests(ApiError):
     """429: this ingress replica has too many requests in flight."""
 
@@ -88,8 +104,18 @@ class InternalError(ApiError):
     type = "server_error"
 
 
-def error_response(error: ApiError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
+RETRY_STATUSES = (429, 503)
+"""Statuses that tell the client to come back later; they always carry `Retry-After`."""
+
+
+def error_response(error: ApiError, retry_after_s: int = 1) -> JSONResponse:
+    """The error's JSON with its status; 429 and 503 also get `Retry-After`, 401 `WWW-Authenticate`."""
+    headers = {}
+    if error.status in RETRY_STATUSES:
+        headers["Retry-After"] = str(max(0, int(retry_after_s)))
+    if error.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -103,12 +129,12 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return "; ".join(parts) or "Invalid request", param
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, retry_after_s: int = 1) -> None:
     """Answer ApiError, request validation, unknown paths and unexpected errors in OpenAI's shape."""
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc)
+        return error_response(exc, retry_after_s)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -120,9 +146,9 @@ def install_error_handlers(app: FastAPI) -> None:
         kind = InvalidRequest if exc.status_code < 500 else InternalError
         error = kind(str(exc.detail))
         error.status = exc.status_code
-        return error_response(error)
+        return error_response(error, retry_after_s)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         logger.exception("unexpected error while serving a request")
-        return error_response(InternalError(f"internal error: {type(exc).__name__}: {exc}"))
+        return error_response(InternalError(f"internal error: {type(exc).__name__}"))

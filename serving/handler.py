@@ -1,31 +1,39 @@
 """One OpenAI request, end to end: route -> prompt -> gate -> adapter + generation -> response.
 
     resolve the route (model, mixture)          404 / 400
-    tokenise (completion or chat template)      400: empty, over the context length
-    admit (in-flight limit)                     429
-    gate decides the mixture (route "gate")     batched in the router deployment
-    student: adapter leased, generation starts  first event says how the adapter was got
+    admit (in-flight limit)                     429 + Retry-After, before any work
+    tokenise (completion or chat template)      400: empty, over the context or a configured limit
+    gate decides the mixture (route "gate")     batched in the router; on failure or timeout the
+                                                fallback route serves (api.gate_fallback) + a metric
+    student: adapter leased, generation starts  first event says how the adapter was got; 503 when full
     whole JSON response, or SSE chunks ending with `data: [DONE]`
 
-Errors before the first token keep their HTTP status; an error in the middle of a stream
-is sent as an OpenAI error event. Every response and chunk carries `mode_cotd`.
+Errors before the first token keep their HTTP status (a stream's headers go out with its
+first token); an error in the middle of a stream is sent as an OpenAI error event. Every
+response and chunk carries `mode_cotd`. A client that goes away stops its generation:
+until the response starts the handler watches for the disconnect itself, afterwards
+sse-starlette does; either way the generator is closed, which aborts the request in vLLM.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 
-from serving.errors import ApiError, InternalError, InvalidRequest, TooManyRequests
+from mode_cotd.errors import ConfigError
+from mode_cotd.gate import MixtureKey
+from serving.errors import ApiError, InternalError, InvalidRequest, ServiceUnavailable, TooManyRequests
 from serving.metrics import ServingMetrics
 from serving.prompts import PromptRenderer, RenderedPrompt
 from serving.protocol import (
@@ -43,6 +51,17 @@ from serving.schemas import ChatCompletionRequest, CompletionRequest, SamplingFi
 from serving.settings import ApiSettings
 
 logger = logging.getLogger(__name__)
+request_log = logging.getLogger("mode_cotd.requests")
+"""One line per finished request: id, route, status, token counts, seconds (prompt text only with api.log_prompts)."""
+
+CLIENT_CLOSED_REQUEST = 499
+"""Status recorded for a request whose client went away (nginx's convention; nobody receives it)."""
+
+T = TypeVar("T")
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its response was ready."""
 
 
 class _Ticket:
@@ -74,6 +93,15 @@ class _Timing:
         return None if self.first_token is None else self.first_token - self.arrival
 
 
+async def _disconnect(http: Request) -> None:
+    """Returns when the client has gone away (the ASGI server's `http.disconnect`)."""
+    while True:
+        message = await http.receive()
+        if message["type"] == "http.disconnect":
+            return
+        await asyncio.sleep(0.05)  # a server that repeats other messages must not make this spin
+
+
 class OpenAIHandler:
     """The request pipeline behind /v1/completions and /v1/chat/completions."""
 
@@ -85,6 +113,15 @@ class OpenAIHandler:
         self.settings = settings
         self.metrics = metrics
         self.inflight = 0
+        self.fallback = self._fallback_adapter(settings.gate_fallback)
+
+    def _fallback_adapter(self, fallback: str | None) -> AdapterSpec | None:
+        if fallback is None or fallback == "student":
+            return None
+        if fallback not in self.routes.experts:
+            raise ConfigError(f"api.gate_fallback {fallback!r} is neither 'student' nor an expert of the bundle "
+                              f"({', '.join(sorted(self.routes.experts))})")
+        return AdapterSpec(MixtureKey((fallback,), (1.0,)))
 
     # ------------------------------------------------------------------------ endpoints
 
@@ -94,17 +131,27 @@ class OpenAIHandler:
             prompt = body.single_prompt()
         except ValueError as e:
             raise InvalidRequest(str(e), param="prompt") from e
-        rendered = await asyncio.to_thread(self.prompts.completion, prompt)
-        sampling = self._sampling(body, route, rendered, body.max_tokens, body.logprobs, "logprobs")
-        return await self._serve("completion", body, route, rendered, sampling)
+        ticket = self._admit()  # before any work, so a full server refuses at once
+        try:
+            rendered = await asyncio.to_thread(self.prompts.completion, prompt)
+            sampling = self._sampling(body, route, rendered, body.max_tokens, body.logprobs, "logprobs")
+        except BaseException:
+            ticket.release()
+            raise
+        return await self._serve(http, ticket, "completion", body, route, rendered, sampling)
 
     async def chat(self, http: Request, body: ChatCompletionRequest) -> Response:
         route = self._route(http, body)
         messages = [m.as_template_dict() for m in body.messages]
-        rendered = await asyncio.to_thread(self.prompts.chat, messages)
         top = (body.top_logprobs or 0) if body.logprobs else None
-        sampling = self._sampling(body, route, rendered, body.requested_max_tokens(), top, "top_logprobs")
-        return await self._serve("chat", body, route, rendered, sampling)
+        ticket = self._admit()
+        try:
+            rendered = await asyncio.to_thread(self.prompts.chat, messages)
+            sampling = self._sampling(body, route, rendered, body.requested_max_tokens(), top, "top_logprobs")
+        except BaseException:
+            ticket.release()
+            raise
+        return await self._serve(http, ticket, "chat", body, route, rendered, sampling)
 
     # ------------------------------------------------------------------------ steps
 
@@ -115,17 +162,29 @@ class OpenAIHandler:
 
     def _sampling(self, body: SamplingFields, route: Route, rendered: RenderedPrompt, max_tokens: int | None,
                   logprobs: int | None, logprobs_param: str) -> SamplingSettings:
-        if body.n > self.settings.max_n:
-            raise InvalidRequest(f"n must be <= {self.settings.max_n}, got {body.n}", param="n")
-        if logprobs is not None and logprobs > self.settings.max_logprobs:
-            raise InvalidRequest(f"{logprobs_param} must be <= {self.settings.max_logprobs}", param=logprobs_param)
-        tokens = self.prompts.max_tokens(len(rendered.token_ids), max_tokens, self.settings.default_max_tokens)
-        marker = self.settings.adapter_end_marker
+        limits = self.settings
+        if body.n > limits.max_n:
+            raise InvalidRequest(f"n must be <= {limits.max_n}, got {body.n}", param="n")
+        if logprobs is not None and logprobs > limits.max_logprobs:
+            raise InvalidRequest(f"{logprobs_param} must be <= {limits.max_logprobs}", param=logprobs_param)
+        if len(body.stop_list()) > limits.max_stop_strings:
+            raise InvalidRequest(f"stop takes at most {limits.max_stop_strings} strings", param="stop")
+        if limits.max_prompt_tokens is not None and len(rendered.token_ids) > limits.max_prompt_tokens:
+            raise InvalidRequest(f"the prompt has {len(rendered.token_ids)} tokens; this server accepts at most "
+                                 f"{limits.max_prompt_tokens}", param="prompt", code="prompt_too_long")
+        default = limits.default_max_tokens
+        if limits.max_output_tokens is not None:
+            if max_tokens is not None and max_tokens > limits.max_output_tokens:
+                raise InvalidRequest(f"max_tokens must be <= {limits.max_output_tokens}, got {max_tokens}",
+                                     param="max_tokens")
+            default = min(default, limits.max_output_tokens)
+        tokens = self.prompts.max_tokens(len(rendered.token_ids), max_tokens, default)
+        marker = limits.adapter_end_marker
         return SamplingSettings(
             max_tokens=tokens, temperature=body.temperature, top_p=body.top_p, n=body.n, stop=body.stop_list(),
-            end_markers=(marker,) if marker and route.kind != "base" else (),
+            end_markers=(marker,) if marker and route.kind != "base" and not body.ignore_eos else (),
             seed=body.seed, logprobs=logprobs, presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty,
+            frequency_penalty=body.frequency_penalty, ignore_eos=body.ignore_eos,
         )
 
     def _admit(self) -> _Ticket:
@@ -137,67 +196,147 @@ class OpenAIHandler:
         self.metrics.queue_depth.labels("ingress").set(self.inflight)
         return _Ticket(self)
 
-    async def _adapter(self, route: Route, rendered: RenderedPrompt) -> AdapterSpec | None:
+    async def _adapter(self, route: Route, rendered: RenderedPrompt) -> tuple[AdapterSpec | None, str | None]:
+        """The adapter of the route, and the fallback reason ("timeout", "error") when the gate did not decide."""
         if route.kind != "gate":
-            return route.adapter
-        decision = await self.backend.route(rendered.gate_text)
-        self.metrics.record_gate(decision)
-        return AdapterSpec(decision.mixture)
+            return route.adapter, None
+        try:
+            decision = await asyncio.wait_for(self.backend.route(rendered.gate_text), self.settings.gate_timeout_s)
+        except TimeoutError:
+            reason = "timeout"
+        except ApiError as e:
+            if e.status == 503 and e.code == "overloaded":  # the router's queue is full: the system is, too
+                raise
+            reason = "error"
+            logger.warning("the gate failed (%s: %s)", type(e).__name__, e.message)
+        except Exception as e:  # noqa: BLE001 - any gate failure takes the fallback route
+            reason = "error"
+            logger.warning("the gate failed (%s: %s)", type(e).__name__, e)
+        else:
+            self.metrics.record_gate(decision)
+            return AdapterSpec(decision.mixture), None
+        if self.settings.gate_fallback is None:
+            raise ServiceUnavailable(f"the gate did not decide ({reason}) and no fallback is configured",
+                                     code="gate_unavailable")
+        self.metrics.gate_fallbacks.labels(reason).inc()
+        return self.fallback, reason
 
-    async def _serve(self, kind: str, body: SamplingFields, route: Route, rendered: RenderedPrompt,
-                     sampling: SamplingSettings) -> Response:
-        ticket = self._admit()
+    async def _unless_disconnected(self, http: Request, work: Awaitable[T]) -> T:
+        """`work`'s result; if the client goes away first, cancel it and raise ClientDisconnected."""
+        task = asyncio.ensure_future(work)
+        watch = asyncio.ensure_future(_disconnect(http))
+        try:
+            done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        if task in done:
+            return task.result()
+        raise ClientDisconnected
+
+    async def _serve(self, http: Request, ticket: _Ticket, kind: str, body: SamplingFields, route: Route,
+                     rendered: RenderedPrompt, sampling: SamplingSettings) -> Response:
+        """Gate, generation and the response of an admitted request; `ticket` is released when it ends."""
         timing = _Timing()
+        request_id = f"{'cmpl' if kind == 'completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
         events: AsyncIterator[GenerationEvent] | None = None
         streaming = False
+        status = 500
         try:
-            adapter = await self._adapter(route, rendered)
-            request_id = f"{'cmpl' if kind == 'completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
-            events = aiter(self.backend.generate(GenerationRequest(request_id, rendered.token_ids, sampling, adapter)))
-            started = await anext(events)
+            adapter, fallback = await self._unless_disconnected(http, self._adapter(route, rendered))
+            generation = GenerationRequest(request_id, rendered.token_ids, sampling, adapter)
+            events = aiter(self.backend.generate(generation))
+            started = await self._unless_disconnected(http, anext(events))
             if not isinstance(started, GenerationStarted):
                 raise InternalError("the student's stream did not start with GenerationStarted")
             self.metrics.record_adapter(started.adapter, started.engine_queue_depth)
             served_by = ServedBy(route=route.kind, name=route.name, adapter=started.adapter.lora_name,
-                                 experts={} if adapter is None else adapter.mixture.as_dict())
+                                 experts={} if adapter is None else adapter.mixture.as_dict(), fallback=fallback)
             builder = ResponseBuilder(kind, request_id, body.model, served_by, sampling.n)
             if body.stream:
+                # The first delta before the headers: a failure at the start is an HTTP error, not an event.
+                first = await self._unless_disconnected(http, anext(events, None))
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
-                stream = self._sse(events, builder, route, rendered, timing, include_usage, ticket)
+                stream = self._sse(first, events, builder, route, rendered, timing, include_usage, ticket, request_id)
                 streaming = True
-                return EventSourceResponse(stream, background=BackgroundTask(ticket.release))
-            async for delta in events:
-                timing.seen(delta)
-                builder.add(delta)
+                status = 200
+                # "\n" line ends, as OpenAI and vLLM send: clients that split events on "\n\n" only
+                # (`vllm bench serve`) lose events that arrive together with sse-starlette's default "\r\n".
+                return EventSourceResponse(stream, sep="\n", background=BackgroundTask(ticket.release))
+
+            async def collect() -> None:
+                async for delta in events:
+                    timing.seen(delta)
+                    builder.add(delta)
+
+            await self._unless_disconnected(http, collect())
             self._record(route, rendered, builder, timing)
+            status = 200
+            self._log(request_id, route, rendered, status, builder.completion_tokens, timing)
             return JSONResponse(builder.final(len(rendered.token_ids)).model_dump(mode="json"))
+        except ClientDisconnected:
+            status = CLIENT_CLOSED_REQUEST
+            self.metrics.client_disconnects.labels("true" if body.stream else "false").inc()
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        except ApiError as e:
+            status = e.status
+            if e.code == "adapter_build_failed":
+                self.metrics.composite_build_failures.inc()
+            raise
         finally:
             if not streaming:
                 ticket.release()
                 if events is not None:
-                    await events.aclose()
+                    await events.aclose()  # closing the stream aborts the request in vLLM
+                if status != 200:
+                    self._log(request_id, route, rendered, status, 0, timing)
 
-    async def _sse(self, events: AsyncIterator[GenerationEvent], builder: ResponseBuilder, route: Route,
-                   rendered: RenderedPrompt, timing: _Timing, include_usage: bool,
-                   ticket: _Ticket) -> AsyncIterator[dict]:
+    async def _sse(self, first: GenerationEvent | None, events: AsyncIterator[GenerationEvent],
+                   builder: ResponseBuilder, route: Route, rendered: RenderedPrompt, timing: _Timing,
+                   include_usage: bool, ticket: _Ticket, request_id: str) -> AsyncIterator[dict]:
+        status = CLIENT_CLOSED_REQUEST  # unless the stream reaches its end or reports an error
         try:
-            async for delta in events:
-                timing.seen(delta)
-                yield {"data": builder.chunk(delta).model_dump_json()}
-                builder.add(delta)
+            if first is not None:
+                timing.seen(first)
+                yield {"data": builder.chunk(first).model_dump_json()}
+                builder.add(first)
+                async for delta in events:
+                    timing.seen(delta)
+                    yield {"data": builder.chunk(delta).model_dump_json()}
+                    builder.add(delta)
             if include_usage:
                 yield {"data": builder.usage_chunk(len(rendered.token_ids)).model_dump_json()}
             self._record(route, rendered, builder, timing)
+            status = 200
         except ApiError as e:
+            status = e.status
             yield {"data": json.dumps(e.body())}
         except Exception as e:  # the stream has begun: report in-band, keep serving
+            status = 500
             logger.exception("stream failed")
-            yield {"data": json.dumps(InternalError(f"stream failed: {type(e).__name__}: {e}").body())}
+            yield {"data": json.dumps(InternalError(f"stream failed: {type(e).__name__}").body())}
         finally:
             ticket.release()
-            await events.aclose()
+            await events.aclose()  # also when sse-starlette closes us because the client went away
+            if status == CLIENT_CLOSED_REQUEST:
+                self.metrics.client_disconnects.labels("true").inc()
+            self._log(request_id, route, rendered, status, builder.completion_tokens, timing)
         yield {"data": "[DONE]"}
 
     def _record(self, route: Route, rendered: RenderedPrompt, builder: ResponseBuilder, timing: _Timing) -> None:
         self.metrics.record_success(route.kind, len(rendered.token_ids), builder.completion_tokens,
                                     time.perf_counter() - timing.arrival, timing.ttft())
+
+    def _log(self, request_id: str, route: Route, rendered: RenderedPrompt, status: int, output_tokens: int,
+             timing: _Timing) -> None:
+        if not request_log.isEnabledFor(logging.INFO):
+            return
+        line = (f"{request_id} model={route.model!r} route={route.kind} status={status} "
+                f"prompt_tokens={len(rendered.token_ids)} output_tokens={output_tokens} "
+                f"seconds={time.perf_counter() - timing.arrival:.3f}")
+        if self.settings.log_prompts:
+            line += f" prompt={rendered.gate_text!r}"
+        request_log.info(line)

@@ -79,6 +79,23 @@ class ServingMetrics:
         self.lora_slots = Gauge(
             "mode_cotd_lora_slots_in_use_adapters", "Adapters loaded in vLLM, per student replica",
             ["replica"], registry=r)
+        self.composite_build_failures = Counter(
+            "mode_cotd_composite_build_failures", "Composite adapters that failed to build (reported, not cached)",
+            registry=r)
+        self.gate_fallbacks = Counter(
+            "mode_cotd_gate_fallbacks", "Gate requests served by the fallback route, by reason (timeout, error)",
+            ["reason"], registry=r)
+        self.client_disconnects = Counter(
+            "mode_cotd_client_disconnects", "Requests whose client went away before the end; generation aborted",
+            ["stream"], registry=r)
+        self.engine_unfinished = Gauge(
+            "mode_cotd_engine_unfinished_requests",
+            "Requests in vLLM (waiting or running) per student replica, read when /metrics is scraped",
+            ["replica"], registry=r)
+        self.student_open = Gauge(
+            "mode_cotd_student_open_requests",
+            "Requests a student replica holds (building an adapter, waiting or running), read at scrape time",
+            ["replica"], registry=r)
 
     def record_gate(self, decision: GateDecision) -> None:
         """One gate decision; batch size and latency once per batch."""
@@ -114,6 +131,12 @@ class ServingMetrics:
             self.ttft.labels(route).observe(ttft_seconds)
             if output_tokens > 1:
                 self.tpot.labels(route).observe((e2e_seconds - ttft_seconds) / (output_tokens - 1))
+
+    def record_student_stats(self, stats: dict) -> None:
+        """A student replica's live counts (StudentService.stats), refreshed when /metrics is scraped."""
+        replica = str(stats.get("replica") or "0")
+        self.engine_unfinished.labels(replica).set(stats.get("engine_unfinished", 0))
+        self.student_open.labels(replica).set(stats.get("open", 0))
 
     def exposition(self) -> tuple[bytes, str]:
         """The Prometheus text of every series, and its content type."""

@@ -54,6 +54,8 @@ class SamplingSettings:
     """OpenAI presence penalty."""
     frequency_penalty: float = 0.0
     """OpenAI frequency penalty."""
+    ignore_eos: bool = False
+    """Keep generating past eos (vLLM's `ignore_eos`): exactly max_tokens tokens unless `stop` matches."""
 
 
 @dataclass(frozen=True)
@@ -174,3 +176,5 @@ class Backend(Protocol):
     async def route(self, text: str) -> GateDecision: ...
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]: ...
+
+    async def stats(self) -> dict: ...

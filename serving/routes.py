@@ -25,6 +25,9 @@ from serving.errors import InvalidMixture, InvalidRequest, ModelNotFound
 from serving.protocol import AdapterSpec
 
 ROUTE_KINDS = ("gate", "expert", "composition", "base", "mixture")
+MAX_MIXTURE_WEIGHT = 16.0
+"""Largest |weight| in an explicit mixture (the paper's few-shot search keeps weights in [-3, 3]); beyond it a
+composite is numerically meaningless and grid rounding would overflow."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,9 @@ class RouteTable:
             for name, weight in mixture.items():
                 if isinstance(weight, (int, float)) and not isinstance(weight, bool) and not math.isfinite(weight):
                     raise InvalidMixture(f"mixture weight for {name!r} must be finite, got {weight}", param="mixture")
+                if isinstance(weight, (int, float)) and abs(weight) > MAX_MIXTURE_WEIGHT:
+                    raise InvalidMixture(f"mixture weight for {name!r} must be within [-{MAX_MIXTURE_WEIGHT:g}, "
+                                         f"{MAX_MIXTURE_WEIGHT:g}], got {weight}", param="mixture")
         try:
             return MixtureKey.from_dict(mixture, self.grid, known_experts=self.experts, normalise=False)
         except ConfigError as e:

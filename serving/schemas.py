@@ -11,7 +11,11 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+
+INT64 = (-(2**63), 2**63 - 1)
+MAX_STOP_STRINGS = 64
+"""Hard ceiling on `stop` strings; the configured limit (api.max_stop_strings, default 4) is checked per request."""
 
 # ---------------------------------------------------------------------------- requests
 
@@ -32,12 +36,14 @@ class SamplingFields(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=128)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64[0], le=INT64[1])
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: str | None = None
+    ignore_eos: bool = False
+    """vLLM's extension: generate max_tokens whatever the tokens (no eos, no end marker); benchmarks use it."""
     mixture: dict[str, Any] | None = None
     """mode-cotd: an explicit {expert: weight} mixture, overriding the gate (model must be the gate's)."""
 
@@ -45,12 +51,34 @@ class SamplingFields(BaseModel):
     @classmethod
     def _stop(cls, value: str | list[str] | None) -> str | list[str] | None:
         stops = [value] if isinstance(value, str) else value or []
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes up to 4 non-empty strings")
+        if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
+            raise ValueError(f"stop takes up to {MAX_STOP_STRINGS} non-empty strings")
         return value
+
+    @model_validator(mode="after")
+    def _valid_unicode(self) -> SamplingFields:
+        # JSON may carry lone surrogates ("\ud800"): valid JSON, not text; tokenizers and UTF-8 output choke on them.
+        _check_unicode(self.model_dump(mode="python"), "")
+        return self
 
     def stop_list(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+
+def _check_unicode(value: Any, where: str) -> None:
+    """ValueError naming the first string (or key) that is not valid Unicode text."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{where or 'body'}: string is not valid Unicode (lone surrogate)") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(key, where)
+            _check_unicode(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_unicode(item, f"{where}[{i}]")
 
 
 class CompletionRequest(SamplingFields):
@@ -131,6 +159,15 @@ class ServedBy(BaseModel):
     """Expert -> weight of the adapter that served it ({} for the bare student)."""
     adapter: str | None = None
     """vLLM's name of the adapter (an expert folder or a composite), None for the bare student."""
+    fallback: str | None = None
+    """Set when the gate failed ("error") or timed out ("timeout") and the fallback route served; omitted otherwise."""
+
+    @model_serializer(mode="wrap")
+    def _omit_no_fallback(self, handler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("fallback") is None:
+            data.pop("fallback", None)
+        return data
 
 
 class Usage(BaseModel):

@@ -46,17 +46,26 @@ class DeploymentSettings:
     """CPUs Ray reserves per replica."""
     num_gpus: float = 0.0
     """GPUs Ray reserves per replica (the student wants 1 on a GPU machine)."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources per replica (e.g. {"student_node": 1}): only nodes that offer them host it."""
+    max_surge_percent: int = 0
+    """Extra replicas (% of the target) started before old ones stop when new code or args roll out (0: stop first)."""
     max_ongoing_requests: int = 256
     """Requests one replica handles at once; more wait in Serve's queue."""
-    max_queued_requests: int = -1
+    max_queued_requests: int = 256
     """Requests waiting for a replica before callers get 503 (-1: no limit)."""
+    retry_after_s: float = 1.0
+    """`Retry-After` (seconds, rounded up) on Serve's 503 when the queue is full."""
 
     def serve_options(self) -> dict[str, Any]:
         """Keyword arguments for `Deployment.options(...)`."""
         options: dict[str, Any] = {
-            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
+                                  **({"resources": dict(self.resources)} if self.resources else {})},
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
+            "max_surge_percent": self.max_surge_percent,
+            "backpressure_config": {"status_code": 503, "retry_after_s": self.retry_after_s},
         }
         if self.autoscaling is None:
             options["num_replicas"] = self.num_replicas
@@ -81,12 +90,17 @@ class EngineSettings:
     """Largest adapter rank vLLM serves; None sizes it for k·r from the bundle. Rounded up to a rank vLLM supports."""
     max_num_seqs: int = 64
     """Sequences in one continuous batch."""
+    max_queued_requests: int | None = 128
+    """Requests a student replica holds beyond the running batch (max_num_seqs) - building adapters or
+    waiting in vLLM - before it answers 503 (None: no limit)."""
     gpu_memory_utilization: float = 0.3
     """Fraction of accelerator memory (host memory on vLLM's CPU backend) vLLM may take."""
     kv_cache_memory_bytes: int | None = None
     """Explicit KV cache size in bytes (overrides gpu_memory_utilization for the cache)."""
     enforce_eager: bool = False
     """Skip graph capture/compilation: faster start, slower steps."""
+    fast_lora: bool = True
+    """mode-cotd's grouped LoRA ops on vLLM's CPU backend (serving/fast_lora); off: vLLM's own LoRA ops."""
     seed: int = 0
     """Engine seed (per-request `seed` still applies)."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -132,6 +146,26 @@ class ApiSettings:
     adapter_end_marker: str | None = " END"
     """End of the experts' output format (`<rationale> --> <answer> END`): a choice served with an adapter
     stops after it, and keeps it in its text, as in evaluation. None: adapters stop only at eos or `stop`."""
+    max_body_bytes: int = 1_048_576
+    """Largest request body accepted; bigger ones get 413."""
+    max_prompt_tokens: int | None = None
+    """Most prompt tokens accepted (None: whatever fits the context with at least one output token)."""
+    max_output_tokens: int | None = None
+    """Largest `max_tokens` / `max_completion_tokens` accepted (None: whatever fits the context)."""
+    max_stop_strings: int = 4
+    """Most `stop` strings per request."""
+    retry_after_s: int = 1
+    """`Retry-After` (seconds) sent with every 429 and 503."""
+    gate_timeout_s: float = 5.0
+    """Longest wait for the gate's decision before the request takes `gate_fallback`."""
+    gate_fallback: str | None = "student"
+    """Route when the gate fails or times out: "student" (no adapter), an expert's name, or None (answer 503)."""
+    api_keys_file: str | None = None
+    """File with the accepted API keys, one per line (`Authorization: Bearer <key>`); None: see api_keys_env."""
+    api_keys_env: str = "MODE_COTD_API_KEYS"
+    """Environment variable with accepted API keys (comma-separated). No keys from either source: no auth."""
+    log_prompts: bool = False
+    """Put prompt text in the request log (off: ids, route, status, token counts and times only)."""
 
 
 @dataclass
@@ -139,7 +173,7 @@ class ServeSettings:
     """Everything `mode-cotd serve` and `serve run serving.app:build_app` configure."""
 
     bundle: str = "bundles/default"
-    """Bundle folder (manifest.json, experts/, gate/)."""
+    """Bundle folder (manifest.json, experts/, gate/), or a URI (s3://, gs://, file://) fetched to the cache."""
     student: str | None = None
     """Student name or HF folder (None: the default student, SmolLM2-135M-Instruct)."""
     host: str = "127.0.0.1"

@@ -4,6 +4,10 @@
 `GenerationStarted` (how the adapter was obtained, for the ingress's metrics) and goes
 on with the engine's `GenerationDelta`s; the adapter stays leased (never evicted) until
 the stream ends or is cancelled. The student deployment only wraps this class.
+
+Admission is bounded: a replica holds at most `max_open` requests (building adapters,
+waiting or running in vLLM); one more is refused with 503 before any work, so vLLM's
+waiting queue never grows past `max_open - max_num_seqs`.
 """
 
 from __future__ import annotations
@@ -40,10 +44,12 @@ def composite_dir(bundle: Bundle, cache_dir: str | None) -> Path:
 class StudentService:
     """Serves generation requests with the right adapter over one engine."""
 
-    def __init__(self, engine: StudentEngine, cache: AdapterCache, replica: str = "0"):
+    def __init__(self, engine: StudentEngine, cache: AdapterCache, replica: str = "0", max_open: int | None = None):
         self.engine = engine
         self.cache = cache
         self.replica = replica
+        self.max_open = max_open
+        self.open = 0
 
     @property
     def ready(self) -> bool:
@@ -56,8 +62,12 @@ class StudentService:
         """GenerationStarted, then the engine's deltas; raises ApiError subclasses."""
         if not self.engine.ready:
             raise ServiceUnavailable("the student is still loading; retry shortly", code="model_loading")
-        lease = None if request.adapter is None else await self.cache.acquire(request.adapter)
+        if self.max_open is not None and self.open >= self.max_open:
+            raise ServiceUnavailable(f"the student holds {self.open} requests (limit {self.max_open}); retry shortly")
+        self.open += 1
+        lease = None
         try:
+            lease = None if request.adapter is None else await self.cache.acquire(request.adapter)
             target = None if lease is None else lease.target
             slots = await self.engine.lora_slots_in_use()
             yield GenerationStarted(self._report(lease, slots), self.engine.queue_depth())
@@ -66,8 +76,13 @@ class StudentService:
                 async for delta in deltas:
                     yield delta
         finally:
+            self.open -= 1
             if lease is not None:
                 self.cache.release(lease)
+
+    def stats(self) -> dict:
+        """Live counts for /metrics: requests held here, and unfinished in vLLM."""
+        return {"replica": self.replica, "open": self.open, "engine_unfinished": self.engine.queue_depth()}
 
     def _report(self, lease: Lease | None, slots: int) -> AdapterReport:
         if lease is None:

@@ -27,8 +27,10 @@ def main(student: str, composite: str) -> None:
     )
     params = SamplingParams(temperature=0.0, max_tokens=24, min_tokens=16)  # the base may stop at once on a bare prompt
     prompts = [
-        "Infer the correct answer for the question.\n\nQ: Take the last letters of each words in "
-        '"Lucky Mireya Jj Kc" and concatenate them.\nA:'
+        (
+            "Infer the correct answer for the question.\n\nQ: Take the last letters of each words in "
+            '"Lucky Mireya Jj Kc" and concatenate them.\nA:'
+        )
     ]
     base = llm.generate(prompts, params)[0].outputs[0].text
     lora = LoRARequest("composite", 1, composite)

@@ -106,3 +106,13 @@ class FakeEngine:
 @pytest.fixture
 def fake_engine() -> FakeEngine:
     return FakeEngine()
+
+
+@pytest.fixture
+def served(tiny_bundle, tiny_student, tmp_path):
+    """The app over the plain classes with a started FakeEngine (tests/serving/served.py)."""
+    from .served import Served
+
+    s = Served(tiny_bundle, tiny_student, tmp_path)
+    s.engine.started = True
+    return s

@@ -7,77 +7,13 @@ import json
 
 import openai
 import pytest
-from fastapi.testclient import TestClient
-from prometheus_client.parser import text_string_to_metric_families
+from starlette.requests import Request
 
-from serving.api import create_app
-from serving.backend import LocalBackend
-from serving.components import (
-    gate_router,
-    load_serving_bundle,
-    prompt_renderer,
-    resolve_settings,
-    route_table,
-    student_service,
-)
 from serving.handler import OpenAIHandler
-from serving.metrics import ServingMetrics
 from serving.schemas import CompletionRequest
-from serving.settings import ApiSettings, CacheSettings, ServeSettings
+from serving.settings import ApiSettings
 
-from .conftest import FakeEngine
-
-PROMPT = "Infer the correct answer for the question.\n\nQ: What is 2 + 3?\nA:"
-
-
-class Served:
-    def __init__(self, tiny_bundle, tiny_student, tmp_path, api: ApiSettings | None = None):
-        settings = resolve_settings(ServeSettings(
-            bundle=str(tiny_bundle), student=str(tiny_student), api=api or ApiSettings(),
-            cache=CacheSettings(dir=str(tmp_path / "composites")),
-        ))
-        bundle = load_serving_bundle(settings)
-        self.engine = FakeEngine()
-        self.service = student_service(settings, bundle, engine_factory=lambda rank: self.engine,
-                                       round_rank=lambda rank: rank)
-        self.metrics = ServingMetrics()
-        self.routes = route_table(settings, bundle)
-        self.prompts = prompt_renderer(settings)
-        self.router = gate_router(settings, bundle)
-        self.backend = LocalBackend(self.service, self.router)
-        self.settings = settings
-        app = create_app(self.backend, self.routes, self.prompts, settings.api, self.metrics)
-        self.client = TestClient(app, raise_server_exceptions=False)
-        self.student_name = self.routes.student_name
-
-    def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
-        text = self.client.get("/metrics").text
-        total = 0.0
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                if s.name == name and all(s.labels.get(k) == v for k, v in (labels or {}).items()):
-                    total += s.value
-        return total
-
-
-@pytest.fixture
-def served(tiny_bundle, tiny_student, tmp_path) -> Served:
-    s = Served(tiny_bundle, tiny_student, tmp_path)
-    s.engine.started = True
-    return s
-
-
-def completion(served: Served, **body):
-    return served.client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 8, **body})
-
-
-def assert_openai_error(response, status: int, code: str | None = None):
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    if code is not None:
-        assert error["code"] == code
-    return error
+from .served import PROMPT, Served, assert_openai_error, completion
 
 
 def test_health_is_503_until_the_student_is_loaded(tiny_bundle, tiny_student, tmp_path):
@@ -319,10 +255,14 @@ def test_a_client_that_goes_away_aborts_its_generation_and_frees_everything(serv
                              mixture={"alpha": 0.5, "beta": 0.5})
 
     async def disconnect_after_two_chunks():
+        async def connected():  # the client stays until sse-starlette is told otherwise
+            await asyncio.Event().wait()
+
+        http = Request({"type": "http", "method": "POST", "path": "/v1/completions", "headers": []}, connected)
         route = served.routes.resolve(body.model, body.mixture)
         rendered = served.prompts.completion(PROMPT)
         sampling = handler._sampling(body, route, rendered, 20, None, "logprobs")
-        response = await handler._serve("completion", body, route, rendered, sampling)
+        response = await handler._serve(http, handler._admit(), "completion", body, route, rendered, sampling)
         assert handler.inflight == 1 and served.service.cache._users  # adapter leased while streaming
         stream = response.body_iterator
         first, second = await anext(stream), await anext(stream)

@@ -61,7 +61,7 @@ def test_completion_request_defaults_and_limits():
     assert CompletionRequest(model="m", prompt=[[4, 5]]).single_prompt() == [4, 5]
     with pytest.raises(ValueError, match="one prompt"):
         CompletionRequest(model="m", prompt=["a", "b"]).single_prompt()
-    for bad in ({"max_tokens": 0}, {"temperature": -0.1}, {"top_p": 0}, {"n": 0}, {"stop": ["a"] * 5},
+    for bad in ({"max_tokens": 0}, {"temperature": -0.1}, {"top_p": 0}, {"n": 0}, {"stop": ["a"] * 65},
                 {"stop": [""]}, {"echo": True}, {"best_of": 3}, {"logprobs": -1}, {"presence_penalty": 3}):
         with pytest.raises(ValidationError):
             CompletionRequest(model="m", prompt="hi", **bad)

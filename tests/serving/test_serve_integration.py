@@ -10,7 +10,6 @@ gets OpenAI-shaped 4xx errors and the server keeps serving.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import json
 import socket
 import time
@@ -31,7 +30,6 @@ from serving.settings import (
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.ray]
 
-HEAVY_LOCK = Path("/tmp/heavy.lock")
 PROMPT = "Infer the correct answer for the question.\n\nQ: Tom has 3 apples and buys 4 more. How many?\nA:"
 STARTUP_TIMEOUT_S = 420
 
@@ -63,37 +61,35 @@ class App:
 
 
 @pytest.fixture(scope="module")
-def app(tiny_bundle, tiny_student, tmp_path_factory):
+def app(tiny_bundle, tiny_student, tmp_path_factory, heavy_lock_for_module):
     import ray
     from ray import serve
 
     from serving.app import build_app
 
-    with HEAVY_LOCK.open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        port = free_port()
-        settings = ServeSettings(
-            bundle=str(tiny_bundle), student=str(tiny_student), host="127.0.0.1", port=port,
-            app_name="mode-cotd-test",
-            engine=EngineSettings(max_model_len=1024, max_loras=4, max_cpu_loras=8, max_num_seqs=32,
-                                  enforce_eager=True, kv_cache_memory_bytes=64 * 2**20),
-            batching=RouterSettings(max_batch_size=8, batch_wait_timeout_s=0.05),
-            cache=CacheSettings(dir=str(tmp_path_factory.mktemp("composites")), max_entries=16),
-            api=ApiSettings(default_max_tokens=16),
-        )
-        started = time.monotonic()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        try:
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
-            serve.run(build_app(settings), name=settings.app_name, route_prefix="/", blocking=False)
-            base = f"http://127.0.0.1:{port}"
-            while httpx.get(f"{base}/health", timeout=10).status_code != 200:
-                assert time.monotonic() - started < STARTUP_TIMEOUT_S, "the student did not load"
-                time.sleep(1)
-            yield App(base, Path(tiny_student).name, time.monotonic() - started)
-        finally:
-            serve.shutdown()
-            ray.shutdown()
+    port = free_port()  # heavy_lock_for_module holds /tmp/heavy.lock (or a parent process does)
+    settings = ServeSettings(
+        bundle=str(tiny_bundle), student=str(tiny_student), host="127.0.0.1", port=port,
+        app_name="mode-cotd-test",
+        engine=EngineSettings(max_model_len=1024, max_loras=4, max_cpu_loras=8, max_num_seqs=32,
+                              enforce_eager=True, kv_cache_memory_bytes=64 * 2**20),
+        batching=RouterSettings(max_batch_size=8, batch_wait_timeout_s=0.05),
+        cache=CacheSettings(dir=str(tmp_path_factory.mktemp("composites")), max_entries=16),
+        api=ApiSettings(default_max_tokens=16),
+    )
+    started = time.monotonic()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(settings), name=settings.app_name, route_prefix="/", blocking=False)
+        base = f"http://127.0.0.1:{port}"
+        while httpx.get(f"{base}/health", timeout=10).status_code != 200:
+            assert time.monotonic() - started < STARTUP_TIMEOUT_S, "the student did not load"
+            time.sleep(1)
+        yield App(base, Path(tiny_student).name, time.monotonic() - started)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 ROUTES = [
@@ -175,15 +171,39 @@ def test_sampling_parameters_reach_vllm(app):
     assert all(len(t.top_logprobs) <= 2 and t.bytes is not None for t in content)
 
 
+def wait_for_idle_engine(app, timeout_s: float = 20.0) -> float:
+    """Seconds until vLLM's unfinished-request count (read live on /metrics) is 0."""
+    started = time.monotonic()
+    while app.metric("mode_cotd_engine_unfinished_requests") > 0 or app.metric("mode_cotd_student_open_requests") > 0:
+        assert time.monotonic() - started < timeout_s, "generation kept running for a client that left"
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
 def test_a_client_that_disconnects_mid_stream_frees_the_engine(app):
     stream = app.client.completions.create(model=app.student_name, prompt=PROMPT, max_tokens=900, temperature=0,
                                            stream=True)
     next(iter(stream))
     stream.close()  # the client goes away after the first token
-    time.sleep(2.0)
+    wait_for_idle_engine(app)
     app.client.completions.create(model=app.student_name, prompt=PROMPT, max_tokens=1)
     # the engine's unfinished requests, read when that last request started: the abandoned one was aborted
     assert app.metric("mode_cotd_queue_depth_requests", {"stage": "engine"}) == 0
+
+
+def test_a_non_streaming_client_that_gives_up_frees_the_engine(app):
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{app.base}/v1/completions", timeout=1.0, json={
+            "model": app.student_name, "prompt": PROMPT, "max_tokens": 900, "temperature": 0, "ignore_eos": True})
+    wait_for_idle_engine(app)
+
+
+def test_limits_and_refusals_through_serve(app):
+    big = json.dumps({"model": "mode-cotd:alpha", "prompt": "x" * (2**20 + 10)})
+    response = app.post("/v1/completions", big)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+    response = app.post("/v1/completions", json.dumps({"model": "mode-cotd:alpha", "prompt": "hi", "n": 100}))
+    assert response.status_code == 400 and response.json()["error"]["param"] == "n"
 
 
 def test_models_health_and_metrics_move(app):
@@ -290,3 +310,42 @@ def test_openai_client_raises_typed_errors(app):
 def test_startup_time(app):
     print(f"app up (Ray + Serve + vLLM tiny student) in {app.startup_seconds:.1f} s")
     assert app.startup_seconds < STARTUP_TIMEOUT_S
+
+
+def student_replica_pid() -> int:
+    """The student replica's process, under this test's Ray (children of this process only)."""
+    import psutil
+
+    found = [p for p in psutil.Process().children(recursive=True)
+             if "ServeReplica:mode-cotd-test:student" in " ".join(p.cmdline())]
+    assert len(found) == 1, found
+    return found[0].pid
+
+
+def test_zz_kill_9_of_the_student_replica(app):
+    """Last in the module (it restarts the student): in-flight requests end with a clean error, later ones
+    get 503 + Retry-After while the replica reloads, then succeed; nothing hangs."""
+    import os
+    import signal
+
+    stream = httpx.stream("POST", f"{app.base}/v1/completions", timeout=60, json={
+        "model": app.student_name, "prompt": PROMPT, "max_tokens": 900, "ignore_eos": True, "stream": True})
+    with stream as response:
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data: {"))
+        killed = time.monotonic()
+        os.kill(student_replica_pid(), signal.SIGKILL)
+        rest = [line for line in lines if line.startswith("data: ")]  # must end, not hang
+    assert time.monotonic() - killed < 30
+    assert any('"error"' in line for line in rest) and rest[-1] == "data: [DONE]", rest[-3:]
+    statuses = []
+    while True:
+        r = httpx.post(f"{app.base}/v1/completions", timeout=60,
+                       json={"model": "mode-cotd:alpha", "prompt": PROMPT, "max_tokens": 2})
+        statuses.append(r.status_code)
+        if r.status_code == 200:
+            break
+        assert r.status_code == 503 and r.headers["retry-after"], (r.status_code, r.text)
+        assert time.monotonic() - killed < STARTUP_TIMEOUT_S, "the student did not come back"
+        time.sleep(0.5)
+    print(f"student back {time.monotonic() - killed:.1f} s after kill -9; answers meanwhile: {set(statuses)}")
