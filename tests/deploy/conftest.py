@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import importlib.util
 import socket
 from pathlib import Path
@@ -30,10 +29,7 @@ _root = _load("conftest.py", "_mode_cotd_root_fixtures")
 @pytest.fixture(scope="module")
 def heavy_lock_for_module():
     """tests/conftest.py's heavy_lock, held for a whole module (one Ray cluster serves all its tests)."""
-    _root.HEAVY_LOCK.touch(exist_ok=True)
-    with _root.HEAVY_LOCK.open("a") as f:
-        if not _root._lock_held_by_an_ancestor(_root.HEAVY_LOCK):
-            fcntl.flock(f, fcntl.LOCK_EX)
+    with _root.hold_heavy_lock():
         yield
 
 
