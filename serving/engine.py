@@ -4,7 +4,8 @@
 `AsyncLLM.from_engine_args(AsyncEngineArgs(...))`, `SamplingParams` (DELTA outputs, so
 every yielded piece is new text), `LoRARequest`, `vllm.inputs.tokens_input` (the ingress
 sends token ids it has already checked against the context). Cancelling the generator
-(the client went away) makes vLLM abort the request. vLLM is imported only here.
+(the client went away) makes vLLM abort the request. vLLM is imported only here (and in
+serving/fast_lora, the vLLM plugin whose grouped LoRA ops `EngineSettings.fast_lora` switches).
 """
 
 from __future__ import annotations
@@ -121,8 +122,12 @@ class VllmEngine:
         if not self.ready:
             raise ServiceUnavailable("the student is not loaded yet", code="model_loading")
         lora_request = None if lora is None else LoRARequest(lora.name, lora.lora_id, lora.path)
+        try:
+            params = sampling_params(sampling)
+        except VLLMValidationError as e:  # e.g. n > 1 with greedy decoding: the client's mistake, a 400
+            raise InvalidRequest(str(e), param=e.parameter) from e
         stream = self._llm.generate(
-            tokens_input(list(prompt_token_ids)), sampling_params(sampling), request_id, lora_request=lora_request
+            tokens_input(list(prompt_token_ids)), params, request_id, lora_request=lora_request
         )
         try:
             async for output in stream:

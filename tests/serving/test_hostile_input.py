@@ -130,3 +130,22 @@ def test_wrong_content_type_and_methods(served):
     assert_openai_error(served.client.put("/v1/chat/completions", content=raw, headers=HEADERS), 405)
     assert_openai_error(served.client.post("/v1/models"), 405)
     still_serving(served)
+
+
+def test_what_vllm_refuses_is_a_400_not_a_500():
+    """vLLM's own validation (here: n > 1 with greedy decoding) becomes InvalidRequest before anything runs."""
+    import asyncio
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from serving.engine import VllmEngine
+    from serving.errors import InvalidRequest
+    from serving.protocol import SamplingSettings
+    from serving.settings import EngineSettings
+
+    engine = VllmEngine(Path("/nonexistent"), EngineSettings(), 16, 512)
+    engine._llm = SimpleNamespace(errored=False)  # never asked to generate
+    stream = engine.generate("cmpl-1", [1, 2, 3], SamplingSettings(max_tokens=4, n=2, temperature=0.0), None)
+    with pytest.raises(InvalidRequest, match="greedy") as info:
+        asyncio.run(anext(stream))
+    assert info.value.status == 400
