@@ -128,7 +128,7 @@ def main(argv: list[str]) -> int:
 
     report = {
         "benchmark": "fast_lora_throughput",
-        "command": "benchmarks/fast_lora_throughput.py " + " ".join(argv),
+        "command": " ".join(["benchmarks/fast_lora_throughput.py", *argv]),
         "workload": {"requests": args.requests, "output_tokens": args.output_tokens, "greedy": True,
                      "ignore_eos": True, "experts": args.experts, "max_lora_rank": args.rank,
                      "enforce_eager": args.enforce_eager, "dtype": args.dtype},

@@ -27,7 +27,7 @@ def throughput_vs_concurrency(results: dict[str, Any], path: Path) -> Path:
                         if s.get("output_throughput_tok_s") is not None)
         if points:
             xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, marker="o", label=f"{key}: {scenario.title[:48]}")
+            ax.plot(xs, ys, marker="o", label=f"{key}: {scenario.label}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrent requests (closed loop)")
     ax.set_ylabel("output tokens / s")

@@ -26,16 +26,20 @@ class Scenario:
     """vllm-base | vllm-lora | mode-cotd | peft."""
     route: str
     """student (no adapter) | expert | gate | mixtures (explicit, one per request)."""
+    label: str
+    """A short name for plots."""
 
 
 SCENARIOS: dict[str, Scenario] = {s.key: s for s in (
-    Scenario("a", "vLLM's own server (`vllm serve`), student, no adapter", "vllm-base", "student"),
-    Scenario("b", "vLLM's own server, one expert as a LoRA module", "vllm-lora", "expert"),
-    Scenario("c", "mode-cotd, student route", "mode-cotd", "student"),
-    Scenario("d", "mode-cotd, one expert", "mode-cotd", "expert"),
-    Scenario("e", "mode-cotd, gate route (top-2 mixtures)", "mode-cotd", "gate"),
-    Scenario("f", "mode-cotd, explicit mixtures, a new weight vector per request", "mode-cotd", "mixtures"),
-    Scenario("g", "transformers + peft, add_weighted_adapter per request, one at a time", "peft", "mixtures"),
+    Scenario("a", "vLLM's own server (`vllm serve`), student, no adapter", "vllm-base", "student", "vLLM, student"),
+    Scenario("b", "vLLM's own server, one expert as a LoRA module", "vllm-lora", "expert", "vLLM, one expert"),
+    Scenario("c", "mode-cotd, student route", "mode-cotd", "student", "mode-cotd, student"),
+    Scenario("d", "mode-cotd, one expert", "mode-cotd", "expert", "mode-cotd, one expert"),
+    Scenario("e", "mode-cotd, gate route (top-2 mixtures)", "mode-cotd", "gate", "mode-cotd, gate (top-2)"),
+    Scenario("f", "mode-cotd, explicit mixtures, a new weight vector per request", "mode-cotd", "mixtures",
+             "mode-cotd, new mixtures"),
+    Scenario("g", "transformers + peft, add_weighted_adapter per request, one at a time", "peft", "mixtures",
+             "peft, one at a time"),
 )}
 
 
