@@ -4,10 +4,11 @@
     RouterDeployment    GateRouter behind @serve.batch (max batch size and wait from settings)
     StudentDeployment   StudentService: adapter cache + vLLM engine, streaming generation
 
-The student starts its engine in the background, so the app comes up at once and
-/health says 503 until the student is loaded. A student replica that dies (kill -9, out of
-memory) is restarted by Serve; requests it held get 503 + Retry-After, the ones after it
-503 (model_loading) until its engine is up again.
+A student replica's constructor returns only once its vLLM engine is loaded, so Serve counts it
+as ready (and routes to it, and stops the replica it replaces in a rollout) only when it can
+serve: a rollout or a scale-up drops nothing. A student replica that dies (kill -9, out of
+memory) is restarted by Serve; requests it held get 503 + Retry-After, and the ones after it
+wait in Serve's bounded queue (503 + Retry-After when full) until the new replica is up.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ def as_api_error(exc: BaseException) -> ApiError:
     return InternalError(f"{type(exc).__name__}: {str(exc)[:500]}")
 
 
+READY_TIMEOUT_S = 3.0
+"""How long /health waits for a student replica to answer before it says 'loading'."""
+
+
 class RayBackend:
     """serving.protocol.Backend over the router and student deployment handles."""
 
@@ -54,7 +59,13 @@ class RayBackend:
         self.student = student
 
     async def ready(self) -> bool:
-        return await self.student.is_ready.remote()
+        """False, soon, while no student replica is up (a restart): a health probe must not wait for one."""
+        response = self.student.is_ready.remote()
+        try:
+            return await asyncio.wait_for(asyncio.ensure_future(response), READY_TIMEOUT_S)
+        except TimeoutError:
+            response.cancel()
+            return False
 
     async def stats(self) -> dict:
         return await self.student.stats.remote()
@@ -89,7 +100,7 @@ class StudentDeployment:
     async def __init__(self, settings: ServeSettings):
         replica = serve.get_replica_context().replica_id.unique_id
         self.service = components.student_service(settings, components.load_serving_bundle(settings), replica=replica)
-        self.starting = asyncio.create_task(self.service.start())
+        await self.service.start()  # ready to Serve only once vLLM is loaded (a raise fails the replica's start)
 
     async def is_ready(self) -> bool:
         return self.service.ready
@@ -104,9 +115,7 @@ class StudentDeployment:
                 yield event
 
     async def check_health(self) -> None:
-        if self.starting.done() and self.starting.exception() is not None:
-            raise RuntimeError(f"the student engine failed to start: {self.starting.exception()!r}")
-        if self.starting.done() and not self.service.ready:
+        if not self.service.ready:
             raise RuntimeError("the student engine stopped")
 
     def __del__(self) -> None:

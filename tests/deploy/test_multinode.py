@@ -34,7 +34,7 @@ import yaml
 
 from mode_cotd.bundle import add_composition
 
-from .conftest import DEPLOY
+from .conftest import DEPLOY, wait_healthy
 from .ray_cluster import SERVE, LocalRayCluster, free_port
 
 # About 5 minutes on 2 cores: past what `make test` can spend, so it runs by hand (deploy/README.md).
@@ -123,14 +123,7 @@ def app(cluster, deploy_bundle, tiny_student, tmp_path_factory):
     port = free_port(HEAD_IP)
     app = App(cluster, f"http://{HEAD_IP}:{port}", {}, tmp / "serve.yaml", 0.0)
     app.deploy(serve_config(deploy_bundle.resolve().as_uri(), str(tiny_student), port, str(tmp / "composites")))
-    while True:
-        try:
-            if httpx.get(f"{app.base}/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() - started < STARTUP_TIMEOUT_S, "the app did not come up"
-        time.sleep(1)
+    wait_healthy(app.base, STARTUP_TIMEOUT_S - (time.monotonic() - started))
     app.ready_s = time.monotonic() - started
     return app
 
@@ -186,11 +179,9 @@ def test_a_killed_student_replica_is_restored(app):
 
 
 def test_a_new_bundle_rolls_out_in_place(app, deploy_bundle, tmp_path):
-    """`serve deploy` with a new bundle URI while requests flow. The ingress and the router roll with a surge
-    replica and drop nothing. The student's replacement counts as ready to Serve as soon as its constructor
-    returns, before vLLM has loaded (StudentDeployment starts the engine in the background), so Serve then
-    stops the old student and requests get 503 model_loading (retryable) until the new engine is up: the
-    test checks that these are the only failures and prints how long they lasted."""
+    """`serve deploy` with a new bundle URI while requests flow. Every deployment rolls with a surge replica;
+    a new student counts as ready to Serve only once its vLLM engine is loaded (StudentDeployment's
+    constructor waits for it), so Serve stops the old one only then: no request fails."""
     bundle_v2 = shutil.copytree(deploy_bundle, tmp_path / "bundle-v2")
     add_composition(bundle_v2, "rolled_out", {"alpha": 0.25, "gamma": 0.75}, "exact", "task_rolled_out")
     old_students = {r["pid"] for r in app.replicas()["student"]}
@@ -232,5 +223,5 @@ def test_a_new_bundle_rolls_out_in_place(app, deploy_bundle, tmp_path):
     print(f"\nrolled out a new bundle in {rollout_s:.0f} s (serve deploy with a new bundle URI); "
           f"{len(outcomes)} requests sent meanwhile, {len(failed)} failed, all within {window:.1f} s: "
           f"{sorted({o[1] for o in failed})}")
-    assert outcomes and {o[1] for o in failed} <= {"ERROR 503 model_loading"}, failed[:3]
+    assert outcomes and not failed, failed[:3]
     assert app.complete("mode-cotd:rolled_out").model_extra["mode_cotd"]["route"] == "composition"
