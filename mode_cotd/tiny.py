@@ -122,3 +122,20 @@ def random_adapter(
             b = torch.randn(d_out, r, generator=generator) * std  # [out, r]
             modules[f"base_model.model.model.layers.{layer}.{block}.{name}"] = (a, b)
     return adapter_from_modules(modules, r=r, lora_alpha=lora_alpha)
+
+
+def random_gate(experts: tuple[str, ...] | list[str], grid: float, top_k: int = 2, seed: int = 0, std: float = 2.0):
+    """A random linear top-k gate over ``experts`` (64 features): for tests, whose routing spreads over experts.
+
+    ``std`` is the standard deviation of every weight and bias; large, so that prompts route differently.
+    """
+    import torch
+
+    from mode_cotd.gate import Gate, GateConfig
+
+    torch.manual_seed(seed)
+    gate = Gate(GateConfig(experts=list(experts), feature_dim=64, hidden_dim=0, top_k=top_k, grid=grid))
+    with torch.no_grad():
+        for p in gate.parameters():
+            p.normal_(0, std)
+    return gate

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,33 @@ def heavy_lock():
     """hold_heavy_lock() for one test."""
     with hold_heavy_lock():
         yield
+
+
+@pytest.fixture(scope="module")
+def heavy_lock_for_module():
+    """hold_heavy_lock() for a whole module (one Ray app or server serves all its tests)."""
+    with hold_heavy_lock():
+        yield
+
+
+def wait_healthy(base: str, timeout_s: float, alive: Callable[[], None] = lambda: None) -> float:
+    """Poll `{base}/health` until it answers 200; the seconds it took. `alive()` raises when the server
+    died (so a crash fails at once, not after the timeout); `timeout_s` without a 200 fails the test."""
+    import httpx
+
+    started = time.monotonic()
+    while True:
+        alive()
+        try:
+            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                return time.monotonic() - started
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() - started < timeout_s, f"{base} was not healthy within {timeout_s:.0f} s"
+        time.sleep(1)
+
+
+@pytest.fixture
+def until_healthy() -> Callable[..., float]:
+    """wait_healthy, for tests and fixtures that start a server."""
+    return wait_healthy

@@ -5,12 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from mode_cotd.bundle import add_expert, create_bundle, set_gate
-from mode_cotd.gate import Gate, GateConfig
 from mode_cotd.student import student_identity
-from mode_cotd.tiny import random_adapter
+from mode_cotd.tiny import random_adapter, random_gate
 
 EXPERTS = ("alpha", "beta", "gamma")
 
@@ -22,10 +20,5 @@ def bench_bundle(tiny_student, tmp_path_factory) -> Path:
     for seed, name in enumerate(EXPERTS, start=1):
         add_expert(root, name, random_adapter(tiny_student, r=8, lora_alpha=16.0, seed=seed, std=0.3),
                    task=f"task_{name}")
-    torch.manual_seed(0)
-    gate = Gate(GateConfig(experts=list(EXPERTS), feature_dim=64, hidden_dim=0, top_k=2, grid=0.05))
-    with torch.no_grad():
-        for p in gate.parameters():
-            p.normal_(0, 2.0)
-    set_gate(root, gate)
+    set_gate(root, random_gate(EXPERTS, grid=0.05))
     return root

@@ -23,14 +23,7 @@ def _load(relative: str, name: str):
 
 serving_fixtures = _load("serving/conftest.py", "_mode_cotd_serving_fixtures")
 FakeEngine = serving_fixtures.FakeEngine
-_root = _load("conftest.py", "_mode_cotd_root_fixtures")
-
-
-@pytest.fixture(scope="module")
-def heavy_lock_for_module():
-    """tests/conftest.py's heavy_lock, held for a whole module (one Ray cluster serves all its tests)."""
-    with _root.hold_heavy_lock():
-        yield
+wait_healthy = _load("conftest.py", "_mode_cotd_root_fixtures").wait_healthy
 
 
 @pytest.fixture(scope="session")

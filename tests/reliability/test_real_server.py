@@ -26,7 +26,6 @@ import time
 import traceback
 from pathlib import Path
 
-import httpx
 import measure
 import pytest
 
@@ -43,25 +42,20 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def server(heavy_lock, tmp_path):
+def server(heavy_lock, until_healthy, tmp_path):
     port = free_port()
     log = open(os.environ.get("MODE_COTD_SERVE_LOG", tmp_path / "serve.log"), "w")  # noqa: SIM115
     command = [str(Path(sys.executable).with_name("mode-cotd")), "serve", "--port", str(port),
                "--api-max-output-tokens", "64", "--engine-max-queued-requests", "0"]
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
-    started = time.monotonic()
+
+    def alive():
+        assert proc.poll() is None, f"mode-cotd serve exited with {proc.returncode}; see {log.name}"
+
     try:
-        while True:
-            assert proc.poll() is None, f"mode-cotd serve exited with {proc.returncode}; see {log.name}"
-            try:
-                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() - started < STARTUP_TIMEOUT_S, "the server did not come up"
-            time.sleep(1)
-        yield base, proc.pid, round(time.monotonic() - started, 1)
+        startup_s = until_healthy(base, STARTUP_TIMEOUT_S, alive)
+        yield base, proc.pid, round(startup_s, 1)
     finally:
         proc.send_signal(signal.SIGINT)  # what Ctrl-C does: Serve and Ray shut down
         try:

@@ -7,12 +7,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from mode_cotd.bundle import add_composition, add_expert, create_bundle, load_bundle, set_gate
-from mode_cotd.gate import Gate, GateConfig
 from mode_cotd.student import student_identity
-from mode_cotd.tiny import random_adapter
+from mode_cotd.tiny import random_adapter, random_gate
 from serving.protocol import GenerationDelta, LoraTarget, SamplingSettings, TokenLogprob
 
 EXPERTS = ("alpha", "beta", "gamma")
@@ -27,12 +25,7 @@ def build_tiny_bundle(root: Path, student: Path) -> Path:
         add_expert(root, name, adapter, task=f"task_{name}")
     add_composition(root, "all_three", {"alpha": 0.5, "beta": 0.3, "gamma": 0.2}, "exact", "task_all")
     add_composition(root, "paper_mix", {"alpha": 0.6, "beta": 0.4}, "linear", "task_paper")
-    torch.manual_seed(0)
-    gate = Gate(GateConfig(experts=list(EXPERTS), feature_dim=64, hidden_dim=0, top_k=2, grid=0.25))
-    with torch.no_grad():
-        for p in gate.parameters():
-            p.normal_(0, 2.0)
-    set_gate(root, gate)
+    set_gate(root, random_gate(EXPERTS, grid=0.25))
     return root
 
 
