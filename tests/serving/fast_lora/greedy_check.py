@@ -2,7 +2,8 @@
 
 vLLM picks its platform (and so its LoRA ops) once per process from MODE_COTD_FAST_LORA, so
 each setting needs its own process; vLLM spawns workers, hence the __main__ guard. Prints the
-punica wrapper in use and the greedy token ids of every request as JSON on a RESULT line.
+punica wrapper in use and, for every request, the greedy token ids and each position's top
+logprobs (token id -> logprob) as JSON on a RESULT line.
 """
 
 import json
@@ -17,6 +18,13 @@ PROMPTS = [
 ]
 
 
+TOP_LOGPROBS = 3
+
+
+def top_logprobs(output) -> list[dict[int, float]]:
+    return [{token: lp.logprob for token, lp in position.items()} for position in output.outputs[0].logprobs]
+
+
 def main(student: str, expert_a: str, expert_b: str) -> None:
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
@@ -24,7 +32,7 @@ def main(student: str, expert_a: str, expert_b: str) -> None:
 
     llm = LLM(model=student, enable_lora=True, max_lora_rank=8, max_loras=4, max_model_len=512, dtype="bfloat16",
               seed=0, gpu_memory_utilization=0.1)
-    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True, logprobs=TOP_LOGPROBS)
     a, b = LoRARequest("a", 1, expert_a), LoRARequest("b", 2, expert_b)
     one = llm.generate(PROMPTS, params, lora_request=[a] * len(PROMPTS), use_tqdm=False)
     # Two experts and the base in one batch, interleaved: each prompt with a, with b, with no adapter.
@@ -36,6 +44,8 @@ def main(student: str, expert_a: str, expert_b: str) -> None:
         "one_expert": [list(o.outputs[0].token_ids) for o in one],
         "mixed": [list(o.outputs[0].token_ids) for o in mixed],
         "mixed_text": [o.outputs[0].text for o in mixed],
+        "one_expert_logprobs": [top_logprobs(o) for o in one],
+        "mixed_logprobs": [top_logprobs(o) for o in mixed],
     }
     print("RESULT " + json.dumps(result), flush=True)
 

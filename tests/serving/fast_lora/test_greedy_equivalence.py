@@ -3,6 +3,13 @@
 Two vLLM engines, one after the other, each in its own process (vLLM chooses its platform at
 import): real experts from bundles/default, one expert for a whole batch, then two experts and
 the base interleaved in one batch.
+
+"Identical" allows one thing: a near-tie. In bf16 the grouped ops and vLLM's sum in different
+orders, so a LoRA output can differ by one bf16 rounding step, and where the top two logits of a
+step were (nearly) equal the argmax can flip, after which the texts go their own ways. So a
+generation must equal vLLM's token for token, or up to a first differing position where both
+engines rank the two tokens within NEAR_TIE nats of each other (one or two bf16 steps of a logit).
+A wrong LoRA op changes the first tokens, by whole nats.
 """
 
 import json
@@ -19,6 +26,8 @@ from mode_cotd.student import resolve_student
 pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.real_student]
 
 EXPERTS = paths.REPO_ROOT / "bundles" / "default" / "experts"
+NEAR_TIE = 0.25
+"""Nats between the two candidates at a first differing position, in both engines, for a flip to count as a tie."""
 
 
 def _generate(fast_lora: bool, student: Path) -> dict:
@@ -40,7 +49,27 @@ def test_greedy_generations_identical_with_and_without_fast_lora(heavy_lock):
     fast, plain = _generate(True, student), _generate(False, student)
     assert fast["wrapper"] == "serving.fast_lora.wrapper.PunicaWrapperGrouped"
     assert plain["wrapper"] == "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU"
-    assert fast["one_expert"] == plain["one_expert"]
-    assert fast["mixed"] == plain["mixed"], (fast["mixed_text"], plain["mixed_text"])
+    flips = same_up_to_near_ties(fast, plain, "one_expert") + same_up_to_near_ties(fast, plain, "mixed")
+    print(f"\ngreedy generations: identical but for {len(flips)} near-tie flips {flips}")
+    assert len(flips) <= 2, flips  # ties are rare: more would mean the outputs drift
     texts = fast["mixed_text"]
     assert texts[0] != texts[2] and texts[1] != texts[2], "the experts changed nothing against the base"
+
+
+def same_up_to_near_ties(fast: dict, plain: dict, key: str) -> list[dict]:
+    """Assert fast[key] equals plain[key] sequence by sequence, up to near-tie flips; return the flips."""
+    flips = []
+    for i, (f, p) in enumerate(zip(fast[key], plain[key], strict=True)):
+        if f == p:
+            continue
+        at = next(k for k, (a, b) in enumerate(zip(f, p, strict=True)) if a != b)
+        lp_fast, lp_plain = fast[f"{key}_logprobs"][i][at], plain[f"{key}_logprobs"][i][at]
+        gap_fast = lp_fast[str(f[at])] - lp_fast.get(str(p[at]), float("-inf"))
+        gap_plain = lp_plain[str(p[at])] - lp_plain.get(str(f[at]), float("-inf"))
+        flip = {"sequence": f"{key}[{i}]", "position": at, "gap_fast": round(gap_fast, 4),
+                "gap_plain": round(gap_plain, 4)}
+        assert gap_fast <= NEAR_TIE and gap_plain <= NEAR_TIE, (
+            f"{key}[{i}] differs at token {at} and it was no tie: {flip}; "
+            f"fast {fast[key + '_text'][i] if key + '_text' in fast else f[:at + 1]!r}")
+        flips.append(flip)
+    return flips
