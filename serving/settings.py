@@ -56,6 +56,11 @@ class DeploymentSettings:
     """Requests waiting for a replica before callers get 503 (-1: no limit)."""
     retry_after_s: float = 1.0
     """`Retry-After` (seconds, rounded up) on Serve's 503 when the queue is full."""
+    health_check_period_s: float = 2.0
+    """Seconds between Serve's health checks of a replica: a replica that died (kill -9) is noticed and
+    replaced within about this (Serve's own default is 10 s)."""
+    health_check_timeout_s: float = 30.0
+    """A health check unanswered this long marks the replica unhealthy (Serve's default)."""
 
     def serve_options(self) -> dict[str, Any]:
         """Keyword arguments for `Deployment.options(...)`."""
@@ -66,6 +71,8 @@ class DeploymentSettings:
             "max_queued_requests": self.max_queued_requests,
             "max_surge_percent": self.max_surge_percent,
             "backpressure_config": {"status_code": 503, "retry_after_s": self.retry_after_s},
+            "health_check_period_s": self.health_check_period_s,
+            "health_check_timeout_s": self.health_check_timeout_s,
         }
         if self.autoscaling is None:
             options["num_replicas"] = self.num_replicas

@@ -81,3 +81,13 @@ def test_serve_without_a_bundle_says_how_to_get_one(tmp_path, capsys):
     assert main(["serve", "--bundle", str(tmp_path / "missing")]) == 1
     err = capsys.readouterr().err
     assert "no bundle at" in err and "--bundle" in err
+
+
+def test_serve_options_carry_health_checks_and_serve_accepts_them():
+    """A dead replica is noticed within the health-check period; Serve's own option schema accepts every option."""
+    from ray.serve.schema import DeploymentSchema
+
+    s = from_dict(ServeSettings, {"student_deployment": {"health_check_period_s": 1.5}})
+    options = s.student_deployment.serve_options()
+    assert options["health_check_period_s"] == 1.5 and options["health_check_timeout_s"] == 30.0
+    assert DeploymentSchema(name="student", **options).health_check_period_s == 1.5
