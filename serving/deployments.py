@@ -8,7 +8,8 @@ A student replica's constructor returns only once its vLLM engine is loaded, so 
 as ready (and routes to it, and stops the replica it replaces in a rollout) only when it can
 serve: a rollout or a scale-up drops nothing. A student replica that dies (kill -9, out of
 memory) is restarted by Serve; requests it held get 503 + Retry-After, and the ones after it
-wait in Serve's bounded queue (503 + Retry-After when full) until the new replica is up.
+wait in Serve's bounded queue until the new replica is up, or 503 + Retry-After after
+`api.student_wait_timeout_s` (or at once when the queue is full).
 """
 
 from __future__ import annotations
@@ -49,14 +50,18 @@ def as_api_error(exc: BaseException) -> ApiError:
 
 READY_TIMEOUT_S = 3.0
 """How long /health waits for a student replica to answer before it says 'loading'."""
+ADMITTED = "admitted"
+"""First item of the student deployment's stream, sent as soon as a replica runs the call: the ingress
+times how long Serve held the request before any replica took it (RayBackend.generate)."""
 
 
 class RayBackend:
     """serving.protocol.Backend over the router and student deployment handles."""
 
-    def __init__(self, router: DeploymentHandle | None, student: DeploymentHandle):
+    def __init__(self, router: DeploymentHandle | None, student: DeploymentHandle, student_wait_timeout_s: float):
         self.router = router
         self.student = student
+        self.student_wait_timeout_s = student_wait_timeout_s
 
     async def ready(self) -> bool:
         """False, soon, while no student replica is up (a restart): a health probe must not wait for one."""
@@ -82,6 +87,15 @@ class RayBackend:
         stream = self.student.options(stream=True).generate.remote(request)
         finished = False
         try:
+            try:
+                admitted = await asyncio.wait_for(anext(stream), self.student_wait_timeout_s)
+            except TimeoutError:
+                stream.cancel()  # leave Serve's queue
+                raise ServiceUnavailable(
+                    f"no student replica took the request within {self.student_wait_timeout_s:g} s "
+                    "(restarting, or all busy); retry shortly", code="student_unavailable") from None
+            if admitted != ADMITTED:
+                raise InternalError(f"the student's stream began with {admitted!r}, not {ADMITTED!r}")
             async for event in stream:
                 yield event
             finished = True
@@ -108,7 +122,8 @@ class StudentDeployment:
     async def stats(self) -> dict:
         return self.service.stats()
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent | str]:
+        yield ADMITTED  # at once: the ingress stops timing Serve's queue here
         events = self.service.generate(request)
         async with aclosing(events):  # cancelled by the ingress (client gone): vLLM aborts the request
             async for event in events:
@@ -146,7 +161,7 @@ class RouterDeployment:
 class IngressDeployment:
     def __init__(self, settings: ServeSettings, router: DeploymentHandle | None, student: DeploymentHandle):
         self.settings = settings
-        self.backend = RayBackend(router, student)
+        self.backend = RayBackend(router, student, settings.api.student_wait_timeout_s)
 
     def __serve_build_asgi_app__(self):
         bundle = components.load_serving_bundle(self.settings)

@@ -167,6 +167,10 @@ class ApiSettings:
     """Longest wait for the gate's decision before the request takes `gate_fallback`."""
     gate_fallback: str | None = "student"
     """Route when the gate fails or times out: "student" (no adapter), an expert's name, or None (answer 503)."""
+    student_wait_timeout_s: float = 10.0
+    """Longest wait (under Ray Serve) for a student replica to take a request: while none is up (one is
+    restarting) or all are full, Serve holds requests in its queue; past this the request gets 503 +
+    Retry-After instead of waiting out the restart."""
     api_keys_file: str | None = None
     """File with the accepted API keys, one per line (`Authorization: Bearer <key>`); None: see api_keys_env."""
     api_keys_env: str = "MODE_COTD_API_KEYS"

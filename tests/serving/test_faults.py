@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import time
+from types import SimpleNamespace
 
 import pytest
 from ray.exceptions import ActorDiedError, RayTaskError
@@ -198,3 +199,59 @@ def test_leftovers_of_interrupted_writes_are_removed_and_symlinks_never_adopted(
     cache = AdapterCache(experts, cache_dir, 16, 8, FakeEngine())
     assert not old.exists() and young.exists()  # a young one may be another replica's write in progress
     assert cache.entries == []
+
+
+class _FakeStream:
+    """A DeploymentResponseGenerator stand-in: yields `items`, then (if `hang`) waits forever."""
+
+    def __init__(self, items, hang=False):
+        self.items, self.hang, self.cancelled = list(items), hang, False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.items:
+            return self.items.pop(0)
+        if self.hang:
+            await asyncio.Event().wait()
+        raise StopAsyncIteration
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class _FakeStudentHandle:
+    def __init__(self, stream):
+        self.stream = stream
+        self.generate = SimpleNamespace(remote=lambda request: self.stream)
+
+    def options(self, stream):
+        assert stream is True
+        return self
+
+
+def _collect(backend, request=None):
+    async def run():
+        return [event async for event in backend.generate(request)]
+    return asyncio.run(run())
+
+
+def test_no_student_replica_taking_the_request_is_a_503_after_the_wait_timeout():
+    """While the student restarts Serve holds requests; the ingress gives up after student_wait_timeout_s."""
+    from serving.deployments import ADMITTED, RayBackend
+
+    stream = _FakeStream([], hang=True)
+    started = time.monotonic()
+    with pytest.raises(ServiceUnavailable) as info:
+        _collect(RayBackend(None, _FakeStudentHandle(stream), student_wait_timeout_s=0.2))
+    assert 0.2 <= time.monotonic() - started < 5
+    assert info.value.code == "student_unavailable" and info.value.status == 503 and stream.cancelled
+
+    # A replica that takes the request in time: its events pass through; the marker does not.
+    served = _FakeStream([ADMITTED, "started", "delta"])
+    assert _collect(RayBackend(None, _FakeStudentHandle(served), student_wait_timeout_s=0.2)) == ["started", "delta"]
+    assert not served.cancelled
+    # Slow after admission (a long generation) is not a timeout.
+    slow = _FakeStream([ADMITTED])
+    assert _collect(RayBackend(None, _FakeStudentHandle(slow), student_wait_timeout_s=0.2)) == []
