@@ -63,7 +63,8 @@ class LocalRayCluster:
         self.nodes: list[Node] = []
         self.gcs_address = ""
         self.dashboard_url = ""
-        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+                    "RAY_raylet_start_wait_time_s": "120"}  # a raylet on a busy 2-core machine can take > 60 s
         """Environment of every process of this cluster and of its clients."""
 
     def _start(self, name: str, ip: str, args: list[str], resources: dict[str, float], env: dict[str, str]) -> Node:
