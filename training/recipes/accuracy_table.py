@@ -1,0 +1,304 @@
+"""The seen/unseen accuracy table of the default bundle: every route of the paper's comparison, resumable.
+
+    python -m training.recipes.accuracy_table [--max-examples 100] [--out benchmarks/results/accuracy]
+
+Work is cut into units, one (route, task) each, so that a long CPU run can stop and go on:
+
+    base                        the frozen student, every task
+    expert:<task>               each seen task's own expert (oracle routing), its task
+    gate                        the bundle's gate (top-k mixture per prompt), every task
+    composition:<t>             exact composition found for unseen task t from its few shots, on t
+    composition:<t>-linear      the paper's linear composition for t, on t
+    all_data:expert:all_data    one LoRA trained on all seen tasks together (bundles/all_data), every task
+    expert:<e>                  every seen expert on every unseen task (the best single expert is their max)
+
+Test prompts are the seeded subsample of `training.evaluate.eval_items` (`max_examples` per task;
+tasks with fewer are used whole). Generation is vLLM's offline batched greedy decoding
+(`training.evaluate.VllmGenerator`), scoring `mode_cotd.tasks.score`, as `mode-cotd eval`.
+Units run in chunks of about `chunk_prompts` prompts (one `generate` call each); each finished
+unit is written atomically to ``<out>/units/<slug>.json`` (its predictions, adapters and score)
+and skipped when the run starts again. Units whose adapters need a LoRA rank above 16 (the
+exact compositions, rank Σrᵢ) run first, in an engine of their own: every slot is padded to the
+engine's max rank, and the r8 experts would otherwise pay for it. ``table`` then assembles
+``<out>/accuracy.json`` and ``<out>/table.md`` from the unit files alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mode_cotd.atomic import write_json_atomic, write_text_atomic
+
+LOW_RANK = 16
+"""Units whose adapters all have rank <= this share the first engine."""
+
+
+@dataclass
+class TableConfig:
+    """Settings of the accuracy table run."""
+
+    bundle: str = "bundles/default"
+    """The served bundle: experts, gate, compositions."""
+    all_data_bundle: str = "bundles/all_data"
+    """Bundle holding the all_data baseline expert; missing: its units are left for a later run."""
+    out: str = "benchmarks/results/accuracy"
+    """Unit files, accuracy.json and table.md."""
+    max_examples: int = 100
+    """Test examples per task (seeded subsample)."""
+    seed: int = 0
+    """Seed of the subsample and of vLLM."""
+    max_new_tokens: int = 256
+    """Most generated tokens per prompt (the longest train rationale is 258 tokens; p95 <= 165)."""
+    max_model_len: int = 1024
+    """vLLM context; longer prompts are scored wrong and counted as too_long."""
+    dtype: str = "float32"
+    """vLLM dtype; float32 because this CPU has no native bf16 (bf16 decodes ~3x slower here)."""
+    max_num_seqs: int = 64
+    """Sequences per vLLM batch."""
+    max_loras: int = 16
+    """vLLM LoRA slots (the gate route uses many distinct top-2 mixtures)."""
+    chunk_prompts: int = 300
+    """Units are generated together until a chunk holds at least this many prompts."""
+    routes: list[str] | None = None
+    """Only units of these routes (labels as in the unit list); None: all."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One route on one task."""
+
+    route: str
+    """Route text for training.routes.parse_route."""
+    task: str
+    """The test set."""
+    bundle: str = "default"
+    """"default" or "all_data": which bundle the route reads."""
+
+    @property
+    def label(self) -> str:
+        return self.route if self.bundle == "default" else f"{self.bundle}:{self.route}"
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{self.label}__{self.task}")
+
+
+def all_units(seen: Sequence[str], unseen: Sequence[str], experts: Sequence[str],
+              compositions: Sequence[str]) -> list[Unit]:
+    """Every unit of the table, in the order they run (the comparisons that matter most first)."""
+    tasks = [*seen, *unseen]
+    units = [Unit("base", t) for t in tasks]
+    units += [Unit(f"expert:{t}", t) for t in seen if t in experts]
+    units += [Unit("gate", t) for t in tasks]
+    for t in unseen:
+        units += [Unit(f"composition:{name}", t) for name in (t, f"{t}-linear") if name in compositions]
+    units += [Unit("expert:all_data", t, bundle="all_data") for t in tasks]
+    units += [Unit(f"expert:{e}", t) for t in unseen for e in experts]
+    return units
+
+
+def unit_path(out: Path, unit: Unit) -> Path:
+    return out / "units" / f"{unit.slug}.json"
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def run(config: TableConfig) -> None:
+    """Generate and score every unit not yet on disk."""
+    from mode_cotd.bundle import load_bundle
+    from mode_cotd.student import resolve_student, student_identity
+    from mode_cotd.tasks import SEEN_TASKS, UNSEEN_TASKS
+    from training.evaluate import EvalConfig, _too_long, eval_items
+    from training.routes import RoutePlanner, parse_route
+
+    out = Path(config.out)
+    student = resolve_student(None)
+    bundles = {"default": load_bundle(config.bundle, student=student, strict=True)}
+    if Path(config.all_data_bundle, "manifest.json").is_file():
+        bundles["all_data"] = load_bundle(config.all_data_bundle, student=student, strict=True)
+    default = bundles["default"]
+    units = [u for u in all_units(SEEN_TASKS, UNSEEN_TASKS, list(default.experts), list(default.compositions))
+             if u.bundle in bundles and (config.routes is None or u.label in config.routes)]
+    pending = [u for u in units if not unit_path(out, u).is_file()]
+    print(f"[table] {len(units)} units, {len(units) - len(pending)} done, {len(pending)} to run", flush=True)
+    if not pending:
+        return
+    planners = {k: RoutePlanner(b, student, out / "adapters" / k) for k, b in bundles.items()}
+    plans = {}
+    for unit in pending:
+        items = eval_items([unit.task], None, config.max_examples, config.seed)
+        too_long = _too_long(student, items, config.max_model_len)
+        kept = [i for i in range(len(items)) if i not in too_long]
+        plan = planners[unit.bundle].plan(parse_route(unit.route), [items[i].prompt for i in kept],
+                                          [unit.task] * len(kept))
+        plans[unit] = (items, too_long, kept, plan)
+    rank = {u: max((c.rank for c in p[3] if c is not None), default=0) for u, p in plans.items()}
+    eval_config = EvalConfig(bundle=None, max_new_tokens=config.max_new_tokens, max_model_len=config.max_model_len,
+                             dtype=config.dtype, max_num_seqs=config.max_num_seqs, max_loras=config.max_loras,
+                             seed=config.seed)
+    for group in ([u for u in pending if rank[u] > LOW_RANK], [u for u in pending if rank[u] <= LOW_RANK]):
+        if group:
+            _run_group(group, plans, eval_config, out, config, student, student_identity(student))
+
+
+def _run_group(units: list[Unit], plans: dict, eval_config, out: Path, config: TableConfig, student_dir: Path,
+               student: dict) -> None:
+    from training.evaluate import VllmGenerator, summarise
+
+    adapters = {c.name: c for u in units for c in plans[u][3] if c is not None}
+    max_rank = max((c.rank for c in adapters.values()), default=1)
+    started = time.perf_counter()
+    generator = VllmGenerator(student_dir, eval_config, max_rank, len(adapters))
+    print(f"[table] engine up in {time.perf_counter() - started:.0f} s: {len(units)} units, "
+          f"{len(adapters)} adapters, max rank {max_rank}", flush=True)
+    chunks: list[list[Unit]] = [[]]
+    for unit in units:
+        if sum(len(plans[u][2]) for u in chunks[-1]) >= config.chunk_prompts:
+            chunks.append([])
+        chunks[-1].append(unit)
+    for chunk in chunks:
+        prompts, choices = [], []
+        for unit in chunk:
+            items, _, kept, plan = plans[unit]
+            prompts += [items[i].prompt for i in kept]
+            choices += plan
+        t0 = time.perf_counter()
+        texts = generator(prompts, choices)
+        seconds = time.perf_counter() - t0
+        offset = 0
+        for unit in chunk:
+            items, too_long, kept, plan = plans[unit]
+            mine = dict(zip(kept, texts[offset:offset + len(kept)]))
+            offset += len(kept)
+            predictions = [mine.get(i, "") for i in range(len(items))]
+            choice_of = dict(zip(kept, plan))
+            summary = summarise(items, predictions, too_long)["tasks"][unit.task]
+            record = {
+                "route": unit.route, "bundle": unit.bundle, "label": unit.label, "task": unit.task,
+                **summary, "student": student,
+                "settings": {k: v for k, v in asdict(config).items() if k not in ("routes", "out")},
+                "examples": [{"index": it.index, "gold": it.gold, "prediction": predictions[i],
+                              "adapter": choice_of[i].name if choice_of.get(i) else None,
+                              "experts": dict(choice_of[i].experts) if choice_of.get(i) else {}}
+                             for i, it in enumerate(items)],
+            }
+            write_json_atomic(unit_path(out, unit), record)
+        print(f"[table] {', '.join(u.slug for u in chunk)}: {len(prompts)} prompts in {seconds:.0f} s "
+              f"({len(prompts) / max(seconds, 1e-9):.2f} prompts/s)", flush=True)
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def assemble(out: Path) -> dict:
+    """accuracy.json and table.md from the unit files: per route per task, the averages, the comparisons."""
+    from mode_cotd.tasks import SEEN_TASKS, UNSEEN_TASKS
+
+    records = [json.loads(p.read_text()) for p in sorted((out / "units").glob("*.json"))]
+    routes: dict[str, dict[str, dict]] = {}
+    for r in records:
+        routes.setdefault(r["label"], {})[r["task"]] = {k: r[k] for k in ("accuracy", "n", "correct", "too_long")}
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+
+    def acc(label, task):
+        return routes.get(label, {}).get(task, {}).get("accuracy")
+
+    columns = {"base": {t: acc("base", t) for t in [*SEEN_TASKS, *UNSEEN_TASKS]},
+               "oracle (own expert / exact composition)": {
+                   **{t: acc(f"expert:{t}", t) for t in SEEN_TASKS},
+                   **{t: acc(f"composition:{t}", t) for t in UNSEEN_TASKS}},
+               "gate": {t: acc("gate", t) for t in [*SEEN_TASKS, *UNSEEN_TASKS]},
+               "linear composition": {t: acc(f"composition:{t}-linear", t) for t in UNSEEN_TASKS},
+               "best single expert": {}, "all_data": {t: acc("all_data:expert:all_data", t)
+                                                     for t in [*SEEN_TASKS, *UNSEEN_TASKS]}}
+    best_expert = {}
+    for t in UNSEEN_TASKS:
+        scored = {r["route"].split(":", 1)[1]: r["accuracy"] for r in records
+                  if r["task"] == t and r["bundle"] == "default" and r["route"].startswith("expert:")}
+        if scored:
+            name = max(scored, key=scored.get)
+            best_expert[t] = {"expert": name, "accuracy": scored[name], "all": scored}
+            columns["best single expert"][t] = scored[name]
+    routing = _gate_routing(records, SEEN_TASKS)
+    summary = {name: {"seen_average": mean([col.get(t) for t in SEEN_TASKS]) if any(t in col for t in SEEN_TASKS)
+                      else None,
+                      "unseen_average": mean([col.get(t) for t in UNSEEN_TASKS]), "tasks": col}
+               for name, col in columns.items()}
+    n = {t: next((r["n"] for r in records if r["task"] == t), None) for t in [*SEEN_TASKS, *UNSEEN_TASKS]}
+    report = {"columns": summary, "routes": routes, "best_single_expert": best_expert, "gate_routing": routing,
+              "examples_per_task": n, "units": len(records),
+              "settings": records[0]["settings"] if records else None,
+              "student": records[0]["student"] if records else None}
+    write_json_atomic(out / "accuracy.json", report)
+    write_text_atomic(out / "table.md", markdown(summary, n))
+    return report
+
+
+def _gate_routing(records: list[dict], seen: Sequence[str]) -> dict:
+    """Share of seen-task test prompts whose gate mixture gives its largest weight to the task's own expert."""
+    hits = total = 0
+    per_task = {}
+    for r in records:
+        if r["label"] != "gate" or r["task"] not in seen:
+            continue
+        top = [max(e["experts"], key=e["experts"].get) if e["experts"] else None for e in r["examples"]]
+        per_task[r["task"]] = sum(t == r["task"] for t in top) / len(top)
+        hits += sum(t == r["task"] for t in top)
+        total += len(top)
+    return {"accuracy": hits / total if total else None, "prompts": total, "per_task": per_task}
+
+
+def markdown(summary: dict, n: dict) -> str:
+    """Tasks as rows, the comparison's columns, accuracy in percent; averages last."""
+    from mode_cotd.tasks import SEEN_TASKS, UNSEEN_TASKS
+
+    def cell(value):
+        return "–" if value is None else f"{100 * value:.1f}"
+
+    names = list(summary)
+    lines = ["| task | n | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for group, tasks in (("seen", SEEN_TASKS), ("unseen", UNSEEN_TASKS)):
+        for t in tasks:
+            lines.append(f"| {t} ({group}) | {n.get(t) or '–'} | "
+                         + " | ".join(cell(summary[c]["tasks"].get(t)) for c in names) + " |")
+    for key, title in (("seen_average", "seen average"), ("unseen_average", "unseen average")):
+        lines.append(f"| **{title}** | | " + " | ".join(cell(summary[c][key]) for c in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=("run", "table", "all"), nargs="?", default="all")
+    for name, default in asdict(TableConfig()).items():
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(default, int):
+            parser.add_argument(flag, type=int, default=default)
+        elif name == "routes":
+            parser.add_argument(flag, nargs="+", default=None)
+        else:
+            parser.add_argument(flag, default=default)
+    args = vars(parser.parse_args(argv))
+    stage = args.pop("stage")
+    config = TableConfig(**args)
+    if stage in ("run", "all"):
+        run(config)
+    if stage in ("table", "all"):
+        report = assemble(Path(config.out))
+        print((Path(config.out) / "table.md").read_text(), end="")
+        print(json.dumps({"gate_routing": report["gate_routing"]["accuracy"], "units": report["units"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
