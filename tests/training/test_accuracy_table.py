@@ -12,6 +12,9 @@ UNSEEN = ("coin_flip",)
 
 def test_units_cover_every_route_once_in_priority_order():
     units = all_units(SEEN, UNSEEN, list(SEEN), ["coin_flip", "coin_flip-linear"])
+    chosen = all_units(SEEN, UNSEEN, list(SEEN), [], {"coin_flip": "last_letter_concatenation"})
+    assert [(u.route, u.task) for u in chosen[-2:]] == [("expert:last_letter_concatenation", "coin_flip"),
+                                                         ("expert:addsub", "coin_flip")]
     labels = [(u.label, u.task) for u in units]
     assert len(labels) == len(set(labels))
     assert labels[:3] == [("base", "addsub"), ("base", "last_letter_concatenation"), ("base", "coin_flip")]
@@ -55,7 +58,7 @@ def test_assemble_computes_averages_best_expert_and_gate_routing(tmp_path, monke
     assert columns["base"]["seen_average"] == pytest.approx((0 + 0.25) / 2)
     assert columns["oracle (own expert / exact composition)"]["seen_average"] == pytest.approx((0.5 + 1.0) / 2)
     assert report["best_single_expert"]["coin_flip"]["expert"] == "last_letter_concatenation"
-    assert columns["best single expert"]["unseen_average"] == pytest.approx(0.75)
+    assert columns["best single expert (on test)"]["unseen_average"] == pytest.approx(0.75)
     assert report["gate_routing"]["accuracy"] == pytest.approx(0.75)
     table = (tmp_path / "table.md").read_text()
     assert "| addsub (seen) | 4 |" in table and "**seen average**" in table
