@@ -51,7 +51,10 @@ class TableConfig:
     out: str = "benchmarks/results/accuracy"
     """Unit files, accuracy.json and table.md."""
     max_examples: int = 100
-    """Test examples per task (seeded subsample)."""
+    """Test examples per task (seeded subsample): the pool."""
+    keep_examples: int | None = 50
+    """Examples per task actually run: a seeded subsample of the pool (None: the whole pool). Units
+    written from a larger pool are restricted to this subset and re-scored (`restrict_units`)."""
     seed: int = 0
     """Seed of the subsample and of vLLM."""
     max_new_tokens: int = 256
@@ -154,7 +157,7 @@ def run(config: TableConfig) -> None:
     from mode_cotd.bundle import load_bundle
     from mode_cotd.student import resolve_student, student_identity
     from mode_cotd.tasks import SEEN_TASKS, UNSEEN_TASKS
-    from training.evaluate import EvalConfig, _too_long, eval_items
+    from training.evaluate import EvalConfig, _too_long
     from training.routes import RoutePlanner, parse_route
 
     out = Path(config.out)
@@ -166,6 +169,7 @@ def run(config: TableConfig) -> None:
     chosen = choose_experts(config.bundle, out)
     units = [u for u in all_units(SEEN_TASKS, UNSEEN_TASKS, list(default.experts), list(default.compositions), chosen)
              if u.bundle in bundles and (config.routes is None or u.label in config.routes)]
+    restrict_units(out, config)
     pending = [u for u in units if not unit_path(out, u).is_file()]
     print(f"[table] {len(units)} units, {len(units) - len(pending)} done, {len(pending)} to run", flush=True)
     if not pending:
@@ -173,7 +177,7 @@ def run(config: TableConfig) -> None:
     planners = {k: RoutePlanner(b, student, out / "adapters" / k) for k, b in bundles.items()}
     plans = {}
     for unit in pending:
-        items = eval_items([unit.task], None, config.max_examples, config.seed)
+        items = test_items(unit.task, config)
         too_long = _too_long(student, items, config.max_model_len)
         kept = [i for i in range(len(items)) if i not in too_long]
         plan = planners[unit.bundle].plan(parse_route(unit.route), [items[i].prompt for i in kept],
@@ -186,6 +190,39 @@ def run(config: TableConfig) -> None:
     for group in ([u for u in pending if rank[u] > LOW_RANK], [u for u in pending if rank[u] <= LOW_RANK]):
         if group:
             _run_group(group, plans, eval_config, out, config, student, student_identity(student))
+
+
+def test_items(task: str, config: TableConfig) -> list:
+    """The task's test prompts of the table: `keep_examples` drawn (seeded) from the `max_examples` pool."""
+    from mode_cotd.data import subsample
+    from training.evaluate import eval_items
+
+    items = eval_items([task], None, config.max_examples, config.seed)
+    return subsample(items, config.keep_examples, config.seed) if config.keep_examples else items
+
+
+def restrict_units(out: Path, config: TableConfig) -> None:
+    """Rewrite unit files holding more examples than the kept subset: keep those examples, re-score."""
+    from mode_cotd.student import resolve_student
+    from mode_cotd.tasks import score
+    from training.evaluate import _too_long
+
+    for path in sorted((out / "units").glob("*.json")):
+        record = json.loads(path.read_text())
+        items = test_items(record["task"], config)
+        wanted = [i.index for i in items]
+        if [e["index"] for e in record["examples"]] == wanted:
+            continue
+        by_index = {e["index"]: e for e in record["examples"]}
+        if not set(wanted) <= set(by_index):
+            raise ValueError(f"{path}: its examples do not include the kept subset; delete it to rerun the unit")
+        examples = [by_index[i] for i in wanted]
+        result = score([e["prediction"] for e in examples], [e["gold"] for e in examples], record["task"])
+        too_long = len(_too_long(resolve_student(None), items, config.max_model_len))
+        settings = {**record["settings"], "keep_examples": config.keep_examples,
+                    "restricted_from": len(record["examples"])}
+        write_json_atomic(path, {**record, **result, "too_long": too_long, "settings": settings, "examples": examples})
+        print(f"[table] {path.name}: restricted to the {len(wanted)} kept examples", flush=True)
 
 
 def _run_group(units: list[Unit], plans: dict, eval_config, out: Path, config: TableConfig, student_dir: Path,
