@@ -71,6 +71,9 @@ class TableConfig:
     """Units are generated together until a chunk holds at least this many prompts."""
     routes: list[str] | None = None
     """Only units of these routes (labels as in the unit list); None: all."""
+    tasks: list[str] | None = None
+    """Only units on these tasks; None: all 14. With `routes`, reruns one unit into another --out to
+    check it reproduces."""
 
 
 @dataclass(frozen=True)
@@ -166,9 +169,10 @@ def run(config: TableConfig) -> None:
     if Path(config.all_data_bundle, "manifest.json").is_file():
         bundles["all_data"] = load_bundle(config.all_data_bundle, student=student, strict=True)
     default = bundles["default"]
-    chosen = choose_experts(config.bundle, out)
+    chosen = choose_experts(config.bundle, out) if config.routes is None else _chosen(out)
     units = [u for u in all_units(SEEN_TASKS, UNSEEN_TASKS, list(default.experts), list(default.compositions), chosen)
-             if u.bundle in bundles and (config.routes is None or u.label in config.routes)]
+             if u.bundle in bundles and (config.routes is None or u.label in config.routes)
+             and (config.tasks is None or u.task in config.tasks)]
     restrict_units(out, config)
     pending = [u for u in units if not unit_path(out, u).is_file()]
     print(f"[table] {len(units)} units, {len(units) - len(pending)} done, {len(pending)} to run", flush=True)
@@ -260,7 +264,7 @@ def _run_group(units: list[Unit], plans: dict, eval_config, out: Path, config: T
             record = {
                 "route": unit.route, "bundle": unit.bundle, "label": unit.label, "task": unit.task,
                 **summary, "student": student,
-                "settings": {k: v for k, v in asdict(config).items() if k not in ("routes", "out")},
+                "settings": {k: v for k, v in asdict(config).items() if k not in ("routes", "tasks", "out")},
                 "examples": [{"index": it.index, "gold": it.gold, "prediction": predictions[i],
                               "adapter": choice_of[i].name if choice_of.get(i) else None,
                               "experts": dict(choice_of[i].experts) if choice_of.get(i) else {}}
@@ -364,9 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stage", choices=("run", "table", "all"), nargs="?", default="all")
     for name, default in asdict(TableConfig()).items():
         flag = f"--{name.replace('_', '-')}"
-        if isinstance(default, int):
+        if name == "keep_examples":
+            parser.add_argument(flag, type=lambda v: None if v == "none" else int(v), default=default)
+        elif isinstance(default, int):
             parser.add_argument(flag, type=int, default=default)
-        elif name == "routes":
+        elif name in ("routes", "tasks"):
             parser.add_argument(flag, nargs="+", default=None)
         else:
             parser.add_argument(flag, default=default)
