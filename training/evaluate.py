@@ -179,6 +179,10 @@ class VllmGenerator:
         outputs = self.llm.generate(list(prompts), self.params, lora_request=requests, use_tqdm=False)
         return [o.outputs[0].text for o in outputs]
 
+    def close(self) -> None:
+        """Stop vLLM's engine core and worker processes now (they hold the KV cache's memory until then)."""
+        self.llm.llm_engine.engine_core.shutdown()
+
 
 # ----------------------------------------------------------------------------- scoring and reports
 

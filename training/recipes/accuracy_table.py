@@ -231,7 +231,7 @@ def restrict_units(out: Path, config: TableConfig) -> None:
 
 def _run_group(units: list[Unit], plans: dict, eval_config, out: Path, config: TableConfig, student_dir: Path,
                student: dict) -> None:
-    from training.evaluate import VllmGenerator, summarise
+    from training.evaluate import VllmGenerator
 
     adapters = {c.name: c for u in units for c in plans[u][3] if c is not None}
     max_rank = max((c.rank for c in adapters.values()), default=1)
@@ -244,35 +244,45 @@ def _run_group(units: list[Unit], plans: dict, eval_config, out: Path, config: T
         if sum(len(plans[u][2]) for u in chunks[-1]) >= config.chunk_prompts:
             chunks.append([])
         chunks[-1].append(unit)
-    for chunk in chunks:
-        prompts, choices = [], []
-        for unit in chunk:
-            items, _, kept, plan = plans[unit]
-            prompts += [items[i].prompt for i in kept]
-            choices += plan
-        t0 = time.perf_counter()
-        texts = generator(prompts, choices)
-        seconds = time.perf_counter() - t0
-        offset = 0
-        for unit in chunk:
-            items, too_long, kept, plan = plans[unit]
-            mine = dict(zip(kept, texts[offset:offset + len(kept)]))
-            offset += len(kept)
-            predictions = [mine.get(i, "") for i in range(len(items))]
-            choice_of = dict(zip(kept, plan))
-            summary = summarise(items, predictions, too_long)["tasks"][unit.task]
-            record = {
-                "route": unit.route, "bundle": unit.bundle, "label": unit.label, "task": unit.task,
-                **summary, "student": student,
-                "settings": {k: v for k, v in asdict(config).items() if k not in ("routes", "tasks", "out")},
-                "examples": [{"index": it.index, "gold": it.gold, "prediction": predictions[i],
-                              "adapter": choice_of[i].name if choice_of.get(i) else None,
-                              "experts": dict(choice_of[i].experts) if choice_of.get(i) else {}}
-                             for i, it in enumerate(items)],
-            }
-            write_json_atomic(unit_path(out, unit), record)
-        print(f"[table] {', '.join(u.slug for u in chunk)}: {len(prompts)} prompts in {seconds:.0f} s "
-              f"({len(prompts) / max(seconds, 1e-9):.2f} prompts/s)", flush=True)
+    try:
+        for chunk in chunks:
+            _run_chunk(chunk, plans, generator, out, config, student)
+    finally:
+        generator.close()  # the next group's engine needs the memory
+
+
+def _run_chunk(chunk: list[Unit], plans: dict, generator, out: Path, config: TableConfig, student: dict) -> None:
+    """Generate one chunk's prompts in one call; write each of its units."""
+    from training.evaluate import summarise
+
+    prompts, choices = [], []
+    for unit in chunk:
+        items, _, kept, plan = plans[unit]
+        prompts += [items[i].prompt for i in kept]
+        choices += plan
+    t0 = time.perf_counter()
+    texts = generator(prompts, choices)
+    seconds = time.perf_counter() - t0
+    offset = 0
+    for unit in chunk:
+        items, too_long, kept, plan = plans[unit]
+        mine = dict(zip(kept, texts[offset:offset + len(kept)]))
+        offset += len(kept)
+        predictions = [mine.get(i, "") for i in range(len(items))]
+        choice_of = dict(zip(kept, plan))
+        summary = summarise(items, predictions, too_long)["tasks"][unit.task]
+        record = {
+            "route": unit.route, "bundle": unit.bundle, "label": unit.label, "task": unit.task,
+            **summary, "student": student,
+            "settings": {k: v for k, v in asdict(config).items() if k not in ("routes", "tasks", "out")},
+            "examples": [{"index": it.index, "gold": it.gold, "prediction": predictions[i],
+                          "adapter": choice_of[i].name if choice_of.get(i) else None,
+                          "experts": dict(choice_of[i].experts) if choice_of.get(i) else {}}
+                         for i, it in enumerate(items)],
+        }
+        write_json_atomic(unit_path(out, unit), record)
+    print(f"[table] {', '.join(u.slug for u in chunk)}: {len(prompts)} prompts in {seconds:.0f} s "
+          f"({len(prompts) / max(seconds, 1e-9):.2f} prompts/s)", flush=True)
 
 
 # ----------------------------------------------------------------------------- the table
