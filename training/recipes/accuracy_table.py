@@ -25,7 +25,6 @@ engine's max rank, and the r8 experts would otherwise pay for it. ``table`` then
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -211,6 +210,7 @@ def restrict_units(out: Path, config: TableConfig) -> None:
     from mode_cotd.tasks import score
     from training.evaluate import _too_long
 
+    student = resolve_student(None)
     for path in sorted((out / "units").glob("*.json")):
         record = json.loads(path.read_text())
         items = test_items(record["task"], config)
@@ -222,7 +222,7 @@ def restrict_units(out: Path, config: TableConfig) -> None:
             raise ValueError(f"{path}: its examples do not include the kept subset; delete it to rerun the unit")
         examples = [by_index[i] for i in wanted]
         result = score([e["prediction"] for e in examples], [e["gold"] for e in examples], record["task"])
-        too_long = len(_too_long(resolve_student(None), items, config.max_model_len))
+        too_long = len(_too_long(student, items, config.max_model_len))
         settings = {**record["settings"], "keep_examples": config.keep_examples,
                     "restricted_from": len(record["examples"])}
         write_json_atomic(path, {**record, **result, "too_long": too_long, "settings": settings, "examples": examples})
@@ -373,22 +373,16 @@ def markdown(summary: dict, n: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+STAGES = ("run", "table", "all")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("run", "table", "all"), nargs="?", default="all")
-    for name, default in asdict(TableConfig()).items():
-        flag = f"--{name.replace('_', '-')}"
-        if name == "keep_examples":
-            parser.add_argument(flag, type=lambda v: None if v == "none" else int(v), default=default)
-        elif isinstance(default, int):
-            parser.add_argument(flag, type=int, default=default)
-        elif name in ("routes", "tasks"):
-            parser.add_argument(flag, nargs="+", default=None)
-        else:
-            parser.add_argument(flag, default=default)
-    args = vars(parser.parse_args(argv))
-    stage = args.pop("stage")
-    config = TableConfig(**args)
+    """``[run|table|all]`` then TableConfig's flags (training.config_args, as every other command)."""
+    from training.config_args import parse_settings
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stage = argv.pop(0) if argv and argv[0] in STAGES else "all"
+    config = parse_settings(TableConfig, argv, "python -m training.recipes.accuracy_table [run|table|all]", __doc__)
     if stage in ("run", "all"):
         run(config)
     if stage in ("table", "all"):
