@@ -44,7 +44,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser, cls: type, defaults: An
         if typing.get_origin(tp) is dict:
             continue  # mappings (engine.extra) only through --config
         flag = "--" + dest.replace(".", "-").replace("_", "-")
-        help_text = f"{docs.get(f.name, '')} (default: {default})"
+        help_text = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")  # argparse %-formats help
         if tp is bool:
             parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)

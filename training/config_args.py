@@ -91,7 +91,8 @@ def settings_parser(cls: type, prog: str, description: str) -> argparse.Argument
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         shown = "required" if default is dataclasses.MISSING else f"default: {default}"
         kind = _flag_type(hints[f.name])
-        kwargs: dict[str, Any] = {"help": f"{docs.get(f.name, '')} ({shown})", "default": argparse.SUPPRESS}
+        kwargs: dict[str, Any] = {"help": f"{docs.get(f.name, '')} ({shown})".replace("%", "%%"),  # argparse %-formats
+                                  "default": argparse.SUPPRESS}
         if kind == "dict":
             continue
         if kind is bool:
