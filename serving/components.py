@@ -40,6 +40,9 @@ def resolve_settings(settings: ServeSettings) -> ServeSettings:
             f"no bundle at {bundle} (manifest.json missing). Build one with the training commands "
             "(`mode-cotd pipeline --help`), or pass --bundle PATH to a bundle folder."
         )
+    from serving.engine import cpu_threads_bind
+
+    cpu_threads_bind(settings.engine.cpu_threads_bind, 0, [0])  # a bad value fails here, not in each replica
     student = resolve_student(settings.student)
     config = json.loads((student / "config.json").read_text(encoding="utf-8"))
     limit = config.get("max_position_embeddings") or settings.engine.max_model_len
@@ -87,6 +90,7 @@ def student_service(
     engine_factory: Callable[[int], StudentEngine] | None = None,
     round_rank: Callable[[int], int] | None = None,
     replica: str = "0",
+    local_rank: int = 0,
 ) -> StudentService:
     """Adapter cache + engine. Default: vLLM, with its rank rounding; tests pass a fake engine factory."""
     if round_rank is None or engine_factory is None:
@@ -94,7 +98,7 @@ def student_service(
 
         round_rank = round_rank or supported_lora_rank
         engine_factory = engine_factory or (lambda rank: VllmEngine(
-            Path(settings.student), settings.engine, rank, settings.engine.max_model_len))
+            Path(settings.student), settings.engine, rank, settings.engine.max_model_len, local_rank))
     rank = round_rank(settings.engine.max_lora_rank or needed_lora_rank(bundle))
     too_big = {name: e.record.r for name, e in bundle.experts.items() if e.record.r > rank}
     if too_big:

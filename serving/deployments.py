@@ -112,8 +112,10 @@ class RayBackend:
 @serve.deployment(name="student")
 class StudentDeployment:
     async def __init__(self, settings: ServeSettings):
-        replica = serve.get_replica_context().replica_id.unique_id
-        self.service = components.student_service(settings, components.load_serving_bundle(settings), replica=replica)
+        context = serve.get_replica_context()
+        self.service = components.student_service(settings, components.load_serving_bundle(settings),
+                                                  replica=context.replica_id.unique_id,
+                                                  local_rank=context.rank.local_rank if context.rank is not None else 0)
         await self.service.start()  # ready to Serve only once vLLM is loaded (a raise fails the replica's start)
 
     async def is_ready(self) -> bool:

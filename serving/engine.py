@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
 import typing
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from mode_cotd.errors import ConfigError
 from serving.errors import ApiError, InternalError, InvalidRequest, ServiceUnavailable
 from serving.protocol import GenerationDelta, LoraTarget, SamplingSettings, TokenLogprob
 from serving.settings import EngineSettings
@@ -33,6 +36,27 @@ def supported_lora_rank(needed: int) -> int:
         if rank >= needed:
             return rank
     return ranks[-1]
+
+
+CPU_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
+_CORE_LIST = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
+
+
+def cpu_threads_bind(setting: str, local_rank: int, allowed_cores: list[int]) -> str:
+    """The value of vLLM's VLLM_CPU_OMP_THREADS_BIND for `EngineSettings.cpu_threads_bind`.
+
+    "per-replica" gives replica `local_rank` (its rank among this deployment's replicas on the node)
+    the core allowed_cores[local_rank % len(allowed_cores)], so replicas on one node run their model
+    workers on different cores ("auto" would put every one on the same cores).
+    """
+    if setting in ("auto", "nobind") or _CORE_LIST.match(setting):
+        return setting
+    if setting == "per-replica":
+        if not allowed_cores:
+            raise ConfigError("engine.cpu_threads_bind: this process may use no core")
+        return str(sorted(allowed_cores)[local_rank % len(allowed_cores)])
+    raise ConfigError(f"engine.cpu_threads_bind: expected 'auto', 'per-replica', 'nobind' or a core list "
+                      f"like '0-3', got {setting!r}")
 
 
 def engine_args(student: Path, settings: EngineSettings, max_lora_rank: int, max_model_len: int):
@@ -91,11 +115,13 @@ def _kept_marker(choice: Any, sampling: SamplingSettings) -> str:
 class VllmEngine:
     """vLLM AsyncLLM for one student; start() loads it (tens of seconds), then generate() streams."""
 
-    def __init__(self, student: Path, settings: EngineSettings, max_lora_rank: int, max_model_len: int):
+    def __init__(self, student: Path, settings: EngineSettings, max_lora_rank: int, max_model_len: int,
+                 local_rank: int = 0):
         self.student = Path(student)
         self.settings = settings
         self.max_lora_rank = max_lora_rank
         self.max_model_len = max_model_len
+        self.cpu_bind = cpu_threads_bind(settings.cpu_threads_bind, local_rank, sorted(os.sched_getaffinity(0)))
         self._llm = None
 
     @property
@@ -107,6 +133,7 @@ class VllmEngine:
         from serving.fast_lora import plugin as fast_lora
 
         fast_lora.select(self.settings.fast_lora)  # before vLLM builds its config and spawns its processes
+        os.environ[CPU_BIND_ENV] = self.cpu_bind  # read by vLLM's engine core process, which inherits it
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = engine_args(self.student, self.settings, self.max_lora_rank, self.max_model_len)

@@ -106,6 +106,10 @@ class EngineSettings:
     """Explicit KV cache size in bytes (overrides gpu_memory_utilization for the cache)."""
     enforce_eager: bool = False
     """Skip graph capture/compilation: faster start, slower steps."""
+    cpu_threads_bind: str = "auto"
+    """vLLM CPU backend only: cores for the model worker's threads. "auto": vLLM's choice (the same cores in
+    every replica on a node); "per-replica": one core per student replica on a node (its local rank modulo
+    the cores this process may use), so two replicas never share one; "nobind"; or a core list like "0-3"."""
     fast_lora: bool = True
     """mode-cotd's grouped LoRA ops on vLLM's CPU backend (serving/fast_lora); off: vLLM's own LoRA ops."""
     seed: int = 0
