@@ -4,7 +4,9 @@
     .venv/bin/python scripts/smoke_serve.py [--base-url http://127.0.0.1:8000]
 
 Prints the routes, a gate-routed completion (openai client) with the experts that served it, a chat, and the
-same kind of completion through curl. Exits 1 when the gate route does not end its answer with " END".
+same kind of completion through curl. Exits 1 unless the gate's top expert for the last-letter prompt is
+last_letter_concatenation and its answer is a rationale in the paper's format ("The last letter of ...",
+"-->", the answer, " END").
 """
 
 from __future__ import annotations
@@ -40,7 +42,27 @@ def main() -> int:
     curl = subprocess.run(["curl", "-s", f"{args.base_url}/v1/completions", "-H", "Content-Type: application/json",
                            "-d", json.dumps(body)], capture_output=True, text=True, check=True)
     print("curl:", curl.stdout)
-    return 0 if r.choices[0].text.endswith(" END") else 1
+    return check_last_letter(r.choices[0].text, r.model_extra["mode_cotd"])
+
+
+def check_last_letter(text: str, served_by: dict) -> int:
+    """0 when the gate chose the last-letter expert first and the answer is a rationale in the paper's format
+    (one "The last letter of ..." line per word, "-->", the answer, " END"); else 1, naming what is missing."""
+    experts = served_by.get("experts") or {}
+    top = max(experts, key=experts.get) if experts else None
+    faults = []
+    if top != "last_letter_concatenation":
+        faults.append(f"the gate's top expert is {top!r}, not 'last_letter_concatenation' ({experts})")
+    for part in ("The last letter of", "-->"):
+        if part not in text:
+            faults.append(f"no {part!r} in the answer")
+    if not text.endswith(" END"):
+        faults.append("the answer does not end with ' END'")
+    for fault in faults:
+        print("FAIL:", fault, file=sys.stderr)
+    if not faults:
+        print("OK: the last-letter expert answered with a rationale in the paper's format")
+    return 1 if faults else 0
 
 
 if __name__ == "__main__":
