@@ -9,7 +9,9 @@ no more: on this 2-core CPU that batch takes minutes, so 64 + 128 queued would n
 a 60 s test), then runs tests/reliability/measure.py's phases in order: capacity, overload
 at 4x capacity for 60 s, 50 + 50 disconnects, fuzz cases ($MODE_COTD_FUZZ_CASES, 300), kill
 -9 of the student replica under load. Figures go to $MODE_COTD_RELIABILITY_REPORT (default
-/tmp/mode-cotd-reliability.json) after each phase; $MODE_COTD_PHASES picks phases.
+/tmp/mode-cotd-reliability.json) after each phase; $MODE_COTD_PHASES picks phases;
+$MODE_COTD_STUDENT_REPLICAS=2 runs two student replicas, each on its own core
+(`--engine-cpu-threads-bind per-replica`), so a killed one has a hot standby.
 The server is stopped with SIGINT (Ctrl-C), as a person would.
 """
 
@@ -47,6 +49,10 @@ def server(heavy_lock, until_healthy, tmp_path):
     log = open(os.environ.get("MODE_COTD_SERVE_LOG", tmp_path / "serve.log"), "w")  # noqa: SIM115
     command = [str(Path(sys.executable).with_name("mode-cotd")), "serve", "--port", str(port),
                "--api-max-output-tokens", "64", "--engine-max-queued-requests", "0"]
+    replicas = int(os.environ.get("MODE_COTD_STUDENT_REPLICAS", "1"))
+    if replicas > 1:  # a hot standby: one core and a share of the memory each (docs/reliability.md, kill -9)
+        command += ["--student-deployment-num-replicas", str(replicas), "--engine-cpu-threads-bind", "per-replica",
+                    "--engine-gpu-memory-utilization", str(round(0.4 / replicas, 2))]
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
 
