@@ -39,7 +39,7 @@ def supported_lora_rank(needed: int) -> int:
 
 
 CPU_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
-_CORE_LIST = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
+_CORE_LIST = re.compile(r"^(\d+(-\d+)?)(,\d+(-\d+)?)*(\|(\d+(-\d+)?)(,\d+(-\d+)?)*)*$")  # "0-3" or "0-3|4-7" (one per rank)
 
 
 def cpu_threads_bind(setting: str, local_rank: int, allowed_cores: list[int]) -> str:
@@ -133,7 +133,8 @@ class VllmEngine:
         from serving.fast_lora import plugin as fast_lora
 
         fast_lora.select(self.settings.fast_lora)  # before vLLM builds its config and spawns its processes
-        os.environ[CPU_BIND_ENV] = self.cpu_bind  # read by vLLM's engine core process, which inherits it
+        if self.cpu_bind != "auto":  # "auto" leaves the variable as the environment set it (vLLM's default: auto)
+            os.environ[CPU_BIND_ENV] = self.cpu_bind  # read by vLLM's engine core process, which inherits it
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = engine_args(self.student, self.settings, self.max_lora_rank, self.max_model_len)

@@ -109,7 +109,8 @@ class EngineSettings:
     cpu_threads_bind: str = "auto"
     """vLLM CPU backend only: cores for the model worker's threads. "auto": vLLM's choice (the same cores in
     every replica on a node); "per-replica": one core per student replica on a node (its local rank modulo
-    the cores this process may use), so two replicas never share one; "nobind"; or a core list like "0-3"."""
+    the cores this process may use), so two replicas never share one; "nobind"; or a core list like "0-3".
+    Anything but "auto" overrides $VLLM_CPU_OMP_THREADS_BIND; "auto" leaves it as the environment set it."""
     fast_lora: bool = True
     """mode-cotd's grouped LoRA ops on vLLM's CPU backend (serving/fast_lora); off: vLLM's own LoRA ops."""
     seed: int = 0

@@ -6,7 +6,7 @@ from mode_cotd.errors import ConfigError
 from serving.engine import cpu_threads_bind
 
 
-@pytest.mark.parametrize("setting", ["auto", "nobind", "0", "1-3", "0,2,4-5"])
+@pytest.mark.parametrize("setting", ["auto", "nobind", "0", "1-3", "0,2,4-5", "0-3|4-7"])
 def test_vllm_values_pass_through(setting):
     assert cpu_threads_bind(setting, 3, [0, 1]) == setting
 
@@ -16,7 +16,7 @@ def test_per_replica_gives_each_local_replica_its_own_core():
     assert [cpu_threads_bind("per-replica", rank, cores) for rank in range(4)] == ["2", "4", "6", "2"]
 
 
-@pytest.mark.parametrize("setting", ["", "per_replica", "0-", "all", "1;2"])
+@pytest.mark.parametrize("setting", ["", "per_replica", "0-", "all", "1;2", "0|", "|1"])
 def test_bad_values_are_refused_by_name(setting):
     with pytest.raises(ConfigError, match="engine.cpu_threads_bind"):
         cpu_threads_bind(setting, 0, [0, 1])
