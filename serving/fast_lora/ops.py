@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from serving.fast_lora.segments import Batched, Group, Rows
+from serving.fast_lora.segments import Batched, Group, Rows, UnionRows
 
 ACCUMULATE = torch.float32
 """Dtype the matmuls run in (inputs are first rounded to the dtype vLLM would use)."""
@@ -115,6 +115,34 @@ def grouped_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch
             out[:, offset : offset + n] = _mm(h, _weight(b_stacked, g.slot), y.dtype)  # [t, n]
             offset += n
         _put(y[:, :width], g.rows, out.to(y.dtype), add=True)
+
+
+def union_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor],
+                      lora_b: Sequence[torch.Tensor], union: UnionRows, scale: float,
+                      output_slices: Sequence[int], buffer_dtype: torch.dtype = torch.float32) -> None:
+    """Mixture rows through the union: y[r, oᵢ:oᵢ+nᵢ] += (hᵢ ⊙ repeat_interleave(w[r], b)) @ Bᵢ[u][:, :E·b]ᵀ.
+
+    hᵢ = (scale · x[r] @ Aᵢ[u][:E·b]ᵀ) in buffer_dtype, u = the anchor slot holding the union
+    (A = cat(Aₑ), B = cat(sₑBₑ), expert e in rank block e·b … e·b+b-1), w `[t, E]` the rows' mixture
+    weights (union.weights). So a row gets Σₑ w[r, e] · sₑ Bₑ Aₑ x[r]: its mixture, exactly, whatever
+    the number of distinct mixtures in the step. The block-scaled h is rounded to y.dtype before the
+    expand, as vLLM's ops round their shrink buffer. Shapes as grouped_lora_linear.
+    """
+    e = union.weights.shape[1]
+    rank = e * union.block_rank
+    width = sum(output_slices)
+    xg = _acc(_take(x, union.rows), buffer_dtype)  # [t, H]
+    scales = union.weights.repeat_interleave(union.block_rank, dim=1)  # [t, E·b]
+    if scale != 1.0:
+        scales = scales * scale
+    out = torch.empty(union.count, width, dtype=torch.promote_types(y.dtype, ACCUMULATE))  # [t, N]
+    offset = 0
+    for a_stacked, b_stacked, n in zip(lora_a, lora_b, output_slices):
+        a = _weight(a_stacked, union.slot)[:rank]  # [E·b, H]
+        h = (xg @ _acc(a, buffer_dtype).t()).mul_(scales)  # [t, E·b]
+        out[:, offset : offset + n] = _mm(h, _weight(b_stacked, union.slot)[:, :rank], y.dtype)  # [t, n]
+        offset += n
+    _put(y[:, :width], union.rows, out.to(y.dtype), add=True)
 
 
 def _batched_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor],

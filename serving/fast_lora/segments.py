@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from serving.fast_lora import mixture_ids
+
 Rows = slice | torch.Tensor
 """Rows of a step: a contiguous range, or sorted row indices (int64, 1-D)."""
 
@@ -93,3 +95,64 @@ def batch_groups(groups: list[Group], total_rows: int) -> Batched | None:
         scatter[i, : g.count] = rows
     slots = torch.tensor([g.slot for g in groups], dtype=torch.long)
     return Batched(slots, gather.view(-1), scatter.view(-1), width, total_rows)
+
+
+@dataclass(frozen=True)
+class UnionRows:
+    """The rows of a step that use mixture ids (serving.fast_lora.mixture_ids), served by the pinned union."""
+
+    slot: int
+    """The anchor's slot: the union of the experts, rank E·b."""
+    rows: Rows
+    """Which rows use a mixture id."""
+    count: int
+    """How many rows."""
+    weights: torch.Tensor
+    """[count, E] float32: each row's weight per expert block."""
+    block_rank: int
+    """b: the width of each expert's rank block."""
+
+
+def split_union_rows(indices: torch.Tensor, lora_index_to_id: list[int | None]
+                     ) -> tuple[UnionRows | None, torch.Tensor]:
+    """(the rows whose slot holds a mixture id, served by the anchor; `indices` with those rows set to -1).
+
+    indices: [T] int64 slot per row (-1 = no LoRA). Raises RuntimeError when a step has mixture ids
+    but the anchor of their union is not in a slot, or mixture ids of different unions.
+    """
+    mixtures = {slot: code for slot, lora_id in enumerate(lora_index_to_id)
+                if lora_id is not None and isinstance(code := mixture_ids.decode(lora_id), mixture_ids.MixtureCode)}
+    if not mixtures:
+        return None, indices
+    table = torch.full((len(lora_index_to_id) + 1,), -1, dtype=torch.long)  # slot -> row of `codes`; last: -1
+    codes = list(mixtures.values())
+    for i, slot in enumerate(mixtures):
+        table[slot] = i
+    which = table[indices]  # [T]: the row's mixture (-1: not a mixture id); slot -1 reads the last entry
+    present = which >= 0
+    if not bool(present.any()):
+        return None, indices
+    layouts = {codes[i].layout for i in torch.unique(which[present]).tolist()}
+    if len(layouts) > 1:
+        raise RuntimeError(f"one step mixes mixture ids of {len(layouts)} different unions: {sorted(map(str, layouts))}")
+    layout = layouts.pop()
+    anchor = mixture_ids.anchor_id(layout)
+    if anchor not in lora_index_to_id:
+        raise RuntimeError(f"mixture ids of union {layout} are in the step but its anchor (LoRA id {anchor}) "
+                           "is not in a slot: load and pin the union first")
+    zeros = (0.0,) * layout.experts  # for mixture ids of other unions, in slots but not in this step
+    per_mixture = torch.tensor([c.weights if c.layout == layout else zeros for c in codes],
+                               dtype=torch.float32)  # [M, E]
+    (group,) = group_rows(torch.where(present, 0, -1))
+    union = UnionRows(lora_index_to_id.index(anchor), group.rows, group.count,
+                      per_mixture[which[present]], layout.block_rank)  # weights [count, E]
+    return union, torch.where(present, -1, indices)
+
+
+def without_mixture_slots(indices: torch.Tensor, lora_index_to_id: list[int | None]) -> torch.Tensor:
+    """`indices` ([N] slot per row) with rows on a mixture id's slot set to -1 (its placeholder adds nothing)."""
+    slots = [slot for slot, lora_id in enumerate(lora_index_to_id)
+             if lora_id is not None and isinstance(mixture_ids.decode(lora_id), mixture_ids.MixtureCode)]
+    if not slots:
+        return indices
+    return torch.where(torch.isin(indices, torch.tensor(slots, dtype=indices.dtype)), -1, indices)

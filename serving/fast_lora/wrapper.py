@@ -7,6 +7,14 @@ tensors) and adds the grouping (serving.fast_lora.segments) of the step's tokens
 sampled rows; the ops (serving.fast_lora.ops) then run one matmul pair per slot present.
 Anything not overridden (full-linear classifier heads, MoE LoRA) is vLLM's CPU code as is.
 
+Mixture ids (serving.fast_lora.mixture_ids) are served through the union of their experts,
+pinned in one slot under its anchor id: `update_metadata` moves their rows out of the slot
+groups into one `UnionRows` group with per-row expert weights, and `add_lora_linear` applies
+them as block scales between shrink and expand (ops.union_lora_linear): one matmul pair for
+every mixture in the step. Their own slots hold a placeholder adapter that is never read, so
+mixture rows get no embedding or lm_head LoRA: the union must have none (the serving side
+builds it from the experts' linear modules only).
+
 Rows with no adapter are left untouched. (vLLM's CPU ops index the weights with -1 for
 them, which reads the last slot: with every slot filled, base requests batched with LoRA
 requests pick up the last slot's adapter. The grouped ops do not.)
@@ -19,8 +27,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-from serving.fast_lora.ops import grouped_expand, grouped_lora_linear, grouped_lora_logits, grouped_shrink
-from serving.fast_lora.segments import Batched, Group, batch_groups, group_rows
+from serving.fast_lora.ops import (grouped_expand, grouped_lora_linear, grouped_lora_logits, grouped_shrink,
+                                   union_lora_linear)
+from serving.fast_lora.segments import (Batched, Group, UnionRows, batch_groups, group_rows, split_union_rows,
+                                        without_mixture_slots)
 
 if TYPE_CHECKING:
     from vllm.lora.layers import LoRAMapping
@@ -37,17 +47,21 @@ class PunicaWrapperGrouped(PunicaWrapperCPU):
         """The token groups laid out for batched matmuls (None: loop over the groups)."""
         self.sampler_groups: list[Group] = []
         """The step's sampled rows grouped by slot (logits)."""
+        self.union_rows: UnionRows | None = None
+        """The step's rows with a mixture id, served by the union (None: no mixture in the step)."""
 
     def update_metadata(self, mapping: LoRAMapping, lora_index_to_id: list[int | None], max_loras: int,
                         vocab_size: int, **kwargs: Any) -> None:
         super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
-        self.token_groups = group_rows(self.token_lora_indices)
-        self.token_batched = batch_groups(self.token_groups, self.token_lora_indices.numel())
-        self.sampler_groups = group_rows(self.sampler_indices)
+        self.union_rows, indices = split_union_rows(self.token_lora_indices, lora_index_to_id)
+        self.token_groups = group_rows(indices)
+        self.token_batched = batch_groups(self.token_groups, indices.numel())
+        self.sampler_groups = group_rows(without_mixture_slots(self.sampler_indices, lora_index_to_id))
 
     def add_shrink(self, y: tuple[torch.Tensor, ...] | torch.Tensor, x: torch.Tensor,
                    lora_a_stacked: tuple[torch.Tensor, ...], scale: float, **kwargs: Any) -> None:
         """y[i][r] += scale · x[r] @ Aᵢ[s]ᵀ per slice i; y[i] `[T, R]`, x `[T, H]`, Aᵢ `[S, 1, R, H]`."""
+        self._linear_only("add_shrink")
         x = x.view(-1, x.shape[-1])  # [T, H]
         for i, lora_a in enumerate(lora_a_stacked):
             grouped_shrink(y[i], x, lora_a, self.token_groups, scale)
@@ -56,6 +70,7 @@ class PunicaWrapperGrouped(PunicaWrapperCPU):
                    lora_b_stacked: tuple[torch.Tensor, ...], output_slices: tuple[int, ...],
                    offset_start: int = 0, add_inputs: bool = True, **kwargs: Any) -> None:
         """y[r, oᵢ:oᵢ+nᵢ] (+)= x[i][r] @ Bᵢ[s]ᵀ, oᵢ = offset_start + n₀ + … + nᵢ₋₁; x[i] `[T, R]`, Bᵢ `[S, 1, nᵢ, R]`."""
+        self._linear_only("add_expand")
         y = y.view(-1, y.shape[-1])  # [T, N]
         offset = offset_start
         for i, (lora_b, n) in enumerate(zip(lora_b_stacked, output_slices)):
@@ -78,6 +93,15 @@ class PunicaWrapperGrouped(PunicaWrapperCPU):
         buffer_dtype = buffer[0].dtype if buffer else torch.float32
         grouped_lora_linear(y, x, lora_a_stacked, lora_b_stacked, self.token_groups, scale, output_slices,
                             buffer_dtype, self.token_batched)
+        if self.union_rows is not None:
+            union_lora_linear(y, x, lora_a_stacked, lora_b_stacked, self.union_rows, scale, output_slices,
+                              buffer_dtype)
+
+    def _linear_only(self, op: str) -> None:
+        """Mixture rows need the union's block scales, which only add_lora_linear applies."""
+        if self.union_rows is not None:
+            raise NotImplementedError(f"{op} with mixture LoRA ids: mode-cotd serves mixtures through the union "
+                                      "on linear layers only (not with fully sharded LoRA)")
 
     def add_lora_logits(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: torch.Tensor,
                         lora_b_stacked: torch.Tensor, scale: float, *, buffer: torch.Tensor | None = None,

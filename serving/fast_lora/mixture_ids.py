@@ -1,0 +1,133 @@
+"""Mixture LoRA ids: a mixture's weights written into the one integer vLLM passes to the LoRA ops.
+
+The only per-request datum that reaches a punica wrapper is the request's LoRA id. To serve a
+mixture `Σᵢ wᵢ sᵢ BᵢAᵢ` of E experts without building a composite, the serving side pins the
+*union* of the experts in one slot (`A = cat(Aᵢ)`, `B = cat(sᵢBᵢ)`, rank E·b, every expert's
+rank block padded to b) under an **anchor id**, and gives each mixture a **mixture id** that
+encodes its weights; the wrapper decodes them and scales the union's rank blocks per token
+(serving.fast_lora.ops.union_lora_linear). Ids without the tag bit are ordinary adapters.
+
+Layout of an id (a positive int64, as vLLM stores LoRA ids):
+
+    bit 62        tag: 1 for mixture and anchor ids (mode-cotd's other ids are below 2⁴⁹)
+    bits 54–61    family: 8 bits of the union's digest, so ids of different unions never match
+    bits 48–53    E, the number of experts in the union (1–63)
+    bits 40–47    b, the rank of each expert's block (1–255)
+    bits 33–39    n, grid units per 1 (1–127); 0 marks the anchor
+    bits 0–32     which weight vector: the rank of the composition (u₁, …, u_E), uᵢ ≥ 0, Σuᵢ = n,
+                  wᵢ = uᵢ / n, in colexicographic order (stars and bars)
+
+Only non-negative weights that sum to 1 on the grid are encodable (the gate's mixtures always
+are); anything else (`encode` returns None) is served as a composite.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import comb
+
+TAG = 1 << 62
+_FAMILY, _E, _B, _N = 54, 48, 40, 33
+_CODE_BITS = 33
+MAX_EXPERTS, MAX_BLOCK_RANK, MAX_UNITS = 63, 255, 127
+
+
+@dataclass(frozen=True)
+class UnionLayout:
+    """Which union a mixture id refers to, and how its rank blocks are laid out."""
+
+    family: int
+    """8 bits of the union's digest (0–255)."""
+    experts: int
+    """E: rank blocks in the union, one per expert, in the union's order."""
+    block_rank: int
+    """b: rows of A (columns of B) per block; the union's rank is E·b."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.family <= 255:
+            raise ValueError(f"family must be in 0..255, got {self.family}")
+        if not 1 <= self.experts <= MAX_EXPERTS:
+            raise ValueError(f"a union holds 1..{MAX_EXPERTS} experts, got {self.experts}")
+        if not 1 <= self.block_rank <= MAX_BLOCK_RANK:
+            raise ValueError(f"block rank must be in 1..{MAX_BLOCK_RANK}, got {self.block_rank}")
+
+    @property
+    def rank(self) -> int:
+        return self.experts * self.block_rank
+
+
+@dataclass(frozen=True)
+class MixtureCode:
+    """A decoded mixture id: the union it uses and one weight per expert block."""
+
+    layout: UnionLayout
+    units: tuple[int, ...]
+    """uᵢ ≥ 0 per expert, Σuᵢ = n."""
+    n: int
+    """Grid units per 1: wᵢ = uᵢ / n."""
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        return tuple(u / self.n for u in self.units)
+
+
+def _header(layout: UnionLayout, n: int) -> int:
+    return TAG | layout.family << _FAMILY | layout.experts << _E | layout.block_rank << _B | n << _N
+
+
+def anchor_id(layout: UnionLayout) -> int:
+    """The id the union itself is loaded (and pinned) under."""
+    return _header(layout, 0)
+
+
+def encode(layout: UnionLayout, units: list[int] | tuple[int, ...], n: int) -> int | None:
+    """The mixture id of weights uᵢ/n, or None when they cannot be encoded (negative, not summing to n, too many)."""
+    if len(units) != layout.experts or not 1 <= n <= MAX_UNITS or any(u < 0 for u in units) or sum(units) != n:
+        return None
+    if comb(n + layout.experts - 1, layout.experts - 1) > 1 << _CODE_BITS:
+        return None
+    return _header(layout, n) | _composition_rank(units)
+
+
+def decode(lora_id: int) -> UnionLayout | MixtureCode | None:
+    """A mixture id -> MixtureCode, an anchor id -> its UnionLayout, anything else -> None."""
+    if lora_id <= 0 or not lora_id & TAG or lora_id >> 63:
+        return None
+    layout = UnionLayout((lora_id >> _FAMILY) & 0xFF, (lora_id >> _E) & 0x3F, (lora_id >> _B) & 0xFF)
+    n = (lora_id >> _N) & 0x7F
+    if n == 0:
+        return layout
+    return MixtureCode(layout, _composition_unrank(lora_id & ((1 << _CODE_BITS) - 1), n, layout.experts), n)
+
+
+def _composition_rank(units: list[int] | tuple[int, ...]) -> int:
+    """Rank of a composition among those of its n into E parts: stars and bars, bars at positions pⱼ.
+
+    Bar j (j = 1..E-1) sits at position pⱼ = u₁ + … + uⱼ + j - 1 of n + E - 1; rank = Σⱼ C(pⱼ, j)
+    (the combinatorial number system).
+    """
+    rank, position = 0, -1
+    for j, u in enumerate(units[:-1], start=1):
+        position += u + 1
+        rank += comb(position, j)
+    return rank
+
+
+def _composition_unrank(rank: int, n: int, experts: int) -> tuple[int, ...]:
+    """Inverse of _composition_rank for n units over `experts` parts."""
+    positions = []
+    for j in range(experts - 1, 0, -1):  # largest bar first: the greatest p with C(p, j) <= rank
+        p = j - 1
+        while comb(p + 1, j) <= rank:
+            p += 1
+        positions.append(p)
+        rank -= comb(p, j)
+    positions.reverse()
+    units, previous = [], -1
+    for p in positions:
+        units.append(p - previous - 1)
+        previous = p
+    units.append(n + experts - 1 - previous - 1)
+    if any(u < 0 for u in units):
+        raise ValueError("not a valid mixture id")
+    return tuple(units)

@@ -1,0 +1,59 @@
+"""Mixture ids: every encodable weight vector round-trips, and nothing else is taken for a mixture."""
+
+from __future__ import annotations
+
+import itertools
+from math import comb
+
+import pytest
+
+from serving.adapter_cache import stable_lora_id
+from serving.fast_lora import mixture_ids
+from serving.fast_lora.mixture_ids import MixtureCode, UnionLayout, anchor_id, decode, encode
+
+
+@pytest.mark.parametrize("experts,n", [(1, 1), (3, 4), (4, 5), (10, 2)])
+def test_every_composition_round_trips_to_a_distinct_dense_code(experts, n):
+    layout = UnionLayout(family=200, experts=experts, block_rank=8)
+    codes = set()
+    for units in itertools.product(range(n + 1), repeat=experts):
+        if sum(units) != n:
+            continue
+        lora_id = encode(layout, units, n)
+        assert lora_id is not None and 0 < lora_id < 1 << 63
+        assert decode(lora_id) == MixtureCode(layout, tuple(units), n)
+        codes.add(lora_id & ((1 << 33) - 1))
+    assert codes == set(range(comb(n + experts - 1, experts - 1)))  # dense: ranks 0 .. C-1
+
+
+def test_the_default_bundles_gate_mixtures_fit():
+    layout = UnionLayout(family=7, experts=10, block_rank=8)
+    code = decode(encode(layout, [0, 0, 13, 0, 0, 0, 0, 7, 0, 0], 20))
+    assert code.weights == (0, 0, 0.65, 0, 0, 0, 0, 0.35, 0, 0)
+    assert decode(anchor_id(layout)) == layout
+
+
+@pytest.mark.parametrize("units,n", [([1, -1, 5], 5), ([1, 1, 1], 5), ([5, 0], 5), ([0, 0, 0], 0), ([200, 0, 0], 200)])
+def test_weights_that_cannot_be_encoded_give_none(units, n):
+    assert encode(UnionLayout(1, 3, 8), units, n) is None
+
+
+def test_too_many_weight_vectors_for_the_code_bits_give_none():
+    assert encode(UnionLayout(1, 40, 8), [100] + [0] * 39, 100) is None  # C(139, 39) > 2**33
+
+
+def test_other_ids_are_not_mixtures():
+    for lora_id in (1, 2, 12345, stable_lora_id("expert-gsm8k"), stable_lora_id("composite-x"), (1 << 63) + 5, -3):
+        assert decode(lora_id) is None
+
+
+def test_layout_rejects_out_of_range_fields():
+    for bad in ((256, 3, 8), (1, 0, 8), (1, 64, 8), (1, 3, 0), (1, 3, 256)):
+        with pytest.raises(ValueError):
+            UnionLayout(*bad)
+
+
+def test_families_keep_unions_apart():
+    a, b = UnionLayout(1, 3, 8), UnionLayout(2, 3, 8)
+    assert encode(a, [1, 1, 0], 2) != encode(b, [1, 1, 0], 2)
+    assert anchor_id(a) != anchor_id(b) and mixture_ids.TAG & anchor_id(a)

@@ -1,0 +1,141 @@
+"""Mixture ids through the union: each mixture row gets Σₑ wₑ·sₑBₑAₑx, against a float64 loop.
+
+A step mixes ordinary adapters, rows without an adapter and rows of three different mixture
+ids, whose own slots hold placeholders (random here, so that reading them would show); the
+anchor slot holds the union of E experts, one rank block each.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from serving.fast_lora import reference
+from serving.fast_lora.mixture_ids import UnionLayout, anchor_id, encode
+from serving.fast_lora.segments import split_union_rows
+
+pytestmark = pytest.mark.vllm
+
+E, BLOCK = 3, 4
+RANK = 16  # max_lora_rank; the union uses E·BLOCK = 12 of it
+HIDDEN = 32
+SLICES = (24, 8, 8)
+LAYOUT = UnionLayout(family=9, experts=E, block_rank=BLOCK)
+ANCHOR = anchor_id(LAYOUT)
+MIX = {  # lora id -> weights per expert
+    encode(LAYOUT, [1, 1, 0], 2): (0.5, 0.5, 0.0),
+    encode(LAYOUT, [0, 13, 7], 20): (0.0, 0.65, 0.35),
+    encode(LAYOUT, [0, 0, 5], 5): (0.0, 0.0, 1.0),
+}
+M1, M2, M3 = MIX
+IDS = [11, M1, ANCHOR, M2, 12, M3]  # lora_index_to_id: slot -> LoRA id
+STEPS = {  # per-token LoRA ids (0: none), per-request ids (sampled rows)
+    "prefill": ([M1] * 4 + [11] * 3 + [0] * 2 + [M2] * 5 + [M1] * 2, [M1, 11, 0, M2, M1]),
+    "decode": ([M1, 11, M2, 0, M3, 12, M2, M1], [M1, 11, M2, 0, M3, 12, M2, M1]),
+    "mixtures_only": ([M3, M2, M1, M3], [M3, M2, M1, M3]),
+    "no_mixture": ([11, 12, 0, 11], [11, 12, 0, 11]),
+}
+
+
+def _wrapper(step: str):
+    from vllm.lora.layers.utils import LoRAMapping
+
+    from serving.fast_lora.wrapper import PunicaWrapperGrouped
+
+    tokens, prompts = STEPS[step]
+    w = PunicaWrapperGrouped(256, 16, "cpu")
+    w.update_metadata(LoRAMapping(tuple(tokens), tuple(prompts), is_prefill=True), IDS, len(IDS) + 1, 64)
+    return w, len(tokens)
+
+
+def _stacked(seed: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """Random A [S, 1, R, H] and B [S, 1, n, R] per slice; the anchor's rows past E·BLOCK are zero."""
+    g = torch.Generator().manual_seed(seed)
+    a = tuple(torch.randn(len(IDS), 1, RANK, HIDDEN, generator=g) * 0.3 for _ in SLICES)
+    b = tuple(torch.randn(len(IDS), 1, n, RANK, generator=g) * 0.3 for n in SLICES)
+    anchor = IDS.index(ANCHOR)
+    for t in (*a, *b):
+        if t.shape[2] == RANK:
+            t[anchor, 0, E * BLOCK:] = 0
+        else:
+            t[anchor, 0, :, E * BLOCK:] = 0
+    return a, b
+
+
+def _expected(y0, x, a, b, tokens, scale):
+    """Ordinary rows by the plain reference; mixture rows as Σₑ wₑ · scale · x Aₑᵀ Bₑᵀ over the anchor's blocks."""
+    slots = torch.tensor([IDS.index(t) if t and t not in MIX else -1 for t in tokens])
+    out = reference.lora_linear(y0, x, a, b, slots, scale, SLICES)
+    anchor = IDS.index(ANCHOR)
+    for row, lora_id in enumerate(tokens):
+        if lora_id not in MIX:
+            continue
+        offset = 0
+        for a_s, b_s, n in zip(a, b, SLICES):
+            for e, w in enumerate(MIX[lora_id]):
+                block = slice(e * BLOCK, (e + 1) * BLOCK)
+                a_e, b_e = a_s[anchor, 0, block].double(), b_s[anchor, 0, :, block].double()
+                out[row, offset : offset + n] += w * scale * (x[row].double() @ a_e.t() @ b_e.t())
+            offset += n
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("step", list(STEPS))
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_mixture_rows_get_their_mixture_of_the_union(step, dtype, scale):
+    wrapper, t = _wrapper(step)
+    a, b = _stacked(seed=1)
+    a, b = tuple(w.to(dtype) for w in a), tuple(w.to(dtype) for w in b)
+    x = torch.randn(t, HIDDEN, generator=torch.Generator().manual_seed(2)).to(dtype)
+    y0 = torch.randn(t, sum(SLICES), generator=torch.Generator().manual_seed(3)).to(dtype)
+    y = y0.clone()
+    wrapper.add_lora_linear(y, x, a, b, scale, SLICES)
+    expected = _expected(y0, x, a, b, STEPS[step][0], scale).to(dtype)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 3e-2}
+    torch.testing.assert_close(y, expected, **tol)
+    assert (wrapper.union_rows is None) == (step == "no_mixture")
+
+
+def test_union_rows_carry_each_rows_weights():
+    wrapper, _ = _wrapper("decode")
+    union = wrapper.union_rows
+    assert union.slot == IDS.index(ANCHOR) and union.block_rank == BLOCK and union.count == 5
+    assert torch.equal(union.rows, torch.tensor([0, 2, 4, 6, 7]))
+    expected = torch.tensor([MIX[M1], MIX[M2], MIX[M3], MIX[M2], MIX[M1]], dtype=torch.float32)
+    torch.testing.assert_close(union.weights, expected)
+    assert all(g.slot not in (IDS.index(M1), IDS.index(M2), IDS.index(M3)) for g in wrapper.token_groups)
+
+
+def test_a_mixture_without_its_anchor_in_a_slot_is_an_error():
+    ids = [11, M1, None, None]
+    with pytest.raises(RuntimeError, match="anchor"):
+        split_union_rows(torch.tensor([1, 0, 1]), ids)
+
+
+def test_mixtures_of_two_unions_in_one_step_are_an_error():
+    other = UnionLayout(family=10, experts=E, block_rank=BLOCK)
+    ids = [M1, encode(other, [1, 1, 0], 2), ANCHOR, anchor_id(other)]
+    with pytest.raises(RuntimeError, match="different unions"):
+        split_union_rows(torch.tensor([0, 1]), ids)
+
+
+def test_unfused_ops_refuse_mixture_rows():
+    wrapper, t = _wrapper("decode")
+    a, _ = _stacked(seed=1)
+    with pytest.raises(NotImplementedError, match="union"):
+        wrapper.add_shrink(torch.zeros(3, t, RANK), torch.randn(t, HIDDEN), a, 1.0)
+
+
+def test_logits_of_mixture_rows_ignore_the_placeholder_slots():
+    wrapper, _ = _wrapper("decode")
+    prompts = STEPS["decode"][1]
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(len(IDS), 1, RANK, HIDDEN, generator=g)  # every slot, placeholders included, non-zero
+    b = torch.randn(len(IDS), 1, 40, RANK, generator=g)
+    x = torch.randn(len(prompts), HIDDEN, generator=g)
+    y0 = torch.randn(len(prompts), 40, generator=g)
+    y = y0.clone()
+    wrapper.add_lora_logits(y, x, a, b, 1.0)
+    slots = torch.tensor([IDS.index(p) if p and p not in MIX else -1 for p in prompts])
+    torch.testing.assert_close(y, reference.lora_linear(y0, x, (a,), (b,), slots, 1.0, (40,)).float())
