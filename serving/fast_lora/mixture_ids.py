@@ -1,21 +1,24 @@
 """Mixture LoRA ids: a mixture's weights written into the one integer vLLM passes to the LoRA ops.
 
 The only per-request datum that reaches a punica wrapper is the request's LoRA id. To serve a
-mixture `Σᵢ wᵢ sᵢ BᵢAᵢ` of E experts without building a composite, the serving side pins the
-*union* of the experts in one slot (`A = cat(Aᵢ)`, `B = cat(sᵢBᵢ)`, rank E·b, every expert's
-rank block padded to b) under an **anchor id**, and gives each mixture a **mixture id** that
-encodes its weights; the wrapper decodes them and scales the union's rank blocks per token
-(serving.fast_lora.ops.union_lora_linear). Ids without the tag bit are ordinary adapters.
+mixture `Σᵢ wᵢ sᵢ BᵢAᵢ` of E experts without building a composite, the serving side loads and
+pins every expert under a **member id** (member i of its union), and gives each mixture a
+**mixture id** that encodes its weights. The wrapper finds the members' slots, views them as
+one union (`A = cat(Aᵢ)`, `B = cat(sᵢBᵢ)`, rank E·b, block i = expert i's rank b) and scales
+the rank blocks per token (serving.fast_lora.ops.union_lora_linear). A member id is also an
+ordinary adapter: a request for one expert uses it as is. Ids without the tag bit are other
+adapters.
 
 Layout of an id (a positive int64, as vLLM stores LoRA ids):
 
-    bit 62        tag: 1 for mixture and anchor ids (mode-cotd's other ids are below 2⁴⁹)
+    bit 62        tag: 1 for mixture and member ids (mode-cotd's other ids are below 2⁴⁹)
     bits 54–61    family: 8 bits of the union's digest, so ids of different unions never match
     bits 48–53    E, the number of experts in the union (1–63)
     bits 40–47    b, the rank of each expert's block (1–255)
-    bits 33–39    n, grid units per 1 (1–127); 0 marks the anchor
-    bits 0–32     which weight vector: the rank of the composition (u₁, …, u_E), uᵢ ≥ 0, Σuᵢ = n,
-                  wᵢ = uᵢ / n, in colexicographic order (stars and bars)
+    bits 33–39    n, grid units per 1 (1–127); 0 marks a member id
+    bits 0–32     mixture: which weight vector, the rank of the composition (u₁, …, u_E), uᵢ ≥ 0,
+                  Σuᵢ = n, wᵢ = uᵢ / n, in colexicographic order (stars and bars);
+                  member: its index i (0 … E-1)
 
 Only non-negative weights that sum to 1 on the grid are encodable (the gate's mixtures always
 are); anything else (`encode` returns None) is served as a composite.
@@ -75,9 +78,19 @@ def _header(layout: UnionLayout, n: int) -> int:
     return TAG | layout.family << _FAMILY | layout.experts << _E | layout.block_rank << _B | n << _N
 
 
-def anchor_id(layout: UnionLayout) -> int:
-    """The id the union itself is loaded (and pinned) under."""
-    return _header(layout, 0)
+@dataclass(frozen=True)
+class MemberCode:
+    """A decoded member id: expert `index` of its union."""
+
+    layout: UnionLayout
+    index: int
+
+
+def member_id(layout: UnionLayout, index: int) -> int:
+    """The id expert `index` (0 … E-1) of the union is loaded and pinned under."""
+    if not 0 <= index < layout.experts:
+        raise ValueError(f"member index {index} outside 0..{layout.experts - 1}")
+    return _header(layout, 0) | index
 
 
 def encode(layout: UnionLayout, units: list[int] | tuple[int, ...], n: int) -> int | None:
@@ -89,14 +102,15 @@ def encode(layout: UnionLayout, units: list[int] | tuple[int, ...], n: int) -> i
     return _header(layout, n) | _composition_rank(units)
 
 
-def decode(lora_id: int) -> UnionLayout | MixtureCode | None:
-    """A mixture id -> MixtureCode, an anchor id -> its UnionLayout, anything else -> None."""
+def decode(lora_id: int) -> MemberCode | MixtureCode | None:
+    """A mixture id -> MixtureCode, a member id -> MemberCode, anything else -> None."""
     if lora_id <= 0 or not lora_id & TAG or lora_id >> 63:
         return None
     layout = UnionLayout((lora_id >> _FAMILY) & 0xFF, (lora_id >> _E) & 0x3F, (lora_id >> _B) & 0xFF)
     n = (lora_id >> _N) & 0x7F
     if n == 0:
-        return layout
+        index = lora_id & ((1 << _CODE_BITS) - 1)
+        return MemberCode(layout, index) if index < layout.experts else None
     return MixtureCode(layout, _composition_unrank(lora_id & ((1 << _CODE_BITS) - 1), n, layout.experts), n)
 
 

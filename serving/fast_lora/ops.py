@@ -117,19 +117,35 @@ def grouped_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch
         _put(y[:, :width], g.rows, out.to(y.dtype), add=True)
 
 
-def union_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor],
-                      lora_b: Sequence[torch.Tensor], union: UnionRows, scale: float,
-                      output_slices: Sequence[int], buffer_dtype: torch.dtype = torch.float32) -> None:
-    """Mixture rows through the union: y[r, oᵢ:oᵢ+nᵢ] += (hᵢ ⊙ repeat_interleave(w[r], b)) @ Bᵢ[u][:, :E·b]ᵀ.
+def union_weights(lora_a: torch.Tensor, lora_b: torch.Tensor, member_slots: Sequence[int], block_rank: int,
+                  a_dtype: torch.dtype, b_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The union of the member slots' adapters: (A `[E·b, H]`, B `[N, E·b]`), rounded to a_dtype / b_dtype, held in
+    ACCUMULATE.
 
-    hᵢ = (scale · x[r] @ Aᵢ[u][:E·b]ᵀ) in buffer_dtype, u = the anchor slot holding the union
-    (A = cat(Aₑ), B = cat(sₑBₑ), expert e in rank block e·b … e·b+b-1), w `[t, E]` the rows' mixture
-    weights (union.weights). So a row gets Σₑ w[r, e] · sₑ Bₑ Aₑ x[r]: its mixture, exactly, whatever
-    the number of distinct mixtures in the step. The block-scaled h is rounded to y.dtype before the
-    expand, as vLLM's ops round their shrink buffer. Shapes as grouped_lora_linear.
+    lora_a `[S, 1, R, H]`, lora_b `[S, 1, N, R]`; block e is slot member_slots[e]'s first b rows of A (columns
+    of B), the expert's rank (rows past it are vLLM's zero padding). B already holds sₑBₑ (vLLM folds the
+    scaling in when it loads an adapter). New contiguous tensors: callers cache them.
     """
-    e = union.weights.shape[1]
-    rank = e * union.block_rank
+    slots = torch.tensor(list(member_slots), dtype=torch.long)
+    s, h, n = lora_a.shape[0], lora_a.shape[-1], lora_b.shape[-2]
+    a = lora_a.reshape(s, -1, h)[:, :block_rank].index_select(0, slots)  # [E, b, H]
+    b = lora_b.reshape(s, n, -1)[:, :, :block_rank].index_select(0, slots)  # [E, N, b]
+    a_union = _acc(a.reshape(-1, h), a_dtype).contiguous()  # [E·b, H]
+    b_union = _acc(b.permute(1, 0, 2).reshape(n, -1), b_dtype).contiguous()  # [N, E·b]
+    return a_union, b_union
+
+
+def union_lora_linear(y: torch.Tensor, x: torch.Tensor, unions: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                      union: UnionRows, scale: float, output_slices: Sequence[int],
+                      buffer_dtype: torch.dtype = torch.float32) -> None:
+    """Mixture rows through the union: y[r, oᵢ:oᵢ+nᵢ] += (hᵢ ⊙ repeat_interleave(w[r], b)) @ B∪ᵢᵀ.
+
+    hᵢ = (scale · x[r] @ A∪ᵢᵀ) in buffer_dtype, (A∪ᵢ `[E·b, H]`, B∪ᵢ `[N, E·b]`) = unions[i], slice i's union
+    (union_weights: A = cat(Aₑ), B = cat(sₑBₑ), expert e in rank block e·b … e·b+b-1), w `[t, E]` the rows'
+    mixture weights (union.weights). So a row gets Σₑ w[r, e] · sₑ Bₑ Aₑ x[r]: its mixture, exactly,
+    whatever the number of distinct mixtures in the step. The block-scaled h is rounded to y.dtype before
+    the expand, as vLLM's ops round their shrink buffer. y `[T, Σnᵢ]`, x `[T, H]`.
+    """
     width = sum(output_slices)
     xg = _acc(_take(x, union.rows), buffer_dtype)  # [t, H]
     scales = union.weights.repeat_interleave(union.block_rank, dim=1)  # [t, E·b]
@@ -137,10 +153,9 @@ def union_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.T
         scales = scales * scale
     out = torch.empty(union.count, width, dtype=torch.promote_types(y.dtype, ACCUMULATE))  # [t, N]
     offset = 0
-    for a_stacked, b_stacked, n in zip(lora_a, lora_b, output_slices):
-        a = _weight(a_stacked, union.slot)[:rank]  # [E·b, H]
-        h = (xg @ _acc(a, buffer_dtype).t()).mul_(scales)  # [t, E·b]
-        out[:, offset : offset + n] = _mm(h, _weight(b_stacked, union.slot)[:, :rank], y.dtype)  # [t, n]
+    for (a_union, b_union), n in zip(unions, output_slices):
+        h = (xg @ a_union.t()).mul_(scales)  # [t, E·b]
+        out[:, offset : offset + n] = _acc(h, y.dtype) @ b_union.t()  # [t, n]
         offset += n
     _put(y[:, :width], union.rows, out.to(y.dtype), add=True)
 

@@ -99,26 +99,28 @@ def batch_groups(groups: list[Group], total_rows: int) -> Batched | None:
 
 @dataclass(frozen=True)
 class UnionRows:
-    """The rows of a step that use mixture ids (serving.fast_lora.mixture_ids), served by the pinned union."""
+    """The rows of a step that use mixture ids (serving.fast_lora.mixture_ids), served by their union's members."""
 
-    slot: int
-    """The anchor's slot: the union of the experts, rank E·b."""
+    member_slots: tuple[int, ...]
+    """Slot of each expert of the union, in the union's order (E slots)."""
     rows: Rows
     """Which rows use a mixture id."""
     count: int
     """How many rows."""
     weights: torch.Tensor
-    """[count, E] float32: each row's weight per expert block."""
+    """[count, E] float32: each row's weight per expert."""
     block_rank: int
-    """b: the width of each expert's rank block."""
+    """b: the experts' rank; the union is their first b rows of A (columns of B), concatenated."""
+    layout: mixture_ids.UnionLayout
+    """The union (its family tells unions with the same E and b apart)."""
 
 
 def split_union_rows(indices: torch.Tensor, lora_index_to_id: list[int | None]
                      ) -> tuple[UnionRows | None, torch.Tensor]:
-    """(the rows whose slot holds a mixture id, served by the anchor; `indices` with those rows set to -1).
+    """(the rows whose slot holds a mixture id, served by the union; `indices` with those rows set to -1).
 
     indices: [T] int64 slot per row (-1 = no LoRA). Raises RuntimeError when a step has mixture ids
-    but the anchor of their union is not in a slot, or mixture ids of different unions.
+    but an expert of their union is not in a slot, or mixture ids of different unions.
     """
     mixtures = {slot: code for slot, lora_id in enumerate(lora_index_to_id)
                 if lora_id is not None and isinstance(code := mixture_ids.decode(lora_id), mixture_ids.MixtureCode)}
@@ -136,16 +138,18 @@ def split_union_rows(indices: torch.Tensor, lora_index_to_id: list[int | None]
     if len(layouts) > 1:
         raise RuntimeError(f"one step mixes mixture ids of {len(layouts)} different unions: {sorted(map(str, layouts))}")
     layout = layouts.pop()
-    anchor = mixture_ids.anchor_id(layout)
-    if anchor not in lora_index_to_id:
-        raise RuntimeError(f"mixture ids of union {layout} are in the step but its anchor (LoRA id {anchor}) "
-                           "is not in a slot: load and pin the union first")
+    slot_of = {lora_id: slot for slot, lora_id in enumerate(lora_index_to_id) if lora_id is not None}
+    members = [mixture_ids.member_id(layout, e) for e in range(layout.experts)]
+    missing = [e for e, m in enumerate(members) if m not in slot_of]
+    if missing:
+        raise RuntimeError(f"mixture ids of union {layout} are in the step but its experts {missing} are not in "
+                           "a slot: load and pin every member of the union first")
     zeros = (0.0,) * layout.experts  # for mixture ids of other unions, in slots but not in this step
     per_mixture = torch.tensor([c.weights if c.layout == layout else zeros for c in codes],
                                dtype=torch.float32)  # [M, E]
     (group,) = group_rows(torch.where(present, 0, -1))
-    union = UnionRows(lora_index_to_id.index(anchor), group.rows, group.count,
-                      per_mixture[which[present]], layout.block_rank)  # weights [count, E]
+    union = UnionRows(tuple(slot_of[m] for m in members), group.rows, group.count,
+                      per_mixture[which[present]], layout.block_rank, layout)  # weights [count, E]
     return union, torch.where(present, -1, indices)
 
 

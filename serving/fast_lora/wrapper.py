@@ -8,10 +8,12 @@ sampled rows; the ops (serving.fast_lora.ops) then run one matmul pair per slot 
 Anything not overridden (full-linear classifier heads, MoE LoRA) is vLLM's CPU code as is.
 
 Mixture ids (serving.fast_lora.mixture_ids) are served through the union of their experts,
-pinned in one slot under its anchor id: `update_metadata` moves their rows out of the slot
+each pinned in a slot under its member id: `update_metadata` moves their rows out of the slot
 groups into one `UnionRows` group with per-row expert weights, and `add_lora_linear` applies
 them as block scales between shrink and expand (ops.union_lora_linear): one matmul pair for
-every mixture in the step. Their own slots hold a placeholder adapter that is never read, so
+every mixture in the step. The union's weights are assembled from the member slots once per
+layer and kept (`union_cache`) while the members stay in the same slots. A mixture id's own
+slot holds a placeholder adapter that is never read, so
 mixture rows get no embedding or lm_head LoRA: the union must have none (the serving side
 builds it from the experts' linear modules only).
 
@@ -28,7 +30,7 @@ import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 from serving.fast_lora.ops import (grouped_expand, grouped_lora_linear, grouped_lora_logits, grouped_shrink,
-                                   union_lora_linear)
+                                   union_lora_linear, union_weights)
 from serving.fast_lora.segments import (Batched, Group, UnionRows, batch_groups, group_rows, split_union_rows,
                                         without_mixture_slots)
 
@@ -49,6 +51,8 @@ class PunicaWrapperGrouped(PunicaWrapperCPU):
         """The step's sampled rows grouped by slot (logits)."""
         self.union_rows: UnionRows | None = None
         """The step's rows with a mixture id, served by the union (None: no mixture in the step)."""
+        self.union_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        """(layer weights, member slots, ranks, dtypes) -> the union (A, B) of that layer slice."""
 
     def update_metadata(self, mapping: LoRAMapping, lora_index_to_id: list[int | None], max_loras: int,
                         vocab_size: int, **kwargs: Any) -> None:
@@ -94,8 +98,26 @@ class PunicaWrapperGrouped(PunicaWrapperCPU):
         grouped_lora_linear(y, x, lora_a_stacked, lora_b_stacked, self.token_groups, scale, output_slices,
                             buffer_dtype, self.token_batched)
         if self.union_rows is not None:
-            union_lora_linear(y, x, lora_a_stacked, lora_b_stacked, self.union_rows, scale, output_slices,
-                              buffer_dtype)
+            unions = [self._union(a, b, buffer_dtype, y.dtype) for a, b in zip(lora_a_stacked, lora_b_stacked)]
+            union_lora_linear(y, x, unions, self.union_rows, scale, output_slices, buffer_dtype)
+
+    def _union(self, lora_a: torch.Tensor, lora_b: torch.Tensor, a_dtype: torch.dtype,
+               b_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The union of this layer slice's member slots, assembled once and cached.
+
+        A member id always names the same expert (its union's family is a digest of the experts), so a
+        slot keeps the same weights while it holds the same member: the key is the layer's weight
+        tensors and the member slots. A new arrangement of members clears the cache.
+        """
+        u = self.union_rows
+        key = (lora_a.data_ptr(), lora_b.data_ptr(), u.member_slots, u.layout, a_dtype, b_dtype)
+        cached = self.union_cache.get(key)
+        if cached is None:
+            if any(k[2:4] != key[2:4] for k in self.union_cache):
+                self.union_cache.clear()
+            cached = self.union_cache[key] = union_weights(lora_a, lora_b, u.member_slots, u.block_rank, a_dtype,
+                                                           b_dtype)
+        return cached
 
     def _linear_only(self, op: str) -> None:
         """Mixture rows need the union's block scales, which only add_lora_linear applies."""

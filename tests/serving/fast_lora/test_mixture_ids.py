@@ -9,7 +9,7 @@ import pytest
 
 from serving.adapter_cache import stable_lora_id
 from serving.fast_lora import mixture_ids
-from serving.fast_lora.mixture_ids import MixtureCode, UnionLayout, anchor_id, decode, encode
+from serving.fast_lora.mixture_ids import MemberCode, MixtureCode, UnionLayout, decode, encode, member_id
 
 
 @pytest.mark.parametrize("experts,n", [(1, 1), (3, 4), (4, 5), (10, 2)])
@@ -30,7 +30,9 @@ def test_the_default_bundles_gate_mixtures_fit():
     layout = UnionLayout(family=7, experts=10, block_rank=8)
     code = decode(encode(layout, [0, 0, 13, 0, 0, 0, 0, 7, 0, 0], 20))
     assert code.weights == (0, 0, 0.65, 0, 0, 0, 0, 0.35, 0, 0)
-    assert decode(anchor_id(layout)) == layout
+    assert [decode(member_id(layout, i)) for i in range(10)] == [MemberCode(layout, i) for i in range(10)]
+    with pytest.raises(ValueError):
+        member_id(layout, 10)
 
 
 @pytest.mark.parametrize("units,n", [([1, -1, 5], 5), ([1, 1, 1], 5), ([5, 0], 5), ([0, 0, 0], 0), ([200, 0, 0], 200)])
@@ -56,4 +58,5 @@ def test_layout_rejects_out_of_range_fields():
 def test_families_keep_unions_apart():
     a, b = UnionLayout(1, 3, 8), UnionLayout(2, 3, 8)
     assert encode(a, [1, 1, 0], 2) != encode(b, [1, 1, 0], 2)
-    assert anchor_id(a) != anchor_id(b) and mixture_ids.TAG & anchor_id(a)
+    assert member_id(a, 0) != member_id(b, 0) and mixture_ids.TAG & member_id(a, 2)
+    assert len({encode(a, [1, 1, 0], 2), *(member_id(a, i) for i in range(3))}) == 4
