@@ -1,6 +1,8 @@
 """Mixture -> exact composite LoRA folder on local disk, built once, served by a stable id.
 
 - One expert at weight 1 is served from its own bundle folder: no composite.
+- With a mixture union (serving.mixture_union), experts go by their pinned member ids and
+  every mixture it can encode by a mixture id (outcome "union"): no composite either.
 - Any other mixture becomes one composite (mode "exact": `compose_exact`, rank Σrᵢ;
   mode "linear": the paper's `merge_linear`), written atomically to
   `<cache dir>/<mode>-<mixture digest>-r<max rank>/`. A composite over the engine's
@@ -44,6 +46,7 @@ from mode_cotd.atomic import write_json_atomic
 from mode_cotd.errors import ConfigError, ModeCotdError
 from mode_cotd.mixing import compose_exact, compress_svd, merge_linear
 from serving.errors import ApiError, InternalError, InvalidMixture
+from serving.mixture_union import MixtureUnion
 from serving.protocol import AdapterSpec, LoraTarget
 
 logger = logging.getLogger(__name__)
@@ -75,7 +78,8 @@ class Lease:
     target: LoraTarget
     """What vLLM loads."""
     outcome: str
-    """"expert" (own folder), "hit" (composite ready or being built by another request), "miss" (built it)."""
+    """"expert" (own folder), "union" (a mixture id over the pinned experts), "hit" (composite ready or being
+    built by another request), "miss" (built it)."""
     key: str | None = None
     """Cache key of a composite (None for an expert's folder)."""
     build_seconds: float | None = None
@@ -104,6 +108,7 @@ class AdapterCache:
         max_entries: int = 64,
         slots: LoraSlots | None = None,
         roots: list[Path] | None = None,
+        union: MixtureUnion | None = None,
     ):
         if max_entries < 1:
             raise ValueError("max_entries must be >= 1")
@@ -117,6 +122,7 @@ class AdapterCache:
         self.max_lora_rank = max_lora_rank
         self.max_entries = max_entries
         self.slots = slots
+        self.union = union
         self._ready: OrderedDict[str, LoraTarget] = OrderedDict()  # LRU order: oldest first
         self._on_disk: set[str] = set()  # found from an earlier run, not validated yet
         self._pending: dict[str, asyncio.Task] = {}
@@ -139,6 +145,10 @@ class AdapterCache:
             raise InternalError(f"LoRA id collision between {known!r} and {name!r}")
         return LoraTarget(name=name, lora_id=lora_id, path=str(path))
 
+    def pinned(self) -> list[LoraTarget]:
+        """Adapters the engine must load and pin before serving: the union's members (if any)."""
+        return list(self.union.members) if self.union is not None else []
+
     def key(self, spec: AdapterSpec) -> str:
         return f"{spec.mode}-{spec.mixture.digest}-r{self.max_lora_rank}"
 
@@ -158,7 +168,11 @@ class AdapterCache:
         if expert is not None:
             if expert not in self.experts:
                 raise InvalidMixture(f"unknown expert {expert!r}", param="mixture")
-            return Lease(self.target(f"expert-{expert}", self.experts[expert]), "expert")
+            member = self.union.member(expert) if self.union is not None else None
+            return Lease(member or self.target(f"expert-{expert}", self.experts[expert]), "expert")
+        mixture = self.union.target(spec) if self.union is not None else None
+        if mixture is not None:
+            return Lease(mixture, "union")
         key = self.key(spec)
         self._users[key] += 1
         try:

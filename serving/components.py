@@ -18,9 +18,11 @@ from pathlib import Path
 
 from mode_cotd.bundle import Bundle, load_bundle
 from mode_cotd.errors import BundleError, ConfigError
+from mode_cotd.gate import grid_units
 from mode_cotd.student import resolve_student, student_identity
 from serving.adapter_cache import AdapterCache
 from serving.bundle_source import is_uri, local_bundle
+from serving.mixture_union import MixtureUnion
 from serving.prompts import PromptRenderer
 from serving.protocol import StudentEngine
 from serving.router import GateRouter
@@ -104,13 +106,20 @@ def student_service(
     if too_big:
         raise ConfigError(f"experts {too_big} exceed the engine's max LoRA rank {rank}; raise engine.max_lora_rank")
     engine = engine_factory(rank)
+    experts = {name: entry.path for name, entry in bundle.experts.items()}
+    cache_dir = composite_dir(bundle, settings.cache.dir)
+    union = None
+    if settings.engine.mixture_union and settings.engine.fast_lora:
+        grid = route_table(settings, bundle).grid
+        union = MixtureUnion.for_experts(experts, cache_dir, grid_units(grid), rank)
     cache = AdapterCache(
-        experts={name: entry.path for name, entry in bundle.experts.items()},
-        cache_dir=composite_dir(bundle, settings.cache.dir),
+        experts=experts,
+        cache_dir=cache_dir,
         max_lora_rank=rank,
         max_entries=settings.cache.max_entries,
         slots=engine,
         roots=[bundle.root],
+        union=union,
     )
     queued = settings.engine.max_queued_requests
     max_open = None if queued is None else settings.engine.max_num_seqs + queued

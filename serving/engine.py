@@ -15,12 +15,14 @@ import logging
 import os
 import re
 import typing
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
 from mode_cotd.errors import ConfigError
 from serving.errors import ApiError, InternalError, InvalidRequest, ServiceUnavailable
+from serving.lora_admission import LoraAdmission
 from serving.protocol import GenerationDelta, LoraTarget, SamplingSettings, TokenLogprob
 from serving.settings import EngineSettings
 
@@ -59,8 +61,8 @@ def cpu_threads_bind(setting: str, local_rank: int, allowed_cores: list[int]) ->
                       f"like '0-3', got {setting!r}")
 
 
-def engine_args(student: Path, settings: EngineSettings, max_lora_rank: int, max_model_len: int):
-    """vLLM's AsyncEngineArgs for the student with LoRA enabled."""
+def engine_args(student: Path, settings: EngineSettings, max_lora_rank: int, max_model_len: int, pinned: int = 0):
+    """vLLM's AsyncEngineArgs for the student with LoRA enabled; `pinned` adapters get slots of their own."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     kwargs: dict[str, Any] = {
@@ -69,8 +71,8 @@ def engine_args(student: Path, settings: EngineSettings, max_lora_rank: int, max
         "dtype": settings.dtype,
         "max_model_len": max_model_len,
         "enable_lora": True,
-        "max_loras": settings.max_loras,
-        "max_cpu_loras": max(settings.max_cpu_loras, settings.max_loras),
+        "max_loras": settings.max_loras + pinned,
+        "max_cpu_loras": max(settings.max_cpu_loras, settings.max_loras + pinned),
         "max_lora_rank": max_lora_rank,
         "max_num_seqs": settings.max_num_seqs,
         "gpu_memory_utilization": settings.gpu_memory_utilization,
@@ -123,13 +125,18 @@ class VllmEngine:
         self.max_model_len = max_model_len
         self.cpu_bind = cpu_threads_bind(settings.cpu_threads_bind, local_rank, sorted(os.sched_getaffinity(0)))
         self._llm = None
+        self.admission = LoraAdmission(settings.max_loras)
 
     @property
     def ready(self) -> bool:
         return self._llm is not None and not self._llm.errored
 
-    async def start(self) -> None:
-        """Create the engine (in a thread, so the caller's event loop keeps answering health checks)."""
+    async def start(self, pinned: Sequence[LoraTarget] = ()) -> None:
+        """Create the engine (in a thread, so the caller's event loop keeps answering health checks).
+
+        `pinned` adapters are loaded and pinned before any request: they never leave their slots,
+        which come on top of `max_loras`.
+        """
         from serving.fast_lora import plugin as fast_lora
 
         fast_lora.select(self.settings.fast_lora)  # before vLLM builds its config and spawns its processes
@@ -137,14 +144,34 @@ class VllmEngine:
             os.environ[CPU_BIND_ENV] = self.cpu_bind  # read by vLLM's engine core process, which inherits it
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = engine_args(self.student, self.settings, self.max_lora_rank, self.max_model_len)
-        self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        args = engine_args(self.student, self.settings, self.max_lora_rank, self.max_model_len, len(pinned))
+        llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        try:
+            await self._pin(llm, pinned)
+        except BaseException:
+            llm.shutdown()
+            raise
+        self.admission = LoraAdmission(self.settings.max_loras, [t.lora_id for t in pinned])
+        self._llm = llm
+
+    @staticmethod
+    async def _pin(llm: Any, pinned: Sequence[LoraTarget]) -> None:
+        from vllm.lora.request import LoRARequest
+
+        for target in pinned:
+            try:
+                added = await llm.add_lora(LoRARequest(target.name, target.lora_id, target.path))
+                pinned_ok = await llm.pin_lora(target.lora_id)
+            except Exception as e:
+                raise ConfigError(f"could not load and pin adapter {target.name} ({target.path}): "
+                                  f"{type(e).__name__}: {e}") from e
+            if not (added and pinned_ok):
+                raise ConfigError(f"vLLM did not load and pin adapter {target.name} ({target.path})")
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSettings, lora: LoraTarget | None
     ) -> AsyncIterator[GenerationDelta]:
         from vllm.exceptions import VLLMValidationError
-        from vllm.inputs import tokens_input
         from vllm.lora.request import LoRARequest
 
         if not self.ready:
@@ -154,6 +181,17 @@ class VllmEngine:
             params = sampling_params(sampling)
         except VLLMValidationError as e:  # e.g. n > 1 with greedy decoding: the client's mistake, a 400
             raise InvalidRequest(str(e), param=e.parameter) from e
+        async with self.admission.hold(None if lora is None else lora.lora_id):
+            deltas = self._stream(request_id, prompt_token_ids, params, lora_request, sampling)
+            async with aclosing(deltas):  # closing this generator early closes the stream (vLLM aborts)
+                async for delta in deltas:
+                    yield delta
+
+    async def _stream(self, request_id: str, prompt_token_ids: list[int], params: Any, lora_request: Any,
+                      sampling: SamplingSettings) -> AsyncIterator[GenerationDelta]:
+        from vllm.exceptions import VLLMValidationError
+        from vllm.inputs import tokens_input
+
         stream = self._llm.generate(
             tokens_input(list(prompt_token_ids)), params, request_id, lora_request=lora_request
         )

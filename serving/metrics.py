@@ -66,6 +66,9 @@ class ServingMetrics:
             "mode_cotd_composite_cache_hits", "Requests whose composite adapter was ready or being built", registry=r)
         self.cache_misses = Counter(
             "mode_cotd_composite_cache_misses", "Requests that had to build their composite adapter", registry=r)
+        self.union_requests = Counter(
+            "mode_cotd_mixture_union_requests",
+            "Requests whose mixture the pinned experts served through a mixture id (no composite)", registry=r)
         self.cache_evictions = Counter(
             "mode_cotd_composite_cache_evictions", "Composites evicted from disk and vLLM's LoRA slots", registry=r)
         self.composite_builds = Counter(
@@ -111,6 +114,8 @@ class ServingMetrics:
             self.cache_hits.inc()
         elif report.outcome == "miss":
             self.cache_misses.inc()
+        elif report.outcome == "union":
+            self.union_requests.inc()
         if report.build_seconds is not None:
             self.composite_builds.inc()
             self.composite_build_time.observe(report.build_seconds)

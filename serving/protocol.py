@@ -7,7 +7,7 @@ and `Backend` (Ray deployment handles, or the plain classes in one process).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -84,7 +84,8 @@ class AdapterReport:
     lora_name: str | None = None
     """vLLM's name of the adapter served (None: the bare student)."""
     outcome: str = "none"
-    """"none" (no adapter), "expert" (an expert's own folder), "hit" (composite ready or being built), "miss" (built it)."""
+    """"none" (no adapter), "expert" (an expert's own folder), "union" (a mixture over the pinned experts, no
+    composite), "hit" (composite ready or being built), "miss" (built it)."""
     build_seconds: float | None = None
     """Time to build the composite, for the request that built it."""
     svd_error: float | None = None
@@ -153,7 +154,7 @@ class StudentEngine(Protocol):
     @property
     def ready(self) -> bool: ...
 
-    async def start(self) -> None: ...
+    async def start(self, pinned: Sequence[LoraTarget] = ()) -> None: ...
 
     def generate(
         self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSettings, lora: LoraTarget | None

@@ -89,8 +89,11 @@ class EngineSettings:
     """Context length (prompt + output tokens); capped by the student's own maximum."""
     dtype: str = "auto"
     """Weights and activations dtype ("auto": the student's config)."""
-    max_loras: int = 4
-    """LoRA slots: distinct adapters in one running batch."""
+    max_loras: int = 64
+    """LoRA slots for distinct adapters in one running batch: mixtures and composites (each takes one), and
+    experts when there is no mixture union. The union's experts get slots of their own on top (pinned).
+    Each slot costs ~(Σ over LoRA layers of in + out) · max_lora_rank weights: ~12 MB in bf16 for the
+    default student at rank 16."""
     max_cpu_loras: int = 16
     """Adapters vLLM keeps loaded in host memory (LRU beyond that); >= max_loras."""
     max_lora_rank: int | None = None
@@ -113,6 +116,10 @@ class EngineSettings:
     Anything but "auto" overrides $VLLM_CPU_OMP_THREADS_BIND; "auto" leaves it as the environment set it."""
     fast_lora: bool = True
     """mode-cotd's grouped LoRA ops on vLLM's CPU backend (serving/fast_lora); off: vLLM's own LoRA ops."""
+    mixture_union: bool = True
+    """Serve mixtures without composites: the bundle's experts pinned in vLLM, each mixture an id that encodes
+    its weights, applied by the grouped ops (serving/mixture_union.py). Needs fast_lora, experts of one rank
+    on linear modules only, and weights on the grid summing to 1; other mixtures still get composites."""
     seed: int = 0
     """Engine seed (per-request `seed` still applies)."""
     extra: dict[str, Any] = field(default_factory=dict)

@@ -56,7 +56,7 @@ class StudentService:
         return self.engine.ready
 
     async def start(self) -> None:
-        await self.engine.start()
+        await self.engine.start(pinned=self.cache.pinned())
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         """GenerationStarted, then the engine's deltas; raises ApiError subclasses."""

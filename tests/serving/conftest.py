@@ -49,13 +49,16 @@ class FakeEngine:
         self.removed: list[int] = []
         self.loaded: set[int] = set()
         self.aborted: list[str] = []
+        self.pinned: list[LoraTarget] = []
 
     @property
     def ready(self) -> bool:
         return self.started
 
-    async def start(self) -> None:
+    async def start(self, pinned=()) -> None:
         await asyncio.sleep(self.start_delay)
+        self.pinned = list(pinned)
+        self.loaded.update(t.lora_id for t in pinned)
         self.started = True
 
     async def generate(self, request_id, prompt_token_ids, sampling, lora) -> AsyncIterator[GenerationDelta]:

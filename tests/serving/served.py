@@ -33,7 +33,7 @@ class Served:
         settings = resolve_settings(ServeSettings(
             bundle=str(tiny_bundle), student=str(tiny_student), api=api or ApiSettings(),
             cache=CacheSettings(dir=str(tmp_path / "composites")),
-            engine=engine_settings or EngineSettings(),
+            engine=engine_settings or EngineSettings(mixture_union=False),  # composites; tests/serving/test_union_serving.py covers the union
         ))
         bundle = load_serving_bundle(settings)
         self.engine = engine or FakeEngine()
@@ -74,3 +74,10 @@ def assert_openai_error(response, status: int, code: str | None = None):
     if status in (429, 503):
         assert int(response.headers["retry-after"]) >= 0
     return error
+
+
+def built(cache) -> list[str]:
+    """What the adapter cache wrote (composites, leftovers), the union's placeholder adapter aside."""
+    from serving.mixture_union import PLACEHOLDER
+
+    return [p.name for p in cache.cache_dir.iterdir() if p.name != PLACEHOLDER]

@@ -1,0 +1,132 @@
+"""Mixtures without composites: the bundle's experts pinned in vLLM as one union, mixtures as ids.
+
+With mode-cotd's grouped LoRA ops (serving/fast_lora), a mixture Σᵢ wᵢ sᵢBᵢAᵢ of the bundle's
+experts needs no composite adapter (docs/performance.md, "Mixtures"):
+
+- every expert is loaded once and pinned under its **member id** (serving.fast_lora.mixture_ids),
+  so it never leaves its slot; a request for one expert uses it directly;
+- a mixture whose weights are grid units ≥ 0 summing to 1 (every gate mixture) gets a **mixture
+  id** that encodes them, pointing at a tiny placeholder adapter (vLLM gives every distinct id a
+  slot and loads its folder; the wrapper never reads that slot); the wrapper serves it from the
+  members' slots with per-token block scales, exactly;
+- any other mixture (negative weights, weights not summing to 1, "linear" mode) is left to the
+  composite cache (`target` returns None).
+
+Eligible bundles: every expert has the same rank b and LoRA only on linear modules (no
+embedding or lm_head LoRA, which the union path does not apply), at most 63 experts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mode_cotd.adapter import LoraAdapter, adapter_from_modules, file_checksums, load_adapter, save_adapter
+from mode_cotd.atomic import write_json_atomic
+from mode_cotd.errors import ModeCotdError
+from serving.fast_lora import mixture_ids
+from serving.fast_lora.mixture_ids import UnionLayout
+from serving.protocol import AdapterSpec, LoraTarget
+
+logger = logging.getLogger(__name__)
+
+PLACEHOLDER = "mixture-placeholder-r1"
+"""Folder (under the composite cache dir) of the adapter every mixture id points at: rank 1, all zero."""
+UNSUPPORTED_MODULES = ("embed_tokens", "lm_head")
+
+
+@dataclass(frozen=True)
+class MixtureUnion:
+    """The bundle's experts as one union: member targets to pin, and mixture ids for requests."""
+
+    layout: UnionLayout
+    """Family (a digest of the experts' files), E and the experts' rank b."""
+    names: tuple[str, ...]
+    """Expert names in union order (sorted): expert i is block i."""
+    members: tuple[LoraTarget, ...]
+    """One target per expert, under its member id: pinned when the engine starts."""
+    placeholder: Path
+    """The placeholder adapter folder of mixture ids."""
+    grid_units: int
+    """n: mixture weights are multiples of 1/n (the route table's grid)."""
+
+    @classmethod
+    def for_experts(cls, experts: dict[str, Path], cache_dir: Path, grid_units: int,
+                    max_lora_rank: int) -> MixtureUnion | None:
+        """The union of `experts`, writing the placeholder if needed; None (logged) when they are not eligible."""
+        names = tuple(sorted(experts))
+        if not names or len(names) > mixture_ids.MAX_EXPERTS or not 1 <= grid_units <= mixture_ids.MAX_UNITS:
+            logger.info("mixture union off: %d experts, grid of %d units", len(names), grid_units)
+            return None
+        adapters = {name: load_adapter(experts[name]) for name in names}
+        why = _ineligible(adapters, max_lora_rank)
+        if why:
+            logger.warning("mixture union off, mixtures are served as composites: %s", why)
+            return None
+        rank = adapters[names[0]].r
+        digest = hashlib.sha256()
+        for name in names:
+            digest.update(name.encode("utf-8") + b"\0")
+            for file, sha in file_checksums(experts[name]).items():
+                digest.update(f"{file}={sha}\n".encode())
+        layout = UnionLayout(family=digest.digest()[0], experts=len(names), block_rank=rank)
+        members = tuple(LoraTarget(f"expert-{name}", mixture_ids.member_id(layout, i), str(experts[name]))
+                        for i, name in enumerate(names))
+        placeholder = _write_placeholder(Path(cache_dir), adapters[names[0]])
+        return cls(layout, names, members, placeholder, grid_units)
+
+    def member(self, expert: str) -> LoraTarget | None:
+        """The pinned target of one expert (None: not an expert of the union)."""
+        return self.members[self.names.index(expert)] if expert in self.names else None
+
+    def target(self, spec: AdapterSpec) -> LoraTarget | None:
+        """The mixture id target of `spec`, or None when the union cannot serve it (left to composites)."""
+        if spec.mode != "exact" or not set(spec.mixture.experts) <= set(self.names):
+            return None
+        n = self.grid_units
+        weights = dict(zip(spec.mixture.experts, spec.mixture.weights))
+        units = [round(weights.get(name, 0.0) * n) for name in self.names]
+        if any(abs(u / n - weights.get(name, 0.0)) > 1e-9 for u, name in zip(units, self.names)):
+            return None  # off the grid
+        lora_id = mixture_ids.encode(self.layout, units, n)
+        if lora_id is None:
+            return None
+        return LoraTarget(f"mixture-{spec.mixture.digest}", lora_id, str(self.placeholder))
+
+
+def _ineligible(adapters: dict[str, LoraAdapter], max_lora_rank: int) -> str | None:
+    """Why these experts cannot form a union, or None."""
+    ranks = {name: a.r for name, a in adapters.items()}
+    if len(set(ranks.values())) > 1:
+        return f"the experts' ranks differ: {ranks}"
+    rank = next(iter(ranks.values()))
+    if rank > min(max_lora_rank, mixture_ids.MAX_BLOCK_RANK):
+        return f"expert rank {rank} is over the engine's max LoRA rank {max_lora_rank}"
+    for name, adapter in adapters.items():
+        bad = sorted(set(adapter.target_modules) & set(UNSUPPORTED_MODULES))
+        if bad:
+            return f"expert {name!r} has LoRA on {bad}, which the union does not apply"
+    return None
+
+
+def _write_placeholder(cache_dir: Path, like: LoraAdapter) -> Path:
+    """A rank-1 all-zero adapter on one of `like`'s modules (checksummed; rewritten when damaged)."""
+    folder = cache_dir / PLACEHOLDER
+    checksums = folder / "mode_cotd_checksums.json"
+    try:
+        if json.loads(checksums.read_text(encoding="utf-8")) == {
+                f: s for f, s in file_checksums(folder).items() if f != checksums.name}:
+            return folder
+    except (OSError, ValueError, ModeCotdError):  # missing or damaged: write it again
+        pass
+    path, (a, b) = next(iter(like.modules().items()))
+    module = {path: (torch.zeros(1, a.shape[1]), torch.zeros(b.shape[0], 1))}  # A [1, in], B [out, 1]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    save_adapter(adapter_from_modules(module, 1, 1.0, False, like.base_model_name_or_path), folder)
+    write_json_atomic(checksums, file_checksums(folder))
+    return folder

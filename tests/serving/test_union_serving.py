@@ -1,0 +1,78 @@
+"""Mixtures through the union (serving/mixture_union.py) on the app with a fake engine.
+
+The experts are pinned at start under member ids; a mixture on the grid that sums to 1 goes to
+the engine as a mixture id over the placeholder adapter, with nothing built; other mixtures and
+"linear" compositions still get composites.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from serving.fast_lora import mixture_ids
+from serving.mixture_union import PLACEHOLDER
+from serving.settings import EngineSettings
+
+from .served import Served, built, completion
+
+
+def _served(tiny_bundle, tiny_student, tmp_path, **engine) -> Served:
+    s = Served(tiny_bundle, tiny_student, tmp_path, engine_settings=EngineSettings(**engine))
+    asyncio.run(s.service.start())
+    return s
+
+
+def _last_lora(s: Served):
+    return s.engine.requests[-1][3]
+
+
+def test_experts_are_pinned_and_served_by_their_member_ids(tiny_bundle, tiny_student, tmp_path):
+    s = _served(tiny_bundle, tiny_student, tmp_path)
+    union = s.service.cache.union
+    assert union is not None and [t.name for t in s.engine.pinned] == [f"expert-{n}" for n in union.names]
+    assert completion(s, model="mode-cotd:beta").status_code == 200
+    lora = _last_lora(s)
+    code = mixture_ids.decode(lora.lora_id)
+    assert isinstance(code, mixture_ids.MemberCode) and union.names[code.index] == "beta"
+    assert lora.path.endswith("beta") and lora in s.engine.pinned
+
+
+def test_a_mixture_is_a_mixture_id_and_builds_nothing(tiny_bundle, tiny_student, tmp_path):
+    s = _served(tiny_bundle, tiny_student, tmp_path)
+    names = s.service.cache.union.names
+    response = completion(s, model="mode-cotd", mixture={"alpha": 0.25, "gamma": 0.75})
+    assert response.status_code == 200, response.text
+    lora = _last_lora(s)
+    code = mixture_ids.decode(lora.lora_id)
+    assert isinstance(code, mixture_ids.MixtureCode)
+    assert dict(zip(names, code.weights)) == {n: {"alpha": 0.25, "gamma": 0.75}.get(n, 0.0) for n in names}
+    assert lora.path.endswith(PLACEHOLDER) and built(s.service.cache) == []
+    assert s.sample("mode_cotd_mixture_union_requests_total") == 1
+    assert s.sample("mode_cotd_composite_cache_misses_total") == 0
+
+
+def test_the_gate_routes_through_the_union(tiny_bundle, tiny_student, tmp_path):
+    s = _served(tiny_bundle, tiny_student, tmp_path)
+    assert completion(s, model="mode-cotd").status_code == 200
+    code = mixture_ids.decode(_last_lora(s).lora_id)
+    assert isinstance(code, (mixture_ids.MixtureCode, mixture_ids.MemberCode))  # top-2, or one expert at 1.0
+    assert built(s.service.cache) == []
+
+
+def test_mixtures_the_union_cannot_encode_still_get_composites(tiny_bundle, tiny_student, tmp_path):
+    s = _served(tiny_bundle, tiny_student, tmp_path)
+    for body in ({"model": "mode-cotd", "mixture": {"alpha": 1.5, "gamma": -0.5}},  # negative weight
+                 {"model": "mode-cotd", "mixture": {"alpha": 1.0, "gamma": 1.0}},  # sums to 2
+                 {"model": "mode-cotd:paper_mix"}):  # a "linear" composition
+        response = completion(s, **body)
+        assert response.status_code == 200, response.text
+        assert _last_lora(s).name.startswith("composite-"), body
+    assert s.sample("mode_cotd_composite_cache_misses_total") == 3
+
+
+def test_union_off_serves_experts_from_their_folders(tiny_bundle, tiny_student, tmp_path):
+    for engine in ({"mixture_union": False}, {"fast_lora": False}):
+        s = _served(tiny_bundle, tiny_student, tmp_path / str(engine), **engine)
+        assert s.service.cache.union is None and s.engine.pinned == []
+        assert completion(s, model="mode-cotd", mixture={"alpha": 0.5, "gamma": 0.5}).status_code == 200
+        assert _last_lora(s).name.startswith("composite-exact-")
