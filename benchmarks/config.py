@@ -60,6 +60,8 @@ class BenchConfig:
     """Requests in flight during the hit-rate workload."""
     hit_rate_output_tokens: int = 2
     """Output tokens per hit-rate request."""
+    new_vs_cached_pairs: int = 8
+    """Pairs of one-at-a-time requests (a never-seen mixture, then the same again) for the new-vs-cached TTFT."""
     simulated_hit_rate_requests: int = 20000
     """Length of the offline LRU simulation of the same workload (steady state)."""
     cross_check: bool = True
@@ -86,7 +88,7 @@ PRESETS: dict[str, BenchConfig] = {
     "quick": BenchConfig(
         output_tokens=16, concurrencies=(8,), requests_per_level=8, warmup_requests=2, peft_requests=3,
         scaling_in_flight=(1, 4, 16), scaling_concurrency=16, scaling_requests=16, scaling_output_tokens=4,
-        hit_rate_requests=64, hit_rate_output_tokens=1, poisson_rates=()),
+        hit_rate_requests=64, hit_rate_output_tokens=1, poisson_rates=(), new_vs_cached_pairs=4),
 }
 """Named configurations; `mode-cotd bench --quick` runs "quick"."""
 

@@ -37,8 +37,28 @@ def add_ratios(results: dict[str, Any]) -> dict[str, Any]:
     build_p50 = results.get("scaling", {}).get("composite_build_ms", {}).get("p50")
     results["targets"]["composite_hit_rate"] = {"value": hit, "target": 0.95,
                                                 "met": None if hit is None else hit >= 0.95}
+    session = results.get("scaling", {}).get("session_cache", {})
+    if build_p50 is None and not session.get("builds") and session.get("union_requests"):
+        build_p50 = 0.0  # every mixture went through the union: nothing was built
     results["targets"]["composite_build_p50_ms"] = {"value": build_p50, "target": 100.0, "target_is": "upper bound",
                                                     "met": None if build_p50 is None else build_p50 < 100.0}
+    scaling = results.get("scaling", {})
+    base = (scaling.get("student_baseline") or {}).get("output_throughput_tok_s")
+    per_row = {str(r["in_flight"]): ratio(r.get("output_throughput_tok_s"), base) for r in scaling.get("rows", [])}
+    if per_row:
+        values = [v for v in per_row.values() if v is not None]
+        spread = max(values) / min(values) if values and min(values) > 0 else None
+        results["targets"]["mixtures_vs_student"] = {
+            "value": per_row, "target": 0.8, "met": bool(values) and len(values) == len(per_row) and min(values) >= 0.8,
+            "compares": "scaling row output tok/s / the same load on the student route, per mixtures in flight"}
+        results["targets"]["mixtures_spread"] = {
+            "value": spread, "target": 1.1, "target_is": "upper bound", "met": None if spread is None else spread <= 1.1,
+            "compares": "fastest / slowest scaling row (output tok/s)"}
+    new_vs_cached = results.get("scaling", {}).get("new_vs_cached", {}).get("ratio_p50")
+    results["targets"]["new_vs_cached_ttft"] = {
+        "value": new_vs_cached, "target": 1.2, "target_is": "upper bound",
+        "met": None if new_vs_cached is None else new_vs_cached <= 1.2,
+        "compares": "TTFT p50 of a never-seen mixture / of the same mixture right after (one request at a time)"}
     return results
 
 
@@ -98,6 +118,10 @@ def markdown(results: dict[str, Any], command: str | None = None) -> str:
                   _row(["mixtures in flight", "concurrency", "output tok/s", "TTFT p50 ms", "TPOT p50 ms",
                         "new composites", "build p50 / p99 ms", "first-request TTFT p50 ms", "failed"]),
                   _row(["---"] * 9)]
+        base = scaling.get("student_baseline")
+        if base:
+            lines.append(_row(["0 (student, no adapter)", base["concurrency"], _f(base["output_throughput_tok_s"]),
+                               _f(base["ttft_ms"]["p50"], 0), _f(base["tpot_ms"]["p50"]), "–", "–", "–", base["failed"]]))
         for row in scaling["rows"]:
             lines.append(_row([row["in_flight"], row["concurrency"], _f(row["output_throughput_tok_s"]),
                                _f(row["ttft_ms"]["p50"], 0), _f(row["tpot_ms"]["p50"]), _f(row["new_composites"], 0),
@@ -113,8 +137,16 @@ def markdown(results: dict[str, Any], command: str | None = None) -> str:
         lines += ["", "## Composite cache hit rate", "",
                   (f"Measured: {hit['popularity']} over {hit['experts']} experts, top-{hit['k']}, grid {hit['grid']:g}: "
                   f"{hit['requests']} requests, {hit['distinct_mixtures']} distinct mixtures, hit rate "
-                  f"**{_f(hit['hit_rate'], 3)}** (hits {_f(hit['cache_hits'], 0)}, misses {_f(hit['cache_misses'], 0)}; "
+                  f"**{_f(hit['hit_rate'], 3)}** (hits {_f(hit['cache_hits'], 0)}, misses {_f(hit['cache_misses'], 0)}, "
+                  f"served through the union with nothing to build {_f(hit.get('union_requests'), 0)}; "
                   f"an unbounded cache would reach {_f(hit['ideal_hit_rate'], 3)}; capacity {hit['capacity']}).")]
+    nvc = scaling.get("new_vs_cached")
+    if nvc:
+        lines += ["", "## New against cached mixture", "",
+                  (f"One request at a time, a never-seen mixture then the same mixture again ({nvc['pairs']} pairs, "
+                   f"1 output token): TTFT p50 {_f(nvc['new_ttft_ms'].get('p50'), 0)} ms new, "
+                   f"{_f(nvc['cached_ttft_ms'].get('p50'), 0)} ms cached, ratio **{_f(nvc['ratio_p50'], 2)}** "
+                   "(target ≤ 1.2).")]
     simulated = scaling.get("simulated_hit_rate")
     if simulated:
         lines += ["", "Offline LRU simulation of the same workload (steady state):", "",

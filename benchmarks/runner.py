@@ -23,7 +23,8 @@ from benchmarks import loadgen, prom, servers, vllm_bench
 from benchmarks.config import BenchConfig
 from benchmarks.environment import describe
 from benchmarks.prompts import Prompt, load_prompts, write_jsonl
-from benchmarks.scaling import hit_rate_phase, scaling_row, simulated_hit_rates
+from benchmarks.scaling import (hit_rate_phase, new_vs_cached_ttft, scaling_baseline, scaling_row,
+                                simulated_hit_rates)
 from benchmarks.scenarios import GATE_MODEL, SCENARIOS, request_specs
 from benchmarks.stats import RequestRecord, summarise
 from benchmarks.workloads import FreshMixtures, draw_mixtures, mixture_pool
@@ -187,6 +188,14 @@ class Runner:
             if "f" in wanted:
                 with self.phase("f"):
                     self.sweep("f", srv.base_url)
+            if config.new_vs_cached_pairs:
+                with self.phase("new-vs-cached"):
+                    self.results["scaling"]["new_vs_cached"] = new_vs_cached_ttft(
+                        srv.base_url, config.new_vs_cached_pairs, self.fresh, self.save_records)
+            if config.scaling_in_flight:
+                with self.phase("scaling-student"):
+                    self.results["scaling"]["student_baseline"] = scaling_baseline(
+                        srv.base_url, self.student_name, self.prompts, config, self.save_records)
             rows = self.results["scaling"].setdefault("rows", [])
             for in_flight in config.scaling_in_flight:
                 with self.phase(f"scaling-{in_flight}"):
@@ -210,6 +219,8 @@ class Runner:
             self.results["scaling"]["session_cache"] = {
                 name: prom.total(session, f"mode_cotd_composite_{name}_total")
                 for name in ("cache_hits", "cache_misses", "builds", "cache_evictions")}
+            self.results["scaling"]["session_cache"]["union_requests"] = prom.total(
+                session, "mode_cotd_mixture_union_requests_total")
         self.results["scaling"]["simulated_hit_rate"] = simulated_hit_rates(self.experts, config)
 
     def cross_check(self, base_url: str) -> None:

@@ -7,6 +7,8 @@
 - The hit-rate workload draws mixtures of k of all experts on the grid with a popularity
   (zipf:1.1 by default), sends one short 1-token request for each, and reads the server's cache hit and miss counters (the request that
   builds a composite is a miss; every other request for it, even while it is being built, a hit).
+- New against cached TTFT: one request at a time, a never-seen mixture then the same mixture
+  again, short prompt and output, repeated: TTFT of a new mixture over that of a cached one.
 - The same workload, much longer, through an LRU of the server's capacity offline: the
   steady-state hit rate, for the run's grid and coarser ones.
 """
@@ -45,8 +47,10 @@ def cache_entries(serve_args: Sequence[str]) -> int:
 
 
 def _cache_counts(samples: prom.Samples) -> dict[str, float]:
-    return {name: prom.total(samples, f"mode_cotd_composite_{name}_total")
-            for name in ("cache_hits", "cache_misses", "builds", "cache_evictions")}
+    counts = {name: prom.total(samples, f"mode_cotd_composite_{name}_total")
+              for name in ("cache_hits", "cache_misses", "builds", "cache_evictions")}
+    counts["union_requests"] = prom.total(samples, "mode_cotd_mixture_union_requests_total")
+    return counts
 
 
 def _specs(prompts: Sequence[Prompt], mixtures: Sequence[dict[str, float]], max_tokens: int,
@@ -68,14 +72,15 @@ def hit_rate_phase(base_url: str, prompts: Sequence[Prompt], experts: Sequence[s
                           concurrency=config.hit_rate_concurrency)
     counts = _cache_counts(prom.delta(before, prom.scrape(base_url)))
     save("hit-rate", records)
-    looked_up = counts["cache_hits"] + counts["cache_misses"]
+    looked_up = counts["cache_hits"] + counts["cache_misses"] + counts["union_requests"]
     distinct = len({mixture_key(m) for m in mixtures})
     summary = summarise(records)
     return {
         "popularity": config.hit_rate_popularity, "experts": len(experts), "k": config.mixture_k,
         "grid": config.mixture_grid, "requests": n, "concurrency": config.hit_rate_concurrency,
         "distinct_mixtures": distinct, **counts,
-        "hit_rate": counts["cache_hits"] / looked_up if looked_up else None,
+        "hit_rate": (counts["cache_hits"] + counts["union_requests"]) / looked_up if looked_up else None,
+        "hit_rate_counts": "requests served without building a composite (cache hits and union requests) / all",
         "ideal_hit_rate": 1 - distinct / n if n else None,
         "capacity": cache_entries(config.serve_args),
         "failed": summary["failed"], "errors": summary["errors"], "duration_s": summary["duration_s"],
@@ -108,6 +113,34 @@ def scaling_row(base_url: str, in_flight: int, prompts: Sequence[Prompt], config
         "ttft_ms": summary["ttft_ms"], "tpot_ms": summary["tpot_ms"], "failed": summary["failed"],
         "errors": summary["errors"], "steady": _cache_counts(steady),
     }
+
+
+def scaling_baseline(base_url: str, student_model: str, prompts: Sequence[Prompt], config: BenchConfig,
+                     save: SaveRecords) -> dict[str, Any]:
+    """The scaling rows' load on the bare student (no adapter): what their throughput is compared with."""
+    specs = [loadgen.RequestSpec(student_model, prompts[i % len(prompts)].text, config.scaling_output_tokens)
+             for i in range(config.scaling_requests)]
+    records = loadgen.run(base_url, specs, concurrency=config.scaling_concurrency)
+    save("scaling-student", records)
+    summary = summarise(records)
+    return {"route": "student", "concurrency": config.scaling_concurrency, "requests": config.scaling_requests,
+            "output_tokens": config.scaling_output_tokens,
+            "output_throughput_tok_s": summary["output_throughput_tok_s"],
+            "request_throughput_rps": summary["request_throughput_rps"],
+            "ttft_ms": summary["ttft_ms"], "tpot_ms": summary["tpot_ms"], "failed": summary["failed"]}
+
+
+def new_vs_cached_ttft(base_url: str, pairs: int, fresh: FreshMixtures, save: SaveRecords) -> dict[str, Any]:
+    """TTFT of a never-seen mixture against the same mixture right after, one request at a time, `pairs` times."""
+    mixtures = fresh.take(pairs)
+    specs = [spec for m in mixtures for spec in _specs([SHORT_PROMPT], [m], 1, 2)]  # new, then cached
+    records = loadgen.run(base_url, specs, concurrency=1)
+    save("new-vs-cached", records)
+    new = distribution((r.ttft_s for r in records[0::2] if r.ok and r.ttft_s is not None), 1000.0)
+    cached = distribution((r.ttft_s for r in records[1::2] if r.ok and r.ttft_s is not None), 1000.0)
+    ratio = new["p50"] / cached["p50"] if new.get("p50") and cached.get("p50") else None
+    return {"pairs": pairs, "new_ttft_ms": new, "cached_ttft_ms": cached, "ratio_p50": ratio,
+            "failed": sum(not r.ok for r in records)}
 
 
 def simulated_hit_rates(experts: Sequence[str], config: BenchConfig) -> list[dict[str, Any]]:

@@ -76,3 +76,33 @@ def test_union_off_serves_experts_from_their_folders(tiny_bundle, tiny_student, 
         assert s.service.cache.union is None and s.engine.pinned == []
         assert completion(s, model="mode-cotd", mixture={"alpha": 0.5, "gamma": 0.5}).status_code == 200
         assert _last_lora(s).name.startswith("composite-exact-")
+
+
+def _experts(tiny_student, tmp_path, ranks: dict[str, int]) -> dict:
+    from mode_cotd.adapter import save_adapter
+    from mode_cotd.tiny import random_adapter
+
+    return {name: save_adapter(random_adapter(tiny_student, r=r, seed=i), tmp_path / name)
+            for i, (name, r) in enumerate(ranks.items())}
+
+
+def test_experts_of_different_ranks_get_no_union(tiny_student, tmp_path, caplog):
+    from serving.mixture_union import MixtureUnion
+
+    experts = _experts(tiny_student, tmp_path, {"a": 4, "b": 8})
+    assert MixtureUnion.for_experts(experts, tmp_path / "cache", 20, 16) is None
+    assert "ranks differ" in caplog.text and not (tmp_path / "cache").exists()
+
+
+def test_the_union_family_follows_the_expert_files(tiny_student, tmp_path):
+    from mode_cotd.adapter import save_adapter
+    from mode_cotd.tiny import random_adapter
+    from serving.mixture_union import MixtureUnion
+
+    experts = _experts(tiny_student, tmp_path, {"a": 4, "b": 4, "c": 4})
+    union = MixtureUnion.for_experts(experts, tmp_path / "cache", 20, 16)
+    assert (union.layout.experts, union.layout.block_rank) == (3, 4)
+    assert MixtureUnion.for_experts(experts, tmp_path / "cache", 20, 16).layout == union.layout  # stable
+    save_adapter(random_adapter(tiny_student, r=4, seed=99), experts["b"])  # b retrained: another union
+    changed = MixtureUnion.for_experts(experts, tmp_path / "cache", 20, 16)
+    assert changed.layout.family != union.layout.family  # 8 bits of a digest: deterministic for these seeds
