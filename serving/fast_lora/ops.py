@@ -32,12 +32,17 @@ ACCUMULATE = torch.float32
 
 def _weight(stacked: torch.Tensor, slot: int) -> torch.Tensor:
     """One slot's matrix from vLLM's stacked weights: [S, 1, P, Q] or [S, P, Q] -> [P, Q]."""
-    w = stacked[slot]
-    return w[0] if w.dim() == 3 else w
+    return stacked[slot, 0] if stacked.dim() == 4 else stacked[slot]  # one indexing op
+
+
+_EXACT = (torch.float32, torch.float64)
+"""Dtypes that ACCUMULATE holds exactly: rounding to them and back is the identity."""
 
 
 def _acc(t: torch.Tensor, rounded_to: torch.dtype) -> torch.Tensor:
     """t rounded to `rounded_to` (as vLLM's ops cast it), then held in ACCUMULATE (float64 stays float64)."""
+    if t.dtype == rounded_to and rounded_to in _EXACT:
+        return t  # nothing to round: skip two no-op casts (they cost more than a decode step's matmul)
     return t.to(rounded_to).to(torch.promote_types(rounded_to, ACCUMULATE))
 
 
@@ -103,6 +108,9 @@ def grouped_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch
     if batched is not None and batched.rows == x.shape[0] == y.shape[0]:
         _batched_lora_linear(y, x, lora_a, lora_b, batched, scale, output_slices, buffer_dtype)
         return
+    if y.dtype == x.dtype == buffer_dtype == torch.float32:
+        _float32_lora_linear(y, x, lora_a, lora_b, groups, scale, output_slices)
+        return
     width = sum(output_slices)
     for g in groups:
         xg = _acc(_take(x, g.rows), buffer_dtype)  # [t, H]
@@ -115,6 +123,28 @@ def grouped_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch
             out[:, offset : offset + n] = _mm(h, _weight(b_stacked, g.slot), y.dtype)  # [t, n]
             offset += n
         _put(y[:, :width], g.rows, out.to(y.dtype), add=True)
+
+
+def _float32_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor],
+                         lora_b: Sequence[torch.Tensor], groups: Sequence[Group], scale: float,
+                         output_slices: Sequence[int]) -> None:
+    """grouped_lora_linear when everything is float32: no rounding to do, so the expand adds straight into y.
+
+    Contiguous rows: `y[r, o:o+n].addmm_(h, Bᵀ)` (one fused op per slice); scattered rows: one index_add_.
+    """
+    for g in groups:
+        xg = _take(x, g.rows)  # [t, H]
+        offset = 0
+        for a_stacked, b_stacked, n in zip(lora_a, lora_b, output_slices):
+            h = xg @ _weight(a_stacked, g.slot).t()  # [t, R]
+            if scale != 1.0:
+                h.mul_(scale)
+            b = _weight(b_stacked, g.slot)  # [n, R]
+            if isinstance(g.rows, slice):
+                y[g.rows, offset : offset + n].addmm_(h, b.t())
+            else:
+                y[:, offset : offset + n].index_add_(0, g.rows, h @ b.t())
+            offset += n
 
 
 def union_weights(lora_a: torch.Tensor, lora_b: torch.Tensor, member_slots: Sequence[int], block_rank: int,
@@ -151,13 +181,20 @@ def union_lora_linear(y: torch.Tensor, x: torch.Tensor, unions: Sequence[tuple[t
     scales = union.weights.repeat_interleave(union.block_rank, dim=1)  # [t, E·b]
     if scale != 1.0:
         scales = scales * scale
-    out = torch.empty(union.count, width, dtype=torch.promote_types(y.dtype, ACCUMULATE))  # [t, N]
+    direct = y.dtype == torch.float32  # nothing to round: add each slice straight into y
+    out = None if direct else torch.empty(union.count, width, dtype=torch.promote_types(y.dtype, ACCUMULATE))
     offset = 0
     for (a_union, b_union), n in zip(unions, output_slices):
         h = (xg @ a_union.t()).mul_(scales)  # [t, E·b]
-        out[:, offset : offset + n] = _acc(h, y.dtype) @ b_union.t()  # [t, n]
+        if not direct:
+            out[:, offset : offset + n] = _acc(h, y.dtype) @ b_union.t()  # [t, n]
+        elif isinstance(union.rows, slice):
+            y[union.rows, offset : offset + n].addmm_(h, b_union.t())
+        else:
+            y[:, offset : offset + n].index_add_(0, union.rows, h @ b_union.t())
         offset += n
-    _put(y[:, :width], union.rows, out.to(y.dtype), add=True)
+    if out is not None:
+        _put(y[:, :width], union.rows, out.to(y.dtype), add=True)
 
 
 def _batched_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor],
