@@ -23,8 +23,13 @@ from benchmarks import loadgen, prom, servers, vllm_bench
 from benchmarks.config import BenchConfig
 from benchmarks.environment import describe
 from benchmarks.prompts import Prompt, load_prompts, write_jsonl
-from benchmarks.scaling import (hit_rate_phase, new_vs_cached_ttft, scaling_baseline, scaling_row,
-                                simulated_hit_rates)
+from benchmarks.scaling import (
+    hit_rate_phase,
+    new_vs_cached_ttft,
+    scaling_baseline,
+    scaling_row,
+    simulated_hit_rates,
+)
 from benchmarks.scenarios import GATE_MODEL, SCENARIOS, request_specs
 from benchmarks.stats import RequestRecord, summarise
 from benchmarks.workloads import FreshMixtures, draw_mixtures, mixture_pool

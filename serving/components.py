@@ -22,6 +22,7 @@ from mode_cotd.gate import grid_units
 from mode_cotd.student import resolve_student, student_identity
 from serving.adapter_cache import AdapterCache
 from serving.bundle_source import is_uri, local_bundle
+from serving.fast_lora.plugin import applies_here as fast_lora_applies
 from serving.mixture_union import MixtureUnion
 from serving.prompts import PromptRenderer
 from serving.protocol import StudentEngine
@@ -109,7 +110,7 @@ def student_service(
     experts = {name: entry.path for name, entry in bundle.experts.items()}
     cache_dir = composite_dir(bundle, settings.cache.dir)
     union = None
-    if settings.engine.mixture_union and settings.engine.fast_lora:
+    if settings.engine.mixture_union and settings.engine.fast_lora and fast_lora_applies():
         grid = route_table(settings, bundle).grid
         union = MixtureUnion.for_experts(experts, cache_dir, grid_units(grid), rank)
     cache = AdapterCache(

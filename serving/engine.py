@@ -87,6 +87,18 @@ def engine_args(student: Path, settings: EngineSettings, max_lora_rank: int, max
     return AsyncEngineArgs(**kwargs)
 
 
+def _check_union_wrapper() -> None:
+    """ConfigError unless vLLM will run mode-cotd's grouped wrapper, the only one that understands mixture ids."""
+    from vllm.platforms import current_platform
+
+    from serving.fast_lora.platform import WRAPPER
+
+    used = current_platform.get_punica_wrapper()
+    if used != WRAPPER:
+        raise ConfigError(f"the mixture union needs mode-cotd's grouped LoRA ops, but vLLM would use {used}; "
+                          "serve with --no-engine-mixture-union (mixtures as composites)")
+
+
 def sampling_params(sampling: SamplingSettings):
     """vLLM SamplingParams for one request; outputs come as deltas."""
     from vllm import SamplingParams
@@ -144,6 +156,8 @@ class VllmEngine:
             os.environ[CPU_BIND_ENV] = self.cpu_bind  # read by vLLM's engine core process, which inherits it
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        if pinned:
+            _check_union_wrapper()
         args = engine_args(self.student, self.settings, self.max_lora_rank, self.max_model_len, len(pinned))
         llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         try:

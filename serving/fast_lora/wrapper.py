@@ -29,10 +29,23 @@ from typing import TYPE_CHECKING, Any
 import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-from serving.fast_lora.ops import (grouped_expand, grouped_lora_linear, grouped_lora_logits, grouped_shrink,
-                                   union_lora_linear, union_weights)
-from serving.fast_lora.segments import (Batched, Group, UnionRows, batch_groups, group_rows, split_union_rows,
-                                        without_mixture_slots)
+from serving.fast_lora.ops import (
+    grouped_expand,
+    grouped_lora_linear,
+    grouped_lora_logits,
+    grouped_shrink,
+    union_lora_linear,
+    union_weights,
+)
+from serving.fast_lora.segments import (
+    Batched,
+    Group,
+    UnionRows,
+    batch_groups,
+    group_rows,
+    split_union_rows,
+    without_mixture_slots,
+)
 
 if TYPE_CHECKING:
     from vllm.lora.layers import LoRAMapping

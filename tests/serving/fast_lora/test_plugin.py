@@ -103,3 +103,15 @@ def test_platform_follows_the_switch_after_resolution(monkeypatch):
     assert FastLoraCpuPlatform.get_punica_wrapper() == WRAPPER
     monkeypatch.setenv(plugin.ENV, "0")
     assert FastLoraCpuPlatform.get_punica_wrapper() == "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU"
+
+
+def test_the_engine_refuses_a_union_without_the_grouped_wrapper(monkeypatch):
+    from mode_cotd.errors import ConfigError
+    from serving.engine import _check_union_wrapper
+    from serving.fast_lora import plugin
+
+    monkeypatch.setenv(plugin.ENV, "1")
+    _check_union_wrapper()  # this machine: vLLM's CPU build, the plugin's platform
+    monkeypatch.setenv(plugin.ENV, "0")
+    with pytest.raises(ConfigError, match="no-engine-mixture-union"):
+        _check_union_wrapper()

@@ -40,7 +40,7 @@ def test_union_mixtures_match_their_composites(heavy_lock):
     labels, tokens, logprobs = result["labels"], result["tokens"], result["logprobs"]
     union = [i for i, label in enumerate(labels) if label.startswith("union-")]
     assert len(union) == 9
-    pick = lambda rows: {"seq": [tokens[i] for i in rows], "seq_logprobs": [logprobs[i] for i in rows]}  # noqa: E731
+    pick = lambda rows: {"seq": [tokens[i] for i in rows], "seq_logprobs": [logprobs[i] for i in rows]}
     flips = same_up_to_near_ties(pick(union), pick([i + 1 for i in union]), "seq")  # i + 1: the composite
     print(f"\nunion vs composite: identical but for {len(flips)} near-tie flips {flips}")
     assert len(flips) <= 2, flips  # ties are rare: more would mean the outputs drift

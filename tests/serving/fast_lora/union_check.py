@@ -12,8 +12,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-
-
 MIXTURES = [{"gsm8k": 0.65, "last_letter_concatenation": 0.35}, {"aqua": 0.5, "gsm8k": 0.5},
             {"addsub": 0.8, "svamp": 0.2}]
 
