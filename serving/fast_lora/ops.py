@@ -172,13 +172,17 @@ def union_lora_linear(y: torch.Tensor, x: torch.Tensor, unions: Sequence[tuple[t
 
     hᵢ = (scale · x[r] @ A∪ᵢᵀ) in buffer_dtype, (A∪ᵢ `[E·b, H]`, B∪ᵢ `[N, E·b]`) = unions[i], slice i's union
     (union_weights: A = cat(Aₑ), B = cat(sₑBₑ), expert e in rank block e·b … e·b+b-1), w `[t, E]` the rows'
-    mixture weights (union.weights). So a row gets Σₑ w[r, e] · sₑ Bₑ Aₑ x[r]: its mixture, exactly,
+    mixture weights (union.weights), restricted to the blocks of the experts in use (union.experts). So a row gets Σₑ w[r, e] · sₑ Bₑ Aₑ x[r]: its mixture, exactly,
     whatever the number of distinct mixtures in the step. The block-scaled h is rounded to y.dtype before
     the expand, as vLLM's ops round their shrink buffer. y `[T, Σnᵢ]`, x `[T, H]`.
     """
     width = sum(output_slices)
     xg = _acc(_take(x, union.rows), buffer_dtype)  # [t, H]
-    scales = union.weights.repeat_interleave(union.block_rank, dim=1)  # [t, E·b]
+    scales = union.weights.repeat_interleave(union.block_rank, dim=1)  # [t, K·b]
+    if union.experts is not None:  # only the blocks of the experts in use: rank K·b instead of E·b
+        b = union.block_rank
+        cols = (union.experts[:, None] * b + torch.arange(b)).flatten()  # [K·b]
+        unions = [(a_u.index_select(0, cols), b_u.index_select(1, cols)) for a_u, b_u in unions]
     if scale != 1.0:
         scales = scales * scale
     direct = y.dtype == torch.float32  # nothing to round: add each slice straight into y

@@ -108,7 +108,10 @@ class UnionRows:
     count: int
     """How many rows."""
     weights: torch.Tensor
-    """[count, E] float32: each row's weight per expert."""
+    """[count, K] float32: each row's weight per expert in use (`experts`)."""
+    experts: torch.Tensor | None
+    """[K] int64: the experts any row of the step uses (weight ≠ 0), None for all E. The ops multiply by these
+    experts' blocks only: a step whose mixtures all draw on 2 of 10 experts pays for rank 2·b, not 10·b."""
     block_rank: int
     """b: the experts' rank; the union is their first b rows of A (columns of B), concatenated."""
     layout: mixture_ids.UnionLayout
@@ -148,8 +151,13 @@ def split_union_rows(indices: torch.Tensor, lora_index_to_id: list[int | None]
     per_mixture = torch.tensor([c.weights if c.layout == layout else zeros for c in codes],
                                dtype=torch.float32)  # [M, E]
     (group,) = group_rows(torch.where(present, 0, -1))
-    union = UnionRows(tuple(slot_of[m] for m in members), group.rows, group.count,
-                      per_mixture[which[present]], layout.block_rank, layout)  # weights [count, E]
+    weights = per_mixture[which[present]]  # [count, E]
+    used = weights.ne(0).any(0).nonzero().flatten()  # [K]
+    experts = None if used.numel() == layout.experts else used
+    if experts is not None:
+        weights = weights.index_select(1, experts)  # [count, K]
+    union = UnionRows(tuple(slot_of[m] for m in members), group.rows, group.count, weights, experts,
+                      layout.block_rank, layout)
     return union, torch.where(present, -1, indices)
 
 

@@ -3,7 +3,8 @@
 One app for the module (started once, ~1 minute), checked with the official openai client:
 every route answers completions, chats and streams with `mode_cotd` in each response;
 greedy decoding is repeatable; /metrics counters move; 16 concurrent requests for a new
-mixture build it once; 32 concurrent gate requests reach the gate in batches; bad input
+mixture go through the union (the pinned experts, nothing built), and for a mixture only a
+composite can serve build it once; 32 concurrent gate requests reach the gate in batches; bad input
 gets OpenAI-shaped 4xx errors and the server keeps serving.
 """
 
@@ -20,6 +21,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from mode_cotd.gate import MixtureKey
 from serving.settings import (
     ApiSettings,
     CacheSettings,
@@ -225,13 +227,13 @@ def test_models_health_and_metrics_move(app):
 def test_paper_linear_composition_and_svd_compressed_composite(app):
     linear = app.client.completions.create(model="mode-cotd:paper_mix", prompt=PROMPT, max_tokens=4)
     assert linear.model_extra["mode_cotd"]["adapter"].startswith("composite-linear-")
-    assert app.metric("mode_cotd_composite_svd_error_ratio_count") >= 1  # all_three: rank 24 > 16
+    three = {"alpha": 0.5, "beta": 0.5, "gamma": 0.5}  # sums to 1.5: not for the union; rank 24 > 16
+    out = app.client.completions.create(model="mode-cotd", prompt=PROMPT, max_tokens=4, extra_body={"mixture": three})
+    assert out.model_extra["mode_cotd"]["adapter"].startswith("composite-exact-")
+    assert app.metric("mode_cotd_composite_svd_error_ratio_count") >= 1
 
 
-def test_sixteen_concurrent_requests_for_a_new_mixture_build_it_once(app):
-    mixture = {"beta": 0.75, "gamma": 0.25}
-    builds, misses, hits = (app.metric(f"mode_cotd_composite_{n}_total") for n in ("builds", "cache_misses", "cache_hits"))
-
+def _sixteen(app, mixture: dict) -> list:
     async def sixteen():
         async with app.aclient() as client:
             return await asyncio.gather(*(
@@ -239,7 +241,23 @@ def test_sixteen_concurrent_requests_for_a_new_mixture_build_it_once(app):
                                           extra_body={"mixture": mixture})
                 for i in range(16)))
 
-    outs = asyncio.run(sixteen())
+    return asyncio.run(sixteen())
+
+
+def test_sixteen_concurrent_requests_for_a_new_mixture_go_through_the_union(app):
+    mixture = {"beta": 0.75, "gamma": 0.25}  # on the grid, summing to 1: a mixture id over the pinned experts
+    builds, union = app.metric("mode_cotd_composite_builds_total"), app.metric("mode_cotd_mixture_union_requests_total")
+    outs = _sixteen(app, mixture)
+    assert all(o.model_extra["mode_cotd"]["experts"] == mixture for o in outs)
+    assert {o.model_extra["mode_cotd"]["adapter"] for o in outs} == {f"mixture-{MixtureKey.from_dict(mixture, 0.05).digest}"}
+    assert app.metric("mode_cotd_composite_builds_total") == builds
+    assert app.metric("mode_cotd_mixture_union_requests_total") - union == 16
+
+
+def test_sixteen_concurrent_requests_for_a_new_composite_build_it_once(app):
+    mixture = {"beta": 1.25, "gamma": -0.25}  # a negative weight: the union cannot encode it, a composite does
+    builds, misses, hits = (app.metric(f"mode_cotd_composite_{n}_total") for n in ("builds", "cache_misses", "cache_hits"))
+    outs = _sixteen(app, mixture)
     assert all(o.model_extra["mode_cotd"]["experts"] == mixture for o in outs)
     assert len({o.model_extra["mode_cotd"]["adapter"] for o in outs}) == 1
     assert app.metric("mode_cotd_composite_builds_total") - builds == 1

@@ -34,6 +34,8 @@ STEPS = {  # per-token LoRA ids (0: none), per-request ids (sampled rows)
     "prefill": ([M1] * 4 + [11] * 3 + [0] * 2 + [M2] * 5 + [X1] * 2 + [M1] * 2, [M1, 11, 0, M2, X1, M1]),
     "decode": ([M1, 11, M2, 0, M3, 12, M2, X0, M1], [M1, 11, M2, 0, M3, 12, M2, X0, M1]),
     "mixtures_only": ([M3, M2, M1, M3], [M3, M2, M1, M3]),
+    "some_experts": ([M1, 11, M1, 0, M1], [M1, 11, M1, 0, M1]),  # M1 uses experts 0 and 1 only
+    "one_expert_mixture": ([M3, 12, M3], [M3, 12, M3]),  # M3 is expert 2 at weight 1
     "no_mixture": ([11, 12, 0, 11], [11, 12, 0, 11]),
 }
 
@@ -104,6 +106,15 @@ def test_union_rows_carry_each_rows_weights():
     expected = torch.tensor([MIX[M1], MIX[M2], MIX[M3], MIX[M2], MIX[M1]], dtype=torch.float32)
     torch.testing.assert_close(union.weights, expected)
     assert all(g.slot not in (IDS.index(M1), IDS.index(M2), IDS.index(M3)) for g in wrapper.token_groups)
+    assert union.experts is None  # the step uses all three experts
+
+
+def test_a_step_that_uses_some_experts_multiplies_by_their_blocks_only():
+    wrapper, _ = _wrapper("some_experts")
+    assert torch.equal(wrapper.union_rows.experts, torch.tensor([0, 1]))
+    torch.testing.assert_close(wrapper.union_rows.weights, torch.tensor([[0.5, 0.5]] * 3))
+    wrapper, _ = _wrapper("one_expert_mixture")
+    assert torch.equal(wrapper.union_rows.experts, torch.tensor([2]))
 
 
 def test_a_mixture_without_all_its_experts_in_slots_is_an_error():
