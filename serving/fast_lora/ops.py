@@ -55,6 +55,14 @@ def _take(x: torch.Tensor, rows: Rows) -> torch.Tensor:
     return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
 
 
+def _add_product(y: torch.Tensor, rows: Rows, h: torch.Tensor, b: torch.Tensor) -> None:
+    """y[rows] += h @ bᵀ with no rounding in between (float32): fused `addmm_` on a slice, else one index_add_."""
+    if isinstance(rows, slice):
+        y[rows].addmm_(h, b.t())
+    else:
+        y.index_add_(0, rows, h @ b.t())
+
+
 def _put(y: torch.Tensor, rows: Rows, value: torch.Tensor, add: bool) -> None:
     """y[rows] += value (add) or y[rows] = value; y may be a column slice of a larger tensor."""
     if isinstance(rows, slice) and add:
@@ -139,11 +147,7 @@ def _float32_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torc
             h = xg @ _weight(a_stacked, g.slot).t()  # [t, R]
             if scale != 1.0:
                 h.mul_(scale)
-            b = _weight(b_stacked, g.slot)  # [n, R]
-            if isinstance(g.rows, slice):
-                y[g.rows, offset : offset + n].addmm_(h, b.t())
-            else:
-                y[:, offset : offset + n].index_add_(0, g.rows, h @ b.t())
+            _add_product(y[:, offset : offset + n], g.rows, h, _weight(b_stacked, g.slot))  # B [n, R]
             offset += n
 
 
@@ -172,8 +176,9 @@ def union_lora_linear(y: torch.Tensor, x: torch.Tensor, unions: Sequence[tuple[t
 
     hᵢ = (scale · x[r] @ A∪ᵢᵀ) in buffer_dtype, (A∪ᵢ `[E·b, H]`, B∪ᵢ `[N, E·b]`) = unions[i], slice i's union
     (union_weights: A = cat(Aₑ), B = cat(sₑBₑ), expert e in rank block e·b … e·b+b-1), w `[t, E]` the rows'
-    mixture weights (union.weights), restricted to the blocks of the experts in use (union.experts). So a row gets Σₑ w[r, e] · sₑ Bₑ Aₑ x[r]: its mixture, exactly,
-    whatever the number of distinct mixtures in the step. The block-scaled h is rounded to y.dtype before
+    mixture weights (union.weights), restricted to the blocks of the experts in use (union.experts). So a
+    row gets Σₑ w[r, e] · sₑ Bₑ Aₑ x[r]: its mixture, exactly, whatever the number of distinct mixtures in
+    the step. The block-scaled h is rounded to y.dtype before
     the expand, as vLLM's ops round their shrink buffer. y `[T, Σnᵢ]`, x `[T, H]`.
     """
     width = sum(output_slices)
@@ -190,12 +195,10 @@ def union_lora_linear(y: torch.Tensor, x: torch.Tensor, unions: Sequence[tuple[t
     offset = 0
     for (a_union, b_union), n in zip(unions, output_slices):
         h = (xg @ a_union.t()).mul_(scales)  # [t, E·b]
-        if not direct:
-            out[:, offset : offset + n] = _acc(h, y.dtype) @ b_union.t()  # [t, n]
-        elif isinstance(union.rows, slice):
-            y[union.rows, offset : offset + n].addmm_(h, b_union.t())
+        if direct:
+            _add_product(y[:, offset : offset + n], union.rows, h, b_union)
         else:
-            y[:, offset : offset + n].index_add_(0, union.rows, h @ b_union.t())
+            out[:, offset : offset + n] = _acc(h, y.dtype) @ b_union.t()  # [t, n]
         offset += n
     if out is not None:
         _put(y[:, :width], union.rows, out.to(y.dtype), add=True)

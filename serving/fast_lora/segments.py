@@ -118,15 +118,20 @@ class UnionRows:
     """The union (its family tells unions with the same E and b apart)."""
 
 
-def split_union_rows(indices: torch.Tensor, lora_index_to_id: list[int | None]
-                     ) -> tuple[UnionRows | None, torch.Tensor]:
+def mixture_slots(lora_index_to_id: list[int | None]) -> dict[int, mixture_ids.MixtureCode]:
+    """Slot -> decoded mixture id, for the slots that hold one (decode once per step, use for tokens and logits)."""
+    return {slot: code for slot, lora_id in enumerate(lora_index_to_id)
+            if lora_id is not None and isinstance(code := mixture_ids.decode(lora_id), mixture_ids.MixtureCode)}
+
+
+def split_union_rows(indices: torch.Tensor, lora_index_to_id: list[int | None],
+                     mixtures: dict[int, mixture_ids.MixtureCode]) -> tuple[UnionRows | None, torch.Tensor]:
     """(the rows whose slot holds a mixture id, served by the union; `indices` with those rows set to -1).
 
-    indices: [T] int64 slot per row (-1 = no LoRA). Raises RuntimeError when a step has mixture ids
-    but an expert of their union is not in a slot, or mixture ids of different unions.
+    indices: [T] int64 slot per row (-1 = no LoRA); mixtures: mixture_slots(lora_index_to_id). Raises
+    RuntimeError when a step has mixture ids but an expert of their union is not in a slot, or mixture
+    ids of different unions.
     """
-    mixtures = {slot: code for slot, lora_id in enumerate(lora_index_to_id)
-                if lora_id is not None and isinstance(code := mixture_ids.decode(lora_id), mixture_ids.MixtureCode)}
     if not mixtures:
         return None, indices
     table = torch.full((len(lora_index_to_id) + 1,), -1, dtype=torch.long)  # slot -> row of `codes`; last: -1
@@ -161,10 +166,9 @@ def split_union_rows(indices: torch.Tensor, lora_index_to_id: list[int | None]
     return union, torch.where(present, -1, indices)
 
 
-def without_mixture_slots(indices: torch.Tensor, lora_index_to_id: list[int | None]) -> torch.Tensor:
-    """`indices` ([N] slot per row) with rows on a mixture id's slot set to -1 (its placeholder adds nothing)."""
-    slots = [slot for slot, lora_id in enumerate(lora_index_to_id)
-             if lora_id is not None and isinstance(mixture_ids.decode(lora_id), mixture_ids.MixtureCode)]
-    if not slots:
+def without_mixture_slots(indices: torch.Tensor, mixtures: dict[int, mixture_ids.MixtureCode]) -> torch.Tensor:
+    """`indices` ([N] slot per row) with rows on a mixture id's slot (`mixtures`) set to -1: its placeholder adds
+    nothing."""
+    if not mixtures:
         return indices
-    return torch.where(torch.isin(indices, torch.tensor(slots, dtype=indices.dtype)), -1, indices)
+    return torch.where(torch.isin(indices, torch.tensor(list(mixtures), dtype=indices.dtype)), -1, indices)

@@ -43,6 +43,7 @@ from serving.fast_lora.segments import (
     UnionRows,
     batch_groups,
     group_rows,
+    mixture_slots,
     split_union_rows,
     without_mixture_slots,
 )
@@ -65,15 +66,16 @@ class PunicaWrapperGrouped(PunicaWrapperCPU):
         self.union_rows: UnionRows | None = None
         """The step's rows with a mixture id, served by the union (None: no mixture in the step)."""
         self.union_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        """(layer weights, member slots, ranks, dtypes) -> the union (A, B) of that layer slice."""
+        """(layer weights, member slots, union layout, dtypes) -> the union (A, B) of that layer slice."""
 
     def update_metadata(self, mapping: LoRAMapping, lora_index_to_id: list[int | None], max_loras: int,
                         vocab_size: int, **kwargs: Any) -> None:
         super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
-        self.union_rows, indices = split_union_rows(self.token_lora_indices, lora_index_to_id)
+        mixtures = mixture_slots(lora_index_to_id)
+        self.union_rows, indices = split_union_rows(self.token_lora_indices, lora_index_to_id, mixtures)
         self.token_groups = group_rows(indices)
         self.token_batched = batch_groups(self.token_groups, indices.numel())
-        self.sampler_groups = group_rows(without_mixture_slots(self.sampler_indices, lora_index_to_id))
+        self.sampler_groups = group_rows(without_mixture_slots(self.sampler_indices, mixtures))
 
     def add_shrink(self, y: tuple[torch.Tensor, ...] | torch.Tensor, x: torch.Tensor,
                    lora_a_stacked: tuple[torch.Tensor, ...], scale: float, **kwargs: Any) -> None:

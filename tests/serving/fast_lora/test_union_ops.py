@@ -13,7 +13,7 @@ import torch
 
 from serving.fast_lora import reference
 from serving.fast_lora.mixture_ids import UnionLayout, encode, member_id
-from serving.fast_lora.segments import split_union_rows
+from serving.fast_lora.segments import mixture_slots, split_union_rows
 
 pytestmark = pytest.mark.vllm
 
@@ -120,14 +120,14 @@ def test_a_step_that_uses_some_experts_multiplies_by_their_blocks_only():
 def test_a_mixture_without_all_its_experts_in_slots_is_an_error():
     ids = [11, M1, X0, X2, None]
     with pytest.raises(RuntimeError, match=r"experts \[1\] are not in a slot"):
-        split_union_rows(torch.tensor([1, 0, 1]), ids)
+        split_union_rows(torch.tensor([1, 0, 1]), ids, mixture_slots(ids))
 
 
 def test_mixtures_of_two_unions_in_one_step_are_an_error():
     other = UnionLayout(family=10, experts=E, block_rank=BLOCK)
     ids = [M1, encode(other, [1, 1, 0], 2), X0, X1, X2, *(member_id(other, e) for e in range(E))]
     with pytest.raises(RuntimeError, match="different unions"):
-        split_union_rows(torch.tensor([0, 1]), ids)
+        split_union_rows(torch.tensor([0, 1]), ids, mixture_slots(ids))
 
 
 def test_unfused_ops_refuse_mixture_rows():
