@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import re
 import shutil
@@ -41,20 +40,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from mode_cotd.adapter import LoraAdapter, file_checksums, load_adapter, save_adapter
-from mode_cotd.atomic import write_json_atomic
+from mode_cotd.adapter import LoraAdapter, load_adapter, save_adapter
 from mode_cotd.errors import ConfigError, ModeCotdError
 from mode_cotd.mixing import compose_exact, compress_svd, merge_linear
 from serving.errors import ApiError, InternalError, InvalidMixture
 from serving.mixture_union import MixtureUnion
 from serving.protocol import AdapterSpec, LoraTarget
+from serving.sealed import check_seal, seal
 
 logger = logging.getLogger(__name__)
 
 _FOLDER = re.compile(r"(exact|linear)-[0-9a-f]{16}-r\d+")
 _LEFTOVER = re.compile(r"\.(exact|linear)-[0-9a-f]{16}-r\d+\..*")
-CHECKSUMS = "mode_cotd_checksums.json"
-"""sha256 of every other file of a composite folder, written last."""
 LEFTOVER_AGE_S = 600.0
 """Temporary folders of an interrupted write older than this are removed at start (younger ones may be
 another replica's write in progress)."""
@@ -266,17 +263,13 @@ class AdapterCache:
         if composite.r > self.max_lora_rank:
             composite, svd_error = compress_svd(composite, self.max_lora_rank)
         save_adapter(composite, folder)
-        write_json_atomic(folder / CHECKSUMS, file_checksums(folder))  # last: a folder without it is invalid
+        seal(folder)  # last: a folder without it is invalid
         return svd_error
 
     def _valid(self, folder: Path) -> bool:
         """Checksums recorded and matching, and an adapter vLLM can load within the max rank."""
         try:
-            recorded = json.loads((folder / CHECKSUMS).read_text(encoding="utf-8"))
-            actual = {f: digest for f, digest in file_checksums(folder).items() if f != CHECKSUMS}
-            if recorded != actual:
-                raise ModeCotdError(f"checksum mismatch (recorded {sorted(recorded)}, found {sorted(actual)})"
-                                    if set(recorded) != set(actual) else "checksum mismatch")
+            check_seal(folder)
             return load_adapter(folder).r <= self.max_lora_rank
         except (ModeCotdError, OSError, ValueError) as e:
             logger.warning("discarding cached composite %s: %s", folder, e)

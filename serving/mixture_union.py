@@ -19,7 +19,6 @@ embedding or lm_head LoRA, which the union path does not apply), at most 63 expe
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +26,11 @@ from pathlib import Path
 import torch
 
 from mode_cotd.adapter import LoraAdapter, adapter_from_modules, file_checksums, load_adapter, save_adapter
-from mode_cotd.atomic import write_json_atomic
 from mode_cotd.errors import ModeCotdError
 from serving.fast_lora import mixture_ids
 from serving.fast_lora.mixture_ids import UnionLayout
 from serving.protocol import AdapterSpec, LoraTarget
+from serving.sealed import check_seal, seal
 
 logger = logging.getLogger(__name__)
 
@@ -117,16 +116,14 @@ def _ineligible(adapters: dict[str, LoraAdapter], max_lora_rank: int) -> str | N
 def _write_placeholder(cache_dir: Path, like: LoraAdapter) -> Path:
     """A rank-1 all-zero adapter on one of `like`'s modules (checksummed; rewritten when damaged)."""
     folder = cache_dir / PLACEHOLDER
-    checksums = folder / "mode_cotd_checksums.json"
     try:
-        if json.loads(checksums.read_text(encoding="utf-8")) == {
-                f: s for f, s in file_checksums(folder).items() if f != checksums.name}:
-            return folder
+        check_seal(folder)
+        return folder
     except (OSError, ValueError, ModeCotdError):  # missing or damaged: write it again
         pass
     path, (a, b) = next(iter(like.modules().items()))
     module = {path: (torch.zeros(1, a.shape[1]), torch.zeros(b.shape[0], 1))}  # A [1, in], B [out, 1]
     cache_dir.mkdir(parents=True, exist_ok=True)
     save_adapter(adapter_from_modules(module, 1, 1.0, False, like.base_model_name_or_path), folder)
-    write_json_atomic(checksums, file_checksums(folder))
+    seal(folder)
     return folder

@@ -15,10 +15,11 @@ from ray.serve.exceptions import BackPressureError
 
 from mode_cotd.errors import ConfigError
 from mode_cotd.gate import MixtureKey
-from serving.adapter_cache import CHECKSUMS, LEFTOVER_AGE_S, AdapterCache
+from serving.adapter_cache import LEFTOVER_AGE_S, AdapterCache
 from serving.deployments import as_api_error
 from serving.errors import InternalError, ServiceUnavailable
 from serving.protocol import AdapterSpec
+from serving.sealed import CHECKSUMS
 from serving.settings import ApiSettings
 
 from .conftest import FakeEngine
