@@ -140,13 +140,6 @@ def markdown(results: dict[str, Any], command: str | None = None) -> str:
                   f"**{_f(hit['hit_rate'], 3)}** (hits {_f(hit['cache_hits'], 0)}, misses {_f(hit['cache_misses'], 0)}, "
                   f"served through the union with nothing to build {_f(hit.get('union_requests'), 0)}; "
                   f"an unbounded cache would reach {_f(hit['ideal_hit_rate'], 3)}; capacity {hit['capacity']}).")]
-    nvc = scaling.get("new_vs_cached")
-    if nvc:
-        lines += ["", "## New against cached mixture", "",
-                  (f"One request at a time, a never-seen mixture then the same mixture again ({nvc['pairs']} pairs, "
-                   f"1 output token): TTFT p50 {_f(nvc['new_ttft_ms'].get('p50'), 0)} ms new, "
-                   f"{_f(nvc['cached_ttft_ms'].get('p50'), 0)} ms cached, ratio **{_f(nvc['ratio_p50'], 2)}** "
-                   "(target ≤ 1.2).")]
     simulated = scaling.get("simulated_hit_rate")
     if simulated:
         lines += ["", "Offline LRU simulation of the same workload (steady state):", "",
@@ -154,6 +147,13 @@ def markdown(results: dict[str, Any], command: str | None = None) -> str:
                   _row(["---"] * 6)]
         lines += [_row([f"{r['grid']:g}", r["pool"], r["requests"], r["capacity"], _f(r["hit_rate"], 3),
                         _f(r["ideal_hit_rate"], 3)]) for r in simulated]
+    nvc = scaling.get("new_vs_cached")
+    if nvc:
+        lines += ["", "## New against cached mixture", "",
+                  (f"One request at a time, a never-seen mixture then the same mixture again ({nvc['pairs']} pairs, "
+                   f"1 output token): TTFT p50 {_f(nvc['new_ttft_ms'].get('p50'), 0)} ms new, "
+                   f"{_f(nvc['cached_ttft_ms'].get('p50'), 0)} ms cached, ratio **{_f(nvc['ratio_p50'], 2)}** "
+                   "(target ≤ 1.2).")]
     cross = results.get("cross_check")
     if cross:
         theirs = cross.get("vllm_bench_serve", {})
