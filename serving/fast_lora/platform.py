@@ -8,6 +8,8 @@ set (a Ray replica that imported vLLM early) still follows it.
 
 from __future__ import annotations
 
+from typing import Any
+
 from vllm.platforms.cpu import CpuPlatform
 
 from serving.fast_lora import plugin
@@ -22,3 +24,18 @@ class FastLoraCpuPlatform(CpuPlatform):
     @classmethod
     def get_punica_wrapper(cls) -> str:
         return WRAPPER if plugin.enabled() else super().get_punica_wrapper()
+
+    @classmethod
+    def check_and_update_config(cls, vllm_config: Any) -> None:
+        """vLLM's CPU config, except that with the compile switch on (plugin.compile_enabled) a LoRA engine is
+        compiled as one without LoRA would be (vLLM's CPU platform turns compilation off with LoRA): Dynamo
+        traces the model once, Inductor compiles it, and the wrapper's ops run as custom ops
+        (serving.fast_lora.compiled_ops). `enforce_eager` still means eager."""
+        from vllm.config import CompilationMode
+
+        wanted = vllm_config.compilation_config.mode
+        super().check_and_update_config(vllm_config)
+        if (vllm_config.lora_config is not None and plugin.enabled() and plugin.compile_enabled()
+                and wanted == CompilationMode.VLLM_COMPILE
+                and vllm_config.compilation_config.mode == CompilationMode.NONE):
+            vllm_config.compilation_config.mode = CompilationMode.DYNAMO_TRACE_ONCE

@@ -43,6 +43,21 @@ def enabled() -> bool:
     return os.environ.get(ENV, "1").strip().lower() not in {"0", "false", "off", "no"}
 
 
+COMPILE_ENV = "MODE_COTD_LORA_COMPILE"
+"""Environment variable of the compile switch: 1/true/on/yes compiles a LoRA engine (Dynamo + Inductor, as vLLM
+does without LoRA); unset or anything else: vLLM's CPU default with LoRA, eager."""
+
+
+def compile_enabled() -> bool:
+    """Whether the compile switch (MODE_COTD_LORA_COMPILE) is on in this process."""
+    return os.environ.get(COMPILE_ENV, "0").strip().lower() in {"1", "true", "on", "yes"}
+
+
+def set_compile(on: bool) -> None:
+    """Set the compile switch for this process and the processes it starts; call before vLLM starts an engine."""
+    os.environ[COMPILE_ENV] = "1" if on else "0"
+
+
 def set_enabled(on: bool) -> None:
     """Set the switch for this process and the processes it starts; call before vLLM starts an engine."""
     os.environ[ENV] = "1" if on else "0"

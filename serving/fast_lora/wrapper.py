@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
+from serving.fast_lora import compiled_ops
 from serving.fast_lora.ops import (
     grouped_expand,
     grouped_lora_linear,
@@ -67,6 +68,8 @@ class PunicaWrapperGrouped(PunicaWrapperCPU):
         """The step's rows with a mixture id, served by the union (None: no mixture in the step)."""
         self.union_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         """(layer weights, member slots, union layout, dtypes) -> the union (A, B) of that layer slice."""
+        self.op_key = compiled_ops.register(self)
+        """This wrapper's key for the custom ops a compiled model calls (serving.fast_lora.compiled_ops)."""
 
     def update_metadata(self, mapping: LoRAMapping, lora_index_to_id: list[int | None], max_loras: int,
                         vocab_size: int, **kwargs: Any) -> None:
@@ -99,6 +102,13 @@ class PunicaWrapperGrouped(PunicaWrapperCPU):
     def add_lora_embedding(self, y: torch.Tensor, x: torch.Tensor, lora_b_stacked: torch.Tensor,
                            add_inputs: bool = True, **kwargs: Any) -> None:
         """y[r] (+)= x[r] @ B[s]ᵀ; y `[T, D]`, x `[T, R]` (the adapter's embedding rows), B `[S, 1, D, R]`."""
+        if torch.compiler.is_compiling():  # a compiled model calls the op; it runs eager_lora_embedding
+            torch.ops.mode_cotd.lora_embedding(y, x, lora_b_stacked, add_inputs, self.op_key)
+        else:
+            self.eager_lora_embedding(y, x, lora_b_stacked, add_inputs)
+
+    def eager_lora_embedding(self, y: torch.Tensor, x: torch.Tensor, lora_b_stacked: torch.Tensor,
+                             add_inputs: bool) -> None:
         grouped_expand(y, x, lora_b_stacked, self.token_groups, 0, add_inputs)
 
     def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...],
@@ -106,10 +116,23 @@ class PunicaWrapperGrouped(PunicaWrapperCPU):
                         *, buffer: tuple[torch.Tensor, ...] | None = None, **kwargs: Any) -> None:
         """y[r, oᵢ:oᵢ+nᵢ] += ((scale · x[r] @ Aᵢ[s]ᵀ) in float32) @ Bᵢ[s]ᵀ; y `[T, Σnᵢ]`, x `[T, H]`.
 
-        `buffer` is not filled (nothing reads it after the call); only its dtype is used.
+        `buffer` is not filled (nothing reads it after the call); only its dtype is used (vLLM's CPU layers
+        pass none: float32).
         """
         assert len(lora_a_stacked) == len(lora_b_stacked) == len(output_slices)
         buffer_dtype = buffer[0].dtype if buffer else torch.float32
+        if not torch.compiler.is_compiling():
+            self.eager_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer_dtype)
+            return
+        if buffer_dtype != torch.float32:
+            raise NotImplementedError("compiled mode-cotd LoRA ops shrink in float32 only")
+        # a compiled model calls the op, which runs eager_lora_linear with the step's metadata
+        torch.ops.mode_cotd.lora_linear(y, x, list(lora_a_stacked), list(lora_b_stacked), scale,
+                                        list(output_slices), self.op_key)
+
+    def eager_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...],
+                          lora_b_stacked: tuple[torch.Tensor, ...], scale: float, output_slices: tuple[int, ...],
+                          buffer_dtype: torch.dtype = torch.float32) -> None:
         grouped_lora_linear(y, x, lora_a_stacked, lora_b_stacked, self.token_groups, scale, output_slices,
                             buffer_dtype, self.token_batched)
         if self.union_rows is not None:

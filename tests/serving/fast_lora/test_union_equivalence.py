@@ -12,6 +12,7 @@ nats, one bf16 step of a logit).
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 
 from mode_cotd import paths
 from mode_cotd.student import resolve_student
+from serving.fast_lora.plugin import COMPILE_ENV
 
 from .test_greedy_equivalence import same_up_to_near_ties
 
@@ -28,15 +30,21 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.real_student]
 EXPERTS = paths.REPO_ROOT / "bundles" / "default" / "experts"
 
 
-def test_union_mixtures_match_their_composites(heavy_lock):
+def _union_check(dtype: str, compile_lora: bool = False) -> dict:
+    """union_check.py's RESULT, run in a subprocess (vLLM spawns workers) on the default student and bundle."""
     if not (EXPERTS / "gsm8k").is_dir():
         pytest.skip(f"no default bundle experts at {EXPERTS}")
+    env = {**os.environ, COMPILE_ENV: "1" if compile_lora else "0"}
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).with_name("union_check.py")), str(resolve_student()), str(EXPERTS),
-         "bfloat16"], capture_output=True, text=True, timeout=900, check=False)
+         dtype], capture_output=True, text=True, timeout=1200, check=False, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
-    result = json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def test_union_mixtures_match_their_composites(heavy_lock):
+    result = _union_check("bfloat16")
     labels, tokens, logprobs = result["labels"], result["tokens"], result["logprobs"]
     union = [i for i, label in enumerate(labels) if label.startswith("union-")]
     assert len(union) == 9
@@ -48,3 +56,23 @@ def test_union_mixtures_match_their_composites(heavy_lock):
     assert all(tokens[i] not in base for i in union), "a mixture generated exactly what the base did"
     member = [tokens[i] for i, label in enumerate(labels) if label == "member-gsm8k"]
     assert all(m != b for m, b in zip(member, base)), "the pinned expert changed nothing against the base"
+
+
+def test_a_compiled_lora_engine_generates_what_the_eager_one_does(heavy_lock):
+    """engine.compile: the same batch (mixture ids, composites, a member, the base) in float32, eager and compiled
+    (Dynamo + Inductor, the grouped ops as custom ops). Inductor fuses the base model's elementwise ops, so a
+    logit may move in its last bits: greedy tokens must match up to near ties."""
+    eager, compiled = _union_check("float32"), _union_check("float32", compile_lora=True)
+    assert eager["compilation_mode"] == "NONE"
+    assert compiled["compilation_mode"] == "DYNAMO_TRACE_ONCE"
+    pick = lambda result: {"seq": result["tokens"], "seq_logprobs": result["logprobs"]}
+    flips = same_up_to_near_ties(pick(compiled), pick(eager), "seq")
+    print(f"\ncompiled vs eager, {len(eager['tokens'])} generations: identical but for {len(flips)} near-tie flips "
+          f"{flips}")
+    assert len(flips) <= 2, flips
+    labels, tokens = compiled["labels"], compiled["tokens"]
+    base = [tokens[i] for i, label in enumerate(labels) if label == "base"]
+    member = [tokens[i] for i, label in enumerate(labels) if label == "member-gsm8k"]
+    assert all(m != b for m, b in zip(member, base)), "compiled: the pinned expert changed nothing against the base"
+    union = [tokens[i] for i, label in enumerate(labels) if label.startswith("union-")]
+    assert all(u not in base for u in union), "compiled: a mixture generated exactly what the base did"

@@ -4,7 +4,7 @@ The default bundle's experts are loaded and pinned under their member ids; then 
 runs, in one batch, (1) as a top-2 mixture id over the placeholder adapter (the union path) and
 (2) as the same mixture's exact composite, written with mode_cotd.mixing.compose_exact, plus
 (3) one expert by its member id and (4) the base. Prints the greedy token ids and top logprobs
-of each as JSON on a RESULT line.
+of each as JSON on a RESULT line, with vLLM's compilation mode (MODE_COTD_LORA_COMPILE=1 compiles).
 """
 
 import json
@@ -52,7 +52,8 @@ def main(student: str, experts_dir: str, dtype: str) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True, logprobs=TOP_LOGPROBS)
     outputs = llm.generate([p for p, _ in requests], params, lora_request=[r for _, r in requests], use_tqdm=False)
     result = {"labels": labels, "tokens": [list(o.outputs[0].token_ids) for o in outputs],
-              "texts": [o.outputs[0].text for o in outputs], "logprobs": [top_logprobs(o) for o in outputs]}
+              "texts": [o.outputs[0].text for o in outputs], "logprobs": [top_logprobs(o) for o in outputs],
+              "compilation_mode": llm.llm_engine.vllm_config.compilation_config.mode.name}
     print("RESULT " + json.dumps(result), flush=True)
 
 
