@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hit-rate-requests", type=int, default=None, help="requests of the hit-rate workload (0: skip)")
     p.add_argument("--no-cross-check", dest="cross_check", action="store_false", default=None,
                    help="skip the `vllm bench serve` cross-check")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="serve mode-cotd with --engine-compile (full: on, quick: off)")
     p.add_argument("--student", default=None, help="student folder (default: the default student)")
     p.add_argument("--bundle", default=None, help="bundle (default: bundles/default)")
     p.add_argument("--serve-args", default="", help="extra `mode-cotd serve` flags, one string")
@@ -86,7 +88,8 @@ def config_from_args(args: argparse.Namespace, serve_tail: list[str]) -> BenchCo
         requests_per_level=args.requests, poisson_rates=args.rates, peft_requests=args.peft_requests,
         dtype=args.dtype, expert=args.expert, mixture_popularity=args.mixture_popularity, mixture_k=args.mixture_k,
         mixture_grid=args.mixture_grid, scaling_in_flight=args.scaling_in_flight,
-        hit_rate_requests=args.hit_rate_requests, cross_check=args.cross_check, student=args.student,
+        hit_rate_requests=args.hit_rate_requests, cross_check=args.cross_check, compile=args.compile,
+        student=args.student,
         bundle=args.bundle, serve_args=[*shlex.split(args.serve_args), *serve_tail] or None,
         vllm_args=shlex.split(args.vllm_args) or None, seed=args.seed)
 

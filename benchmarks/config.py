@@ -70,6 +70,9 @@ class BenchConfig:
     """Student folder (None: the default student)."""
     bundle: str = str(DEFAULT_BUNDLE)
     """Bundle served by mode-cotd (its experts also feed vLLM and the peft baseline)."""
+    compile: bool = True
+    """Serve mode-cotd with `--engine-compile` (its LoRA engine compiled, as `vllm serve` compiles scenario a's
+    engine; vLLM never compiles a CPU LoRA engine, so b stays eager). Costs about 2 minutes of start-up."""
     serve_args: list[str] = field(default_factory=list)
     """Extra `mode-cotd serve` flags (e.g. --no-engine-fast-lora)."""
     vllm_args: list[str] = field(default_factory=list)
@@ -88,7 +91,8 @@ PRESETS: dict[str, BenchConfig] = {
     "quick": BenchConfig(
         output_tokens=16, concurrencies=(8,), requests_per_level=8, warmup_requests=2, peft_requests=3,
         scaling_in_flight=(1, 4, 16), scaling_concurrency=16, scaling_requests=16, scaling_output_tokens=4,
-        hit_rate_requests=64, hit_rate_output_tokens=1, poisson_rates=(), new_vs_cached_pairs=4),
+        hit_rate_requests=64, hit_rate_output_tokens=1, poisson_rates=(), new_vs_cached_pairs=4,
+        compile=False),  # a compiled engine starts ~2 min later: the quick run would pass 10 minutes
 }
 """Named configurations; `mode-cotd bench --quick` runs "quick"."""
 

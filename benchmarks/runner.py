@@ -176,7 +176,8 @@ class Runner:
         composites = tempfile.TemporaryDirectory(prefix="mode-cotd-bench-composites-")  # ~10 MB each: not kept
         spec = servers.mode_cotd_spec(Path(composites.name), self.bundle,
                                       self.student if config.student else None,
-                                      ["--engine-dtype", config.dtype, *config.serve_args])
+                                      ["--engine-dtype", config.dtype,
+                                       *(["--engine-compile"] if config.compile else []), *config.serve_args])
         with composites, self.server(spec) as srv:
             first = prom.scrape(srv.base_url)
             if config.hit_rate_requests:

@@ -152,6 +152,7 @@ class VllmEngine:
         from serving.fast_lora import plugin as fast_lora
 
         fast_lora.select(self.settings.fast_lora)  # before vLLM builds its config and spawns its processes
+        fast_lora.set_compile(self.settings.compile)
         if self.cpu_bind != "auto":  # "auto" leaves the variable as the environment set it (vLLM's default: auto)
             os.environ[CPU_BIND_ENV] = self.cpu_bind  # read by vLLM's engine core process, which inherits it
         from vllm.v1.engine.async_llm import AsyncLLM

@@ -116,6 +116,10 @@ class EngineSettings:
     Anything but "auto" overrides $VLLM_CPU_OMP_THREADS_BIND; "auto" leaves it as the environment set it."""
     fast_lora: bool = True
     """mode-cotd's grouped LoRA ops on vLLM's CPU backend (serving/fast_lora); off: vLLM's own LoRA ops."""
+    compile: bool = False
+    """Compile the student with LoRA as vLLM compiles it without (Dynamo traced once, Inductor), the grouped ops
+    running as custom ops (serving/fast_lora/compiled_ops.py): faster steps, about a minute or two longer start.
+    vLLM's CPU backend with fast_lora only (vLLM itself never compiles a CPU LoRA engine); off with enforce_eager."""
     mixture_union: bool = True
     """Serve mixtures without composites: the bundle's experts pinned in vLLM, each mixture an id that encodes
     its weights, applied by the grouped ops (serving/mixture_union.py). Needs fast_lora, experts of one rank
