@@ -115,3 +115,47 @@ def test_the_engine_refuses_a_union_without_the_grouped_wrapper(monkeypatch):
     monkeypatch.setenv(plugin.ENV, "0")
     with pytest.raises(ConfigError, match="no-engine-mixture-union"):
         _check_union_wrapper()
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize(("fast", "compile_on", "lora", "wanted", "expected"), [
+    ("1", "1", True, "VLLM_COMPILE", "DYNAMO_TRACE_ONCE"),  # the switch restores what vLLM would do without LoRA
+    ("1", "0", True, "VLLM_COMPILE", "NONE"),               # switch off: vLLM's CPU default with LoRA
+    ("0", "1", True, "VLLM_COMPILE", "NONE"),               # vLLM's own LoRA ops are never compiled here
+    ("1", "1", True, "NONE", "NONE"),                       # enforce_eager stays eager
+    ("1", "1", False, "VLLM_COMPILE", "DYNAMO_TRACE_ONCE"),  # no LoRA: vLLM's choice, untouched
+])
+def test_the_compile_switch_keeps_a_lora_engine_compiled(monkeypatch, fast, compile_on, lora, wanted, expected):
+    """FastLoraCpuPlatform.check_and_update_config over a stand-in for vLLM's CPU config (which traces once
+    unless eager, then turns compilation off whenever LoRA is on)."""
+    from types import SimpleNamespace
+
+    from vllm.config import CompilationMode
+    from vllm.platforms.cpu import CpuPlatform
+
+    from serving.fast_lora.platform import FastLoraCpuPlatform
+
+    def vllm_cpu_config(cls, config):
+        if config.compilation_config.mode == CompilationMode.VLLM_COMPILE:
+            config.compilation_config.mode = CompilationMode.DYNAMO_TRACE_ONCE
+        if config.lora_config is not None:
+            config.compilation_config.mode = CompilationMode.NONE
+
+    monkeypatch.setattr(CpuPlatform, "check_and_update_config", classmethod(vllm_cpu_config))
+    monkeypatch.setenv(plugin.ENV, fast)
+    monkeypatch.setenv(plugin.COMPILE_ENV, compile_on)
+    config = SimpleNamespace(compilation_config=SimpleNamespace(mode=CompilationMode[wanted]),
+                             lora_config=object() if lora else None)
+    FastLoraCpuPlatform.check_and_update_config(config)
+    assert config.compilation_config.mode == CompilationMode[expected]
+
+
+@pytest.mark.parametrize(("value", "on"), [(None, False), ("1", True), ("on", True), ("0", False), ("no", False)])
+def test_compile_switch(monkeypatch, value, on):
+    if value is None:
+        monkeypatch.delenv(plugin.COMPILE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(plugin.COMPILE_ENV, value)
+    assert plugin.compile_enabled() is on
+    plugin.set_compile(not on)
+    assert plugin.compile_enabled() is (not on)
