@@ -181,9 +181,6 @@ def union_lora_linear(y: torch.Tensor, x: torch.Tensor, unions: Sequence[tuple[t
     the step. The block-scaled h is rounded to y.dtype before
     the expand, as vLLM's ops round their shrink buffer. y `[T, Σnᵢ]`, x `[T, H]`.
     """
-    if union.by_expert is not None:
-        _union_by_expert(y, x, unions, union, scale, output_slices, buffer_dtype)
-        return
     width = sum(output_slices)
     xg = _acc(_take(x, union.rows), buffer_dtype)  # [t, H]
     scales = union.weights.repeat_interleave(union.block_rank, dim=1)  # [t, K·b]
@@ -203,34 +200,6 @@ def union_lora_linear(y: torch.Tensor, x: torch.Tensor, unions: Sequence[tuple[t
         else:
             out[:, offset : offset + n] = _acc(h, y.dtype) @ b_union.t()  # [t, n]
         offset += n
-    if out is not None:
-        _put(y[:, :width], union.rows, out.to(y.dtype), add=True)
-
-
-def _union_by_expert(y: torch.Tensor, x: torch.Tensor, unions: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                     union: UnionRows, scale: float, output_slices: Sequence[int], buffer_dtype: torch.dtype) -> None:
-    """union_lora_linear expert by expert: y[r, oᵢ:oᵢ+nᵢ] += Σₑ (hᵢₑ[r] · w[r, e]) @ Bᵢₑᵀ over the experts e of row r.
-
-    hᵢₑ = (scale · x[r] @ Aᵢₑᵀ) in buffer_dtype, Aᵢₑ `[b, H]` = block e of A∪ᵢ, Bᵢₑ `[nᵢ, b]` = block e of B∪ᵢ. The
-    same sum as the union's, without the blocks a row does not draw on (w[r, e] = 0): rank b per expert of the
-    row instead of K·b. Not float32: the products add up in ACCUMULATE and are rounded to y.dtype once.
-    """
-    width, b = sum(output_slices), union.block_rank
-    xg = _acc(_take(x, union.rows), buffer_dtype)  # [t, H]
-    direct = y.dtype == torch.float32
-    out = None if direct else torch.zeros(union.count, width, dtype=torch.promote_types(y.dtype, ACCUMULATE))
-    for group in union.by_expert:
-        xe = xg.index_select(0, group.local)  # [tₑ, H]
-        scales = group.weights[:, None] * scale if scale != 1.0 else group.weights[:, None]  # [tₑ, 1]
-        offset = 0
-        for (a_union, b_union), n in zip(unions, output_slices):
-            blocks = slice(group.block * b, group.block * b + b)
-            h = (xe @ a_union[blocks].t()).mul_(scales)  # [tₑ, b]
-            if direct:
-                _add_product(y[:, offset : offset + n], group.rows, h, b_union[:, blocks])
-            else:
-                out[:, offset : offset + n].index_add_(0, group.local, _acc(h, y.dtype) @ b_union[:, blocks].t())
-            offset += n
     if out is not None:
         _put(y[:, :width], union.rows, out.to(y.dtype), add=True)
 

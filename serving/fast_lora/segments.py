@@ -98,51 +98,6 @@ def batch_groups(groups: list[Group], total_rows: int) -> Batched | None:
 
 
 @dataclass(frozen=True)
-class ExpertRows:
-    """The mixture rows of a step that draw on one expert of the union (its weight there is not 0)."""
-
-    block: int
-    """e: the expert's block in the union (rank rows e·b … e·b+b-1 of A∪, columns of B∪)."""
-    rows: Rows
-    """Which rows of the step."""
-    local: torch.Tensor
-    """[t] int64: the same rows as positions among the union's rows (0 … count-1)."""
-    weights: torch.Tensor
-    """[t] float32: each row's weight on this expert."""
-
-
-PER_EXPERT_MIN_ROWS = 64
-"""Serve a step's mixture rows expert by expert (rank b per expert a row draws on, plus a gather and an
-index_add per expert) instead of through the union of the experts in use (rank K·b, one matmul pair)
-once it has this many mixture rows (prefill) and that at least halves the rank work."""
-
-
-def expert_rows(rows: Rows, weights: torch.Tensor, experts: torch.Tensor | None) -> tuple[ExpertRows, ...] | None:
-    """The per-expert layout of a step's mixture rows, or None when the union's one matmul pair is cheaper.
-
-    rows: the union's rows (count of them); weights `[count, K]`; experts `[K]` (None: all E, K = E).
-    """
-    count, k = weights.shape
-    nonzero = weights.ne(0)  # [count, K]
-    if count < PER_EXPERT_MIN_ROWS or 2 * int(nonzero.sum()) > count * k:
-        return None
-    blocks = experts.tolist() if experts is not None else list(range(k))
-    layout = []
-    for column, block in enumerate(blocks):
-        local = nonzero[:, column].nonzero().flatten()  # [t] increasing
-        if local.numel() == 0:
-            continue
-        if isinstance(rows, slice):
-            first, last = int(local[0]), int(local[-1])
-            contiguous = last - first + 1 == local.numel()
-            step_rows = slice(rows.start + first, rows.start + last + 1) if contiguous else local + rows.start
-        else:
-            step_rows = rows.index_select(0, local)
-        layout.append(ExpertRows(block, step_rows, local, weights[local, column]))
-    return tuple(layout)
-
-
-@dataclass(frozen=True)
 class UnionRows:
     """The rows of a step that use mixture ids (serving.fast_lora.mixture_ids), served by their union's members."""
 
@@ -161,8 +116,6 @@ class UnionRows:
     """b: the experts' rank; the union is their first b rows of A (columns of B), concatenated."""
     layout: mixture_ids.UnionLayout
     """The union (its family tells unions with the same E and b apart)."""
-    by_expert: tuple[ExpertRows, ...] | None = None
-    """The same rows grouped by expert (expert_rows), for steps where that is cheaper; None: the union."""
 
 
 def mixture_slots(lora_index_to_id: list[int | None]) -> dict[int, mixture_ids.MixtureCode]:
@@ -209,7 +162,7 @@ def split_union_rows(indices: torch.Tensor, lora_index_to_id: list[int | None],
     if experts is not None:
         weights = weights.index_select(1, experts)  # [count, K]
     union = UnionRows(tuple(slot_of[m] for m in members), group.rows, group.count, weights, experts,
-                      layout.block_rank, layout, expert_rows(group.rows, weights, experts))
+                      layout.block_rank, layout)
     return union, torch.where(present, -1, indices)
 
 

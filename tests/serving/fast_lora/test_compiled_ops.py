@@ -37,7 +37,7 @@ def test_a_compiled_layer_follows_every_step_without_recompiling(backend):
         return torch.relu(y)
 
     compiled = torch.compile(layer, backend=backend, fullgraph=True, dynamic=True)
-    steps = ["decode", "prefill", "no_mixture", "by_expert", "mixtures_only", "decode"]
+    steps = ["decode", "prefill", "no_mixture", "some_experts", "mixtures_only", "decode"]
     for i, step in enumerate(steps):
         t = _update(wrapper, step)
         x = torch.randn(t, HIDDEN, generator=torch.Generator().manual_seed(10 + i))

@@ -37,11 +37,7 @@ STEPS = {  # per-token LoRA ids (0: none), per-request ids (sampled rows)
     "some_experts": ([M1, 11, M1, 0, M1], [M1, 11, M1, 0, M1]),  # M1 uses experts 0 and 1 only
     "one_expert_mixture": ([M3, 12, M3], [M3, 12, M3]),  # M3 is expert 2 at weight 1
     "no_mixture": ([11, 12, 0, 11], [11, 12, 0, 11]),
-    # prefill-sized, each row on 1 or 2 of the 3 experts: served expert by expert (scattered / contiguous rows)
-    "by_expert": ([M1] * 30 + [11] * 3 + [M3] * 40 + [0] * 2 + [M1] * 10, [M1, 11, M3, 0, M1]),
-    "by_expert_contiguous": ([M3] * 40 + [M1] * 40 + [11] * 2, [M3, M1, 11]),
 }
-BY_EXPERT = {"by_expert", "by_expert_contiguous"}
 
 
 def _wrapper(step: str):
@@ -100,33 +96,6 @@ def test_mixture_rows_get_their_mixture_of_the_union(step, dtype, scale):
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 3e-2}
     torch.testing.assert_close(y, expected, **tol)
     assert (wrapper.union_rows is None) == (step == "no_mixture")
-    if wrapper.union_rows is not None:
-        assert (wrapper.union_rows.by_expert is not None) == (step in BY_EXPERT)
-
-
-def test_prefill_sized_steps_group_the_mixture_rows_by_expert():
-    wrapper, _ = _wrapper("by_expert")
-    groups = {g.block: g for g in wrapper.union_rows.by_expert}
-    assert sorted(groups) == [0, 1, 2]
-    m1_rows = torch.cat([torch.arange(0, 30), torch.arange(75, 85)])
-    assert torch.equal(groups[0].rows, m1_rows) and torch.equal(groups[1].rows, m1_rows)
-    assert torch.equal(groups[2].rows, torch.arange(33, 73))
-    assert torch.equal(groups[2].local, torch.arange(30, 70))
-    torch.testing.assert_close(groups[1].weights, torch.full((40,), 0.5))
-    wrapper, _ = _wrapper("by_expert_contiguous")
-    groups = {g.block: g for g in wrapper.union_rows.by_expert}
-    assert groups[2].rows == slice(0, 40) and groups[0].rows == slice(40, 80)
-
-
-def test_dense_mixtures_stay_on_the_union_however_many_rows():
-    # M2 draws on 2 of the 3 experts and M1 on the other pair: 2 of 3 blocks per row is not half the union's work
-    wrapper, _ = _wrapper("mixtures_only")
-    assert wrapper.union_rows.by_expert is None
-    from serving.fast_lora.segments import expert_rows
-
-    weights = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.65, 0.35]]).repeat(40, 1)  # [80, 3]
-    assert expert_rows(slice(0, 80), weights, None) is None
-    assert expert_rows(slice(0, 80), weights[:, :1].repeat(1, 3) * torch.tensor([1.0, 0, 0]), None) is not None
 
 
 def test_union_rows_carry_each_rows_weights():
