@@ -72,7 +72,7 @@ class BenchConfig:
     """Bundle served by mode-cotd (its experts also feed vLLM and the peft baseline)."""
     compile: bool = True
     """Serve mode-cotd with `--engine-compile` (its LoRA engine compiled, as `vllm serve` compiles scenario a's
-    engine; vLLM never compiles a CPU LoRA engine, so b stays eager). Costs about 2 minutes of start-up."""
+    engine; vLLM never compiles a CPU LoRA engine, so b stays eager). Costs ~150 s more start-up here."""
     serve_args: list[str] = field(default_factory=list)
     """Extra `mode-cotd serve` flags (e.g. --no-engine-fast-lora)."""
     vllm_args: list[str] = field(default_factory=list)

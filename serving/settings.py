@@ -118,7 +118,7 @@ class EngineSettings:
     """mode-cotd's grouped LoRA ops on vLLM's CPU backend (serving/fast_lora); off: vLLM's own LoRA ops."""
     compile: bool = False
     """Compile the student with LoRA as vLLM compiles it without (Dynamo traced once, Inductor), the grouped ops
-    running as custom ops (serving/fast_lora/compiled_ops.py): faster steps, about a minute or two longer start.
+    running as custom ops (serving/fast_lora/compiled_ops.py): faster steps, a start ~150 s longer here (200 s, not 50).
     vLLM's CPU backend with fast_lora only (vLLM itself never compiles a CPU LoRA engine); off with enforce_eager."""
     mixture_union: bool = True
     """Serve mixtures without composites: the bundle's experts pinned in vLLM, each mixture an id that encodes
