@@ -263,9 +263,11 @@ class OpenAIHandler:
                 stream = self._sse(first, events, builder, route, rendered, timing, include_usage, ticket, request_id)
                 streaming = True
                 status = 200
-                # "\n" line ends, as OpenAI and vLLM send: clients that split events on "\n\n" only
-                # (`vllm bench serve`) lose events that arrive together with sse-starlette's default "\r\n".
-                return EventSourceResponse(stream, sep="\n", background=BackgroundTask(ticket.release))
+                # Only `data:` events with "\n" line ends, as OpenAI and vLLM send. `vllm bench serve` splits
+                # events on "\n\n" only and reads each network chunk stripped: sse-starlette's default "\r\n"
+                # lost the events that arrived together, and its keep-alive comment (": ping", every 15 s)
+                # stuck in its buffer, so every later event of that stream was lost (ping=0 turns it off).
+                return EventSourceResponse(stream, sep="\n", ping=0, background=BackgroundTask(ticket.release))
 
             async def collect() -> None:
                 async for delta in events:

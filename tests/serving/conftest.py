@@ -42,9 +42,10 @@ def loaded_bundle(tiny_bundle, tiny_student):
 class FakeEngine:
     """A StudentEngine for unit tests: echoes which adapter served, one character per token."""
 
-    def __init__(self, start_delay: float = 0.0):
+    def __init__(self, start_delay: float = 0.0, token_delay: float = 0.0):
         self.started = False
         self.start_delay = start_delay
+        self.token_delay = token_delay  # seconds between two tokens of a stream
         self.requests: list[tuple[str, list[int], SamplingSettings, LoraTarget | None]] = []
         self.removed: list[int] = []
         self.loaded: set[int] = set()
@@ -71,7 +72,7 @@ class FakeEngine:
         try:
             for index in range(sampling.n):
                 for i, ch in enumerate(text):
-                    await asyncio.sleep(0)
+                    await asyncio.sleep(self.token_delay)
                     last = i == len(text) - 1
                     yield GenerationDelta(
                         index=index, text=ch, num_tokens=1,

@@ -114,6 +114,23 @@ def test_streamed_completion_ends_with_done(served):
     assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] == 6
 
 
+def test_a_slow_stream_sends_data_events_only(served, monkeypatch):
+    # sse-starlette's keep-alive comment (": ping", every 15 s by default) broke `vllm bench serve`:
+    # its parser kept the comment in its buffer and dropped every later event. Pings every 10 ms
+    # here, and 4 tokens 50 ms apart: a ping would land in the stream unless it is turned off.
+    from sse_starlette import EventSourceResponse
+
+    monkeypatch.setattr(EventSourceResponse, "DEFAULT_PING_INTERVAL", 0.01)
+    served.engine.token_delay = 0.05
+    body = {"model": "mode-cotd:gamma", "prompt": PROMPT, "max_tokens": 4, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with served.client.stream("POST", "/v1/completions", json=body) as response:
+        raw = response.read().decode()
+    events = [e for e in raw.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events), raw
+    assert events[-1] == "data: [DONE]" and len(events) == 4 + 2  # 4 tokens, usage, [DONE]
+
+
 def test_streamed_chat_sends_the_role_first(served):
     body = {"model": served.student_name, "messages": [{"role": "user", "content": "Hi"}],
             "max_tokens": 4, "stream": True}
