@@ -20,6 +20,7 @@ from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
+from mode_cotd.compute_dtype import resolve_dtype
 from mode_cotd.errors import ConfigError
 from serving.errors import ApiError, InternalError, InvalidRequest, ServiceUnavailable
 from serving.lora_admission import LoraAdmission
@@ -65,10 +66,13 @@ def engine_args(student: Path, settings: EngineSettings, max_lora_rank: int, max
     """vLLM's AsyncEngineArgs for the student with LoRA enabled; `pinned` adapters get slots of their own."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
+    dtype = resolve_dtype(settings.dtype, student)
+    if dtype != settings.dtype:
+        logger.info("engine.dtype %r -> %r: this CPU has no bf16 arithmetic", settings.dtype, dtype)
     kwargs: dict[str, Any] = {
         "model": str(student),
         "tokenizer": str(student),
-        "dtype": settings.dtype,
+        "dtype": dtype,
         "max_model_len": max_model_len,
         "enable_lora": True,
         "max_loras": settings.max_loras + pinned,

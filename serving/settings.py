@@ -88,7 +88,8 @@ class EngineSettings:
     max_model_len: int = 2048
     """Context length (prompt + output tokens); capped by the student's own maximum."""
     dtype: str = "auto"
-    """Weights and activations dtype ("auto": the student's config)."""
+    """Weights and activations dtype: "bfloat16", "float16", "float32", or "auto": the student's config,
+    except float32 on a CPU without bf16 arithmetic, where bfloat16 ran ~3x slower (`mode_cotd.compute_dtype`)."""
     max_loras: int = 64
     """LoRA slots for distinct adapters in one running batch: mixtures and composites (each takes one), and
     experts when there is no mixture union. The union's experts get slots of their own on top (pinned).

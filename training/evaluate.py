@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mode_cotd.atomic import write_json_atomic, write_text_atomic
+from mode_cotd.compute_dtype import resolve_dtype
 from mode_cotd.errors import ConfigError
 from training.config_args import parse_settings
 from training.routes import LoraChoice, RoutePlanner, parse_route
@@ -57,7 +58,8 @@ class EvalConfig:
     max_model_len: int = 1024
     """vLLM context length (prompt + generated tokens); longer prompts are scored wrong and counted."""
     dtype: str = "auto"
-    """vLLM dtype: "auto" (the student's), "bfloat16", "float16" or "float32"."""
+    """vLLM dtype: "bfloat16", "float16", "float32" or "auto" (the student's; float32 on a CPU without
+    bf16 arithmetic, `mode_cotd.compute_dtype`)."""
     max_loras: int = 8
     """vLLM LoRA slots (distinct adapters in one running batch)."""
     max_lora_rank: int | None = None
@@ -158,7 +160,7 @@ class VllmGenerator:
                        "max_cpu_loras": max(1, adapters)} if adapters else {}
         if config.max_num_batched_tokens is not None:
             extra["max_num_batched_tokens"] = config.max_num_batched_tokens
-        self.llm = LLM(model=str(student), tokenizer=str(student), dtype=config.dtype,
+        self.llm = LLM(model=str(student), tokenizer=str(student), dtype=resolve_dtype(config.dtype, student),
                        max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
                        gpu_memory_utilization=config.gpu_memory_utilization, enforce_eager=config.enforce_eager,
                        seed=config.seed, **extra)

@@ -3,7 +3,8 @@
 One vLLM engine with the fast path (union_check.py, in a subprocess: vLLM spawns workers): the
 default bundle's experts pinned under member ids; three top-2 mixtures, each as a mixture id
 and as a composite written by compose_exact, over three prompts, in one batch with a member
-and the base. In bfloat16 (the student's dtype, `mode-cotd serve`'s default) the union scales
+and the base. In bfloat16 (the student's dtype, `mode-cotd serve`'s default where the CPU or GPU
+has bf16 arithmetic, `mode_cotd.compute_dtype`) the union scales
 the rank blocks in float32 where the composite holds wᵢsᵢBᵢ rounded to bf16, so a logit can move
 by a rounding step: generations must match token for token, or up to a near tie at the first
 difference (test_greedy_equivalence.same_up_to_near_ties). Measured when written: all 9 identical

@@ -1,0 +1,22 @@
+"""engine_args: what vLLM's AsyncEngineArgs get from EngineSettings."""
+
+import json
+
+import pytest
+
+from mode_cotd import compute_dtype
+from serving.engine import engine_args
+from serving.settings import EngineSettings
+
+pytest.importorskip("vllm")
+
+
+@pytest.mark.parametrize(("cpu_bf16", "setting", "expected"), [
+    (False, "auto", "float32"), (True, "auto", "auto"), (False, "bfloat16", "bfloat16")])
+def test_the_engine_gets_the_resolved_dtype(tmp_path, monkeypatch, cpu_bf16, setting, expected):
+    (tmp_path / "config.json").write_text(json.dumps({"dtype": "bfloat16"}))
+    monkeypatch.setattr(compute_dtype, "runs_on_cpu", lambda: True)
+    monkeypatch.setattr(compute_dtype, "cpu_has_bf16_arithmetic", lambda: cpu_bf16)
+    args = engine_args(tmp_path, EngineSettings(dtype=setting), max_lora_rank=8, max_model_len=512, pinned=2)
+    assert args.dtype == expected
+    assert args.enable_lora and args.max_loras == EngineSettings().max_loras + 2
