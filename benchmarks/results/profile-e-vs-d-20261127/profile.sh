@@ -1,7 +1,7 @@
 #!/bin/bash
-cd /work/main
+cd "$(git rev-parse --show-toplevel)"   # run from anywhere in the repository
 OUT=/tmp/prof3; mkdir -p $OUT
-TOK=/root/.cache/mode-cotd/students/smollm2-135m-instruct
+TOK=$(.venv/bin/python -c "from mode_cotd.student import resolve_student; print(resolve_student())")
 .venv/bin/mode-cotd serve --engine-dtype float32 --engine-compile > $OUT/serve.log 2>&1 &
 SERVE=$!
 for i in $(seq 120); do sleep 5; curl -s http://127.0.0.1:8000/health 2>/dev/null | grep -q ok && break; done

@@ -1,8 +1,8 @@
 #!/bin/bash
 # CPU seconds per process during one load: 1 expert, 8 distinct experts, the gate route.
-cd /work/main
+cd "$(git rev-parse --show-toplevel)"   # run from anywhere in the repository
 OUT=/tmp/cpu4; mkdir -p $OUT
-TOK=/root/.cache/mode-cotd/students/smollm2-135m-instruct
+TOK=$(.venv/bin/python -c "from mode_cotd.student import resolve_student; print(resolve_student())")
 .venv/bin/mode-cotd serve --engine-dtype float32 --engine-compile > $OUT/serve.log 2>&1 &
 for i in $(seq 120); do sleep 5; curl -s http://127.0.0.1:8000/health 2>/dev/null | grep -q ok && break; done
 snap() { for p in /proc/[0-9]*; do s=$(cat $p/stat 2>/dev/null) || continue; c=$(tr '\0' ' ' < $p/cmdline 2>/dev/null | cut -c1-60); set -- ${s#*) }; echo "${p#/proc/} $((${12}+${13})) $c"; done; }
