@@ -191,6 +191,30 @@ def lora_model(config: DistillConfig, model):
     return peft_model
 
 
+def merge_shared_adapter(model, folder: str | Path) -> dict:
+    """Merge the LoRA in ``folder`` into the student's weights in place (W <- W + s·B·A per target module,
+    through peft's merge) and return its record {"path", "files": relative path -> sha256}.
+
+    The student stays frozen; an expert trained on top learns a residual over this shared adapter.
+    The adapter is checked by mode_cotd.adapter.load_adapter first (safetensors only, shapes, config),
+    and BundleError names a module the student lacks."""
+    from peft import PeftModel
+
+    from mode_cotd.adapter import file_checksums, load_adapter
+
+    folder = Path(folder)
+    adapter = load_adapter(folder)
+    missing = sorted({k.split(".lora_")[0].removeprefix("base_model.model.") for k in adapter.weights}
+                     - {name for name, _ in model.named_modules()})
+    if missing:
+        raise BundleError(f"{folder}: shared adapter targets modules the student lacks: {missing[:3]}")
+    merged = PeftModel.from_pretrained(model, folder, is_trainable=False).merge_and_unload()
+    if merged is not model:
+        raise BundleError(f"{folder}: peft did not merge the shared adapter in place")
+    model.requires_grad_(False)
+    return {"path": str(folder), "files": file_checksums(folder)}
+
+
 def _fingerprint(config: DistillConfig, data: dict, student: dict, device: str, dtype: str) -> str:
     kept = {k: v for k, v in asdict(config).items() if k not in DistillConfig.NOT_IN_FINGERPRINT}
     text = json.dumps([kept, data["data_sha256"], student, device, dtype], sort_keys=True)
@@ -239,13 +263,15 @@ def distill(config: DistillConfig) -> DistillResult:
     check_bundle_student(Path(config.bundle), identity, student_path)
     device, dtype = resolve_device_dtype(config)
     model, tokenizer = load_student(student_path, dtype=dtype, device=device)
+    shared = merge_shared_adapter(model, config.shared_adapter) if config.shared_adapter else None
     examples, data = load_training_examples(config, tokenizer)
     peft_model = lora_model(config, model)
     parameters = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(parameters.values(), lr=config.lr, weight_decay=config.weight_decay)
     micro_per_epoch = math.ceil(len(examples) / config.batch_size)
     total_steps = config.max_steps or math.ceil(config.epochs * micro_per_epoch / config.grad_accum)
-    fingerprint = _fingerprint(config, data, identity, device, dtype)
+    fingerprint = _fingerprint(config, data, {**identity, "shared_adapter": shared} if shared else identity,
+                               device, dtype)
     name = config.expert or config.task
     work_dir = Path(config.work_dir) if config.work_dir else paths.cache_dir() / "distill" / f"{name}-{fingerprint[:12]}"
 
@@ -275,7 +301,8 @@ def distill(config: DistillConfig) -> DistillResult:
     bar.close()
 
     report = {
-        "task": config.task, "expert": name, "student": identity, "device": device, "dtype": dtype,
+        "task": config.task, "expert": name, "student": identity, "shared_adapter": shared,
+        "device": device, "dtype": dtype,
         "config": asdict(config), "data": data, "steps": state.step, "total_steps": total_steps,
         "resumed_from_step": resumed_from, "loss_curve": state.loss_curve,
         "final_loss": state.loss_curve[-1] if state.loss_curve else None, "tokens": state.tokens,

@@ -94,12 +94,15 @@ class DistillConfig:
     """Show a progress bar with the loss and tokens/s."""
     save_dtype: str = "bfloat16"
     """Dtype of the expert's weights in the bundle ("float32" or "bfloat16"; bf16 halves the bundle)."""
+    shared_adapter: str | None = None
+    """A LoRA folder (e.g. bundles/all_data/experts/all_data) merged into the student and frozen before
+    training, so the expert learns a residual over it and is served on top of it; None: over the bare student."""
 
     NOT_IN_FINGERPRINT: ClassVar[frozenset] = frozenset(
         {"checkpoint_every", "work_dir", "bundle", "expert", "resume", "stop_after_steps", "progress", "student", "save_dtype",
-         "data_dir", "train_file", "device", "dtype"})
-    """Fields that do not change the trained weights (the student, data, device and dtype enter the
-    fingerprint through their resolved identity, data hash and resolved names)."""
+         "data_dir", "train_file", "device", "dtype", "shared_adapter"})
+    """Fields that do not change the trained weights (the student, data, device, dtype and shared adapter
+    enter the fingerprint through their resolved identity, data hash, resolved names and file checksums)."""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "distill config") -> DistillConfig:
