@@ -15,7 +15,6 @@ which keeps the file simple and within what vLLM's LoRA loader supports.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 from mode_cotd.atomic import atomic_dir
+from mode_cotd.checksums import file_checksums  # noqa: F401  (re-exported for mixture_union, distill)
 from mode_cotd.errors import BundleError
 
 CONFIG_NAME = "adapter_config.json"
@@ -277,14 +277,3 @@ def save_adapter(adapter: LoraAdapter, path: str | Path, dtype: torch.dtype | No
         (tmp / CONFIG_NAME).write_text(json.dumps(adapter_config(adapter), indent=2) + "\n", encoding="utf-8")
     return target
 
-
-def file_checksums(path: str | Path) -> dict[str, str]:
-    """Relative file path (posix) -> sha256 hex digest, for every file under the folder, sorted."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise BundleError(f"{folder}: folder not found")
-    sums: dict[str, str] = {}
-    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
-        with f.open("rb") as fh:
-            sums[f.relative_to(folder).as_posix()] = hashlib.file_digest(fh, "sha256").hexdigest()
-    return sums

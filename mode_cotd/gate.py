@@ -24,13 +24,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from mode_cotd.adapter import PICKLE_SUFFIXES
 from mode_cotd.atomic import atomic_dir
 from mode_cotd.errors import BundleError, ConfigError, ModeCotdError
 from mode_cotd.featurise import FEATURISERS
 
 GATE_WEIGHTS = "gate.safetensors"
 GATE_CONFIG = "gate_config.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
 """Names of experts and compositions: also folder names in a bundle, and never hold ',' or '='."""

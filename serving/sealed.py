@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mode_cotd.adapter import file_checksums
 from mode_cotd.atomic import write_json_atomic
+from mode_cotd.checksums import file_checksums
 from mode_cotd.errors import ModeCotdError
 
 CHECKSUMS = "mode_cotd_checksums.json"

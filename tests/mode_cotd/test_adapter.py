@@ -15,10 +15,10 @@ from mode_cotd.adapter import (
     WEIGHTS_NAME,
     LoraAdapter,
     adapter_from_modules,
-    file_checksums,
     load_adapter,
     save_adapter,
 )
+from mode_cotd.checksums import file_checksums
 from mode_cotd.errors import BundleError
 from mode_cotd.mixing import compose_exact, delta_weight
 
