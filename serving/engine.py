@@ -23,6 +23,7 @@ from typing import Any
 from mode_cotd.compute_dtype import resolve_dtype
 from mode_cotd.errors import ConfigError
 from serving.errors import ApiError, InternalError, InvalidRequest, ServiceUnavailable
+from serving.fast_lora import plugin as fast_lora
 from serving.lora_admission import LoraAdmission
 from serving.protocol import GenerationDelta, LoraTarget, SamplingSettings, TokenLogprob
 from serving.settings import EngineSettings
@@ -88,16 +89,20 @@ def engine_args(student: Path, settings: EngineSettings, max_lora_rank: int, max
     if settings.kv_cache_memory_bytes is not None:
         kwargs["kv_cache_memory_bytes"] = settings.kv_cache_memory_bytes
     kwargs.update(settings.extra)
+    # the switches reach every vLLM process as engine config (vLLM's additional_config), not the environment
+    kwargs["additional_config"] = {**kwargs.get("additional_config", {}),
+                                   **fast_lora.engine_config(settings.fast_lora, settings.compile)}
     return AsyncEngineArgs(**kwargs)
 
 
-def _check_union_wrapper() -> None:
+def _check_union_wrapper(fast_lora_setting: bool) -> None:
     """ConfigError unless vLLM will run mode-cotd's grouped wrapper, the only one that understands mixture ids."""
     from vllm.platforms import current_platform
 
     from serving.fast_lora.platform import WRAPPER
 
-    used = current_platform.get_punica_wrapper()
+    # outside an engine's config the platform answers for the environment; the engine's own switch comes on top
+    used = current_platform.get_punica_wrapper() if fast_lora_setting else "vLLM's own (engine.fast_lora is off)"
     if used != WRAPPER:
         raise ConfigError(f"the mixture union needs mode-cotd's grouped LoRA ops, but vLLM would use {used}; "
                           "serve with --no-engine-mixture-union (mixtures as composites)")
@@ -153,16 +158,13 @@ class VllmEngine:
         `pinned` adapters are loaded and pinned before any request: they never leave their slots,
         which come on top of `max_loras`.
         """
-        from serving.fast_lora import plugin as fast_lora
-
-        fast_lora.select(self.settings.fast_lora)  # before vLLM builds its config and spawns its processes
-        fast_lora.set_compile(self.settings.compile)
+        fast_lora.check(self.settings.fast_lora)  # the installed vLLM is one the grouped ops support
         if self.cpu_bind != "auto":  # "auto" leaves the variable as the environment set it (vLLM's default: auto)
             os.environ[CPU_BIND_ENV] = self.cpu_bind  # read by vLLM's engine core process, which inherits it
         from vllm.v1.engine.async_llm import AsyncLLM
 
         if pinned:
-            _check_union_wrapper()
+            _check_union_wrapper(self.settings.fast_lora)
         args = engine_args(self.student, self.settings, self.max_lora_rank, self.max_model_len, len(pinned))
         llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         try:

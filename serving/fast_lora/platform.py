@@ -1,9 +1,10 @@
 """`FastLoraCpuPlatform`: vLLM's CPU platform, with mode-cotd's grouped punica wrapper.
 
 vLLM selects it through its platform-plugin seam (serving.fast_lora.plugin.register); it is
-vLLM's CpuPlatform in every other respect. The switch (MODE_COTD_FAST_LORA) is read again
-here, at the moment vLLM asks, so a process that resolved its platform before the switch was
-set (a Ray replica that imported vLLM early) still follows it.
+vLLM's CpuPlatform in every other respect. The switches are read at the moment vLLM asks, from
+the engine's own config (`additional_config["mode_cotd"]`, plugin.engine_config) where there is
+one, so two engines in one process may differ, and a process that resolved its platform early
+(a Ray replica that imported vLLM) still follows its engine's settings.
 """
 
 from __future__ import annotations
@@ -23,19 +24,22 @@ class FastLoraCpuPlatform(CpuPlatform):
 
     @classmethod
     def get_punica_wrapper(cls) -> str:
-        return WRAPPER if plugin.enabled() else super().get_punica_wrapper()
+        """The grouped wrapper, unless the engine being built (vLLM's current config) switched it off."""
+        from vllm.config import get_current_vllm_config_or_none  # vllm.config imports this platform: not at top
+
+        return WRAPPER if plugin.fast_lora_on(get_current_vllm_config_or_none()) else super().get_punica_wrapper()
 
     @classmethod
     def check_and_update_config(cls, vllm_config: Any) -> None:
-        """vLLM's CPU config, except that with the compile switch on (plugin.compile_enabled) a LoRA engine is
+        """vLLM's CPU config, except that with the compile switch on (plugin.compile_on) a LoRA engine is
         compiled as one without LoRA would be (vLLM's CPU platform turns compilation off with LoRA): Dynamo
         traces the model once, Inductor compiles it, and the wrapper's ops run as custom ops
         (serving.fast_lora.compiled_ops). `enforce_eager` still means eager."""
-        from vllm.config import CompilationMode
+        from vllm.config import CompilationMode  # vllm.config imports this platform: not at module top
 
         wanted = vllm_config.compilation_config.mode
         super().check_and_update_config(vllm_config)
-        if (vllm_config.lora_config is not None and plugin.enabled() and plugin.compile_enabled()
+        if (vllm_config.lora_config is not None and plugin.fast_lora_on(vllm_config) and plugin.compile_on(vllm_config)
                 and wanted == CompilationMode.VLLM_COMPILE
                 and vllm_config.compilation_config.mode == CompilationMode.NONE):
             vllm_config.compilation_config.mode = CompilationMode.DYNAMO_TRACE_ONCE

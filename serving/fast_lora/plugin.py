@@ -5,14 +5,20 @@ vLLM calls it in every process (front end, engine core, workers) when it first r
 its platform; it answers with the qualname of serving.fast_lora.platform.FastLoraCpuPlatform
 on vLLM's CPU build, or None (vLLM keeps its own platform and LoRA ops) when
 
-- the switch is off: MODE_COTD_FAST_LORA=0 (`mode-cotd serve --no-engine-fast-lora` sets it
-  before vLLM starts, and vLLM's spawned processes inherit it; offline users set it by hand);
+- the global off switch is set: MODE_COTD_FAST_LORA=0 (for offline vLLM users; `mode-cotd serve` never sets
+  it);
 - the installed vLLM is outside SUPPORTED_VLLM (logged as an error: the wrapper subclasses
   vLLM internals that change between minor versions);
 - vLLM would not pick its plain CPU platform here (a GPU build, or AMD Zen with zentorch).
 
 vLLM's own switch, VLLM_PLUGINS (a list of plugin names to load), also works, but it filters
 every plugin group. VLLM_TARGET_DEVICE=cpu makes vLLM skip platform plugins altogether.
+
+A serving engine passes its switches as engine configuration, not through the environment:
+``additional_config={"mode_cotd": {"fast_lora": bool, "compile": bool}}`` (vLLM's extension
+point for platform settings; `engine_config`). vLLM hands that config to every process it
+starts, and `fast_lora_on` / `compile_on` read it there; the environment variables are the
+defaults for an engine given no such config (offline vLLM).
 This module imports nothing from vLLM at import time.
 """
 
@@ -21,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -53,14 +60,31 @@ def compile_enabled() -> bool:
     return os.environ.get(COMPILE_ENV, "0").strip().lower() in {"1", "true", "on", "yes"}
 
 
-def set_compile(on: bool) -> None:
-    """Set the compile switch for this process and the processes it starts; call before vLLM starts an engine."""
-    os.environ[COMPILE_ENV] = "1" if on else "0"
+CONFIG_KEY = "mode_cotd"
+"""Key of mode-cotd's switches in vLLM's `additional_config`."""
 
 
-def set_enabled(on: bool) -> None:
-    """Set the switch for this process and the processes it starts; call before vLLM starts an engine."""
-    os.environ[ENV] = "1" if on else "0"
+def engine_config(fast_lora: bool, compile_lora: bool) -> dict:
+    """The `additional_config` entry that carries the switches to every process of one engine."""
+    return {CONFIG_KEY: {"fast_lora": bool(fast_lora), "compile": bool(compile_lora)}}
+
+
+def _configured(vllm_config: Any) -> dict:
+    """mode-cotd's switches in an engine's config ({} when it carries none, or there is no config)."""
+    extra = getattr(vllm_config, "additional_config", None) or {}
+    return extra.get(CONFIG_KEY) or {}
+
+
+def fast_lora_on(vllm_config: Any = None) -> bool:
+    """Whether an engine with this config runs the grouped ops: its `fast_lora` switch, else the environment's.
+
+    The global off switch (MODE_COTD_FAST_LORA=0) wins over the config."""
+    return enabled() and bool(_configured(vllm_config).get("fast_lora", True))
+
+
+def compile_on(vllm_config: Any = None) -> bool:
+    """Whether an engine with this config is compiled with LoRA: its `compile` switch, else the environment's."""
+    return bool(_configured(vllm_config).get("compile", compile_enabled()))
 
 
 def installed_vllm_version() -> str | None:
@@ -104,12 +128,11 @@ def applies_here() -> bool:
         return False
 
 
-def select(on: bool) -> None:
-    """The serving engine's start-up: set the switch for vLLM's processes; when on here, check the version.
+def check(on: bool) -> None:
+    """The serving engine's start-up: when the fast path is wanted and applies here, check vLLM's version.
 
     Raises UnsupportedVllmError (naming the off switch) rather than serving on vLLM's slow ops unannounced.
     """
-    set_enabled(on)
     if on and applies_here():
         check_vllm_version()
 

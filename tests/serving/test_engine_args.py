@@ -1,6 +1,7 @@
 """engine_args: what vLLM's AsyncEngineArgs get from EngineSettings."""
 
 import json
+import os
 
 import pytest
 
@@ -20,3 +21,16 @@ def test_the_engine_gets_the_resolved_dtype(tmp_path, monkeypatch, cpu_bf16, set
     args = engine_args(tmp_path, EngineSettings(dtype=setting), max_lora_rank=8, max_model_len=512, pinned=2)
     assert args.dtype == expected
     assert args.enable_lora and args.max_loras == EngineSettings().max_loras + 2
+
+
+@pytest.mark.parametrize(("fast", "compiled"), [(True, False), (False, False), (True, True)])
+def test_the_switches_reach_vllm_as_engine_config_not_environment(tmp_path, monkeypatch, fast, compiled):
+    from serving.fast_lora import plugin
+
+    (tmp_path / "config.json").write_text(json.dumps({"dtype": "float32"}))
+    monkeypatch.delenv(plugin.ENV, raising=False)
+    monkeypatch.delenv(plugin.COMPILE_ENV, raising=False)
+    settings = EngineSettings(fast_lora=fast, compile=compiled, extra={"additional_config": {"other": 1}})
+    args = engine_args(tmp_path, settings, max_lora_rank=8, max_model_len=512)
+    assert args.additional_config == {"other": 1, **plugin.engine_config(fast, compiled)}
+    assert plugin.ENV not in os.environ and plugin.COMPILE_ENV not in os.environ

@@ -34,14 +34,46 @@ def test_register_falls_back_to_vllm_on_an_unsupported_version(monkeypatch, capl
     assert "supports vLLM" in caplog.text and "0.40.0" in caplog.text
 
 
-def test_select_raises_at_engine_start_on_an_unsupported_version(monkeypatch):
+def test_check_raises_at_engine_start_on_an_unsupported_version(monkeypatch):
     monkeypatch.setattr(plugin, "applies_here", lambda: True)
     monkeypatch.setattr(plugin, "installed_vllm_version", lambda: "0.40.0")
     monkeypatch.setenv(plugin.ENV, "1")
     with pytest.raises(plugin.UnsupportedVllmError):
-        plugin.select(True)
-    plugin.select(False)  # off: no check, only the switch
-    assert not plugin.enabled()
+        plugin.check(True)
+    plugin.check(False)  # off: no check
+    assert plugin.enabled(), "check() must not change the environment"
+
+
+@pytest.mark.parametrize(("env", "configured", "fast_on"), [
+    (None, None, True), ("0", None, False),                      # no engine config: the environment decides
+    (None, {"fast_lora": False}, False), (None, {"fast_lora": True}, True),
+    ("0", {"fast_lora": True}, False),                           # the global off switch wins
+])
+def test_the_engine_config_carries_the_fast_lora_switch(monkeypatch, env, configured, fast_on):
+    from types import SimpleNamespace
+
+    if env is None:
+        monkeypatch.delenv(plugin.ENV, raising=False)
+    else:
+        monkeypatch.setenv(plugin.ENV, env)
+    config = SimpleNamespace(additional_config={plugin.CONFIG_KEY: configured} if configured is not None else {})
+    assert plugin.fast_lora_on(config) is fast_on
+
+
+@pytest.mark.parametrize(("env", "configured", "compiled"), [
+    (None, None, False), ("1", None, True), ("1", False, False), (None, True, True), ("0", True, True),
+])
+def test_the_engine_config_carries_the_compile_switch(monkeypatch, env, configured, compiled):
+    from types import SimpleNamespace
+
+    if env is None:
+        monkeypatch.delenv(plugin.COMPILE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(plugin.COMPILE_ENV, env)
+    extra = {plugin.CONFIG_KEY: {"compile": configured}} if configured is not None else None
+    assert plugin.compile_on(SimpleNamespace(additional_config=extra)) is compiled
+    assert plugin.engine_config(True, configured is True) == {
+        plugin.CONFIG_KEY: {"fast_lora": True, "compile": configured is True}}
 
 
 @pytest.mark.parametrize(("value", "on"), [(None, True), ("1", True), ("yes", True), ("0", False), ("off", False),
@@ -105,16 +137,35 @@ def test_platform_follows_the_switch_after_resolution(monkeypatch):
     assert FastLoraCpuPlatform.get_punica_wrapper() == "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU"
 
 
+@pytest.mark.vllm
+def test_the_platform_follows_the_engine_config_being_built(monkeypatch):
+    """Inside an engine's construction (vLLM's current config) the engine's own switch decides."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("vllm")
+    import vllm.config
+
+    from serving.fast_lora.platform import WRAPPER, FastLoraCpuPlatform
+
+    monkeypatch.setenv(plugin.ENV, "1")
+    for on, wrapper in ((True, WRAPPER), (False, "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU")):
+        config = SimpleNamespace(additional_config=plugin.engine_config(on, False))
+        monkeypatch.setattr(vllm.config, "get_current_vllm_config_or_none", lambda config=config: config)
+        assert FastLoraCpuPlatform.get_punica_wrapper() == wrapper
+
+
 def test_the_engine_refuses_a_union_without_the_grouped_wrapper(monkeypatch):
     from mode_cotd.errors import ConfigError
     from serving.engine import _check_union_wrapper
     from serving.fast_lora import plugin
 
     monkeypatch.setenv(plugin.ENV, "1")
-    _check_union_wrapper()  # this machine: vLLM's CPU build, the plugin's platform
+    _check_union_wrapper(True)  # this machine: vLLM's CPU build, the plugin's platform
+    with pytest.raises(ConfigError, match="no-engine-mixture-union"):
+        _check_union_wrapper(False)  # the engine's own switch off
     monkeypatch.setenv(plugin.ENV, "0")
     with pytest.raises(ConfigError, match="no-engine-mixture-union"):
-        _check_union_wrapper()
+        _check_union_wrapper(True)
 
 
 @pytest.mark.vllm
@@ -142,12 +193,16 @@ def test_the_compile_switch_keeps_a_lora_engine_compiled(monkeypatch, fast, comp
             config.compilation_config.mode = CompilationMode.NONE
 
     monkeypatch.setattr(CpuPlatform, "check_and_update_config", classmethod(vllm_cpu_config))
-    monkeypatch.setenv(plugin.ENV, fast)
-    monkeypatch.setenv(plugin.COMPILE_ENV, compile_on)
-    config = SimpleNamespace(compilation_config=SimpleNamespace(mode=CompilationMode[wanted]),
-                             lora_config=object() if lora else None)
-    FastLoraCpuPlatform.check_and_update_config(config)
-    assert config.compilation_config.mode == CompilationMode[expected]
+    monkeypatch.setenv(plugin.ENV, "1")
+    monkeypatch.delenv(plugin.COMPILE_ENV, raising=False)
+    for extra, env in ((plugin.engine_config(fast == "1", compile_on == "1"), {}),  # a serving engine's config
+                       ({}, {plugin.ENV: fast, plugin.COMPILE_ENV: compile_on})):  # offline: the environment
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        config = SimpleNamespace(compilation_config=SimpleNamespace(mode=CompilationMode[wanted]),
+                                 lora_config=object() if lora else None, additional_config=extra)
+        FastLoraCpuPlatform.check_and_update_config(config)
+        assert config.compilation_config.mode == CompilationMode[expected], extra or env
 
 
 @pytest.mark.parametrize(("value", "on"), [(None, False), ("1", True), ("on", True), ("0", False), ("no", False)])
@@ -157,5 +212,3 @@ def test_compile_switch(monkeypatch, value, on):
     else:
         monkeypatch.setenv(plugin.COMPILE_ENV, value)
     assert plugin.compile_enabled() is on
-    plugin.set_compile(not on)
-    assert plugin.compile_enabled() is (not on)

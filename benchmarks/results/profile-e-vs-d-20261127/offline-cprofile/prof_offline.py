@@ -23,7 +23,7 @@ def main() -> None:
     from mode_cotd.student import resolve_student
     from serving.fast_lora import plugin
 
-    plugin.select(True)
+    plugin.check(True)
     llm = LLM(model=str(resolve_student()), dtype="float32", enable_lora=True, max_lora_rank=8, max_loras=10,
               max_model_len=1024, enforce_eager=True, gpu_memory_utilization=0.3, seed=0)
     with PROMPTS.open() as f:
