@@ -61,17 +61,19 @@ def _status(entry: dict) -> str:
 def full_bench(results: dict, source: str) -> str:
     """The full bench's ratio table and scaling rows, from its results.json."""
     targets = results["targets"]
-    lines = [f"From `{source}/results.json` (`{results.get('command', 'mode-cotd bench')}`; concurrency "
-             f"{results.get('ratio_concurrency', '?')}, float32, this 2-core CPU):", "",
-             "| ratio | measured | target |", "| --- | --- | --- |"]
+    command = results.get("command", "mode-cotd bench")
+    head = (f"From `{source}/results.json` (`{command}`; concurrency "
+            f"{results.get('ratio_concurrency', '?')}, float32, this 2-core CPU):")
+    lines = [head, "", "| ratio | measured | target |", "| --- | --- | --- |"]
     for key, title in ROWS:
         if key in targets:
             lines.append(f"| {title} | {_number(targets[key]['value'], targets[key].get('target'))} | {_status(targets[key])} |")
     scaling = targets.get("mixtures_vs_student")
     if scaling:
         rows = ", ".join(f"{m} in flight {_number(v, scaling['target'])}" for m, v in scaling["value"].items())
-        lines += ["", f"Scaling rows, output tok/s / the same load on the student route: {rows} "
-                      f"(target ≥ {scaling['target']:g}: {'met' if scaling['met'] else 'missed'})."]
+        verdict = "met" if scaling["met"] else "missed"
+        tail = f"(target ≥ {scaling['target']:g}: {verdict})."
+        lines += ["", f"Scaling rows, output tok/s / the same load on the student route: {rows} {tail}"]
     return "\n".join(lines)
 
 
@@ -87,7 +89,7 @@ def render(name: str) -> str:
 
 
 def _pattern(name: str) -> re.Pattern:
-    return re.compile(rf"(<!-- figures:{re.escape(name)} -->)(.*?)(<!-- /figures:{re.escape(name)} -->)", re.S)
+    return re.compile(rf"(<!-- figures:{re.escape(name)} -->)(.*?)(<!-- /figures:{re.escape(name)} -->)", re.DOTALL)
 
 
 def stale_blocks(text: str) -> list[str]:

@@ -25,7 +25,8 @@ class FastLoraCpuPlatform(CpuPlatform):
     @classmethod
     def get_punica_wrapper(cls) -> str:
         """The grouped wrapper, unless the engine being built (vLLM's current config) switched it off."""
-        from vllm.config import get_current_vllm_config_or_none  # vllm.config imports this platform: not at top
+        # vllm.config imports this platform, so vLLM's names are imported here, not at module top
+        from vllm.config import get_current_vllm_config_or_none
 
         return WRAPPER if plugin.fast_lora_on(get_current_vllm_config_or_none()) else super().get_punica_wrapper()
 

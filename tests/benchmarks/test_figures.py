@@ -11,7 +11,7 @@ RATIO = re.compile(r"\d+\.\d+ ?[x×]")
 
 
 def _outside_blocks(text: str) -> str:
-    return re.sub(r"<!-- figures:(\S+) -->.*?<!-- /figures:\1 -->", "", text, flags=re.S)
+    return re.sub(r"<!-- figures:(\S+) -->.*?<!-- /figures:\1 -->", "", text, flags=re.DOTALL)
 
 
 def test_every_quoted_block_matches_its_results_file():
