@@ -16,18 +16,21 @@ Layout of an id (a positive int64, as vLLM stores LoRA ids):
     bits 48–53    E, the number of experts in the union (1–63)
     bits 40–47    b, the rank of each expert's block (1–255)
     bits 33–39    n, grid units per 1 (1–127); 0 marks a member id
-    bits 0–32     mixture: which weight vector, the rank of the composition (u₁, …, u_E), uᵢ ≥ 0,
-                  Σuᵢ = n, wᵢ = uᵢ / n, in colexicographic order (stars and bars);
+    bits 0–32     mixture: which weight vector, the mixture's id over the union's experts: the rank
+                  of its units (u₁, …, u_E), uᵢ ≥ 0, Σuᵢ = n, wᵢ = uᵢ / n
+                  (mode_cotd.mixture.rank_units: colexicographic, stars and bars);
                   member: its index i (0 … E-1)
 
 Only non-negative weights that sum to 1 on the grid are encodable (the gate's mixtures always
-are); anything else (`encode` returns None) is served as a composite.
+are; mode_cotd.mixture.Mixture.units_on gives their units over a union's experts); anything
+else (`encode` returns None) is served as a composite.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from math import comb
+
+from mode_cotd.mixture import count_units, rank_units, unrank_units
 
 TAG = 1 << 62
 _FAMILY, _E, _B, _N = 54, 48, 40, 33
@@ -71,6 +74,7 @@ class MixtureCode:
 
     @property
     def weights(self) -> tuple[float, ...]:
+        """wᵢ = uᵢ / n as floats: the block scales."""
         return tuple(u / self.n for u in self.units)
 
 
@@ -97,9 +101,9 @@ def encode(layout: UnionLayout, units: list[int] | tuple[int, ...], n: int) -> i
     """The mixture id of weights uᵢ/n, or None when they cannot be encoded (negative, not summing to n, too many)."""
     if len(units) != layout.experts or not 1 <= n <= MAX_UNITS or any(u < 0 for u in units) or sum(units) != n:
         return None
-    if comb(n + layout.experts - 1, layout.experts - 1) > 1 << _CODE_BITS:
+    if count_units(n, layout.experts) > 1 << _CODE_BITS:
         return None
-    return _header(layout, n) | _composition_rank(units)
+    return _header(layout, n) | rank_units(units)
 
 
 def decode(lora_id: int) -> MemberCode | MixtureCode | None:
@@ -111,37 +115,5 @@ def decode(lora_id: int) -> MemberCode | MixtureCode | None:
     if n == 0:
         index = lora_id & ((1 << _CODE_BITS) - 1)
         return MemberCode(layout, index) if index < layout.experts else None
-    return MixtureCode(layout, _composition_unrank(lora_id & ((1 << _CODE_BITS) - 1), n, layout.experts), n)
+    return MixtureCode(layout, unrank_units(lora_id & ((1 << _CODE_BITS) - 1), n, layout.experts), n)
 
-
-def _composition_rank(units: list[int] | tuple[int, ...]) -> int:
-    """Rank of a composition among those of its n into E parts: stars and bars, bars at positions pⱼ.
-
-    Bar j (j = 1..E-1) sits at position pⱼ = u₁ + … + uⱼ + j - 1 of n + E - 1; rank = Σⱼ C(pⱼ, j)
-    (the combinatorial number system).
-    """
-    rank, position = 0, -1
-    for j, u in enumerate(units[:-1], start=1):
-        position += u + 1
-        rank += comb(position, j)
-    return rank
-
-
-def _composition_unrank(rank: int, n: int, experts: int) -> tuple[int, ...]:
-    """Inverse of _composition_rank for n units over `experts` parts."""
-    positions = []
-    for j in range(experts - 1, 0, -1):  # largest bar first: the greatest p with C(p, j) <= rank
-        p = j - 1
-        while comb(p + 1, j) <= rank:
-            p += 1
-        positions.append(p)
-        rank -= comb(p, j)
-    positions.reverse()
-    units, previous = [], -1
-    for p in positions:
-        units.append(p - previous - 1)
-        previous = p
-    units.append(n + experts - 1 - previous - 1)
-    if any(u < 0 for u in units):
-        raise ValueError("not a valid mixture id")
-    return tuple(units)

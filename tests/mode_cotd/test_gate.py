@@ -1,4 +1,4 @@
-"""Gate: shapes, top-k / renormalise / grid rounding, MixtureKey, featuriser, save and load."""
+"""Gate: shapes, top-k / renormalise / grid rounding, Mixture, featuriser, save and load."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 
 from mode_cotd.errors import BundleError, ConfigError
 from mode_cotd.featurise import FEATURISERS, EmbeddingMeanFeaturiser, make_featuriser
-from mode_cotd.gate import Gate, GateConfig, MixtureKey, load_gate, round_to_grid, save_gate
+from mode_cotd.gate import Gate, GateConfig, load_gate, save_gate
+from mode_cotd.mixture import Mixture, round_to_grid
 
 EXPERTS = ["svamp", "addsub", "gsm8k", "aqua"]
 
@@ -89,22 +90,22 @@ def test_equal_mixtures_share_one_key():
     a = fixed_gate([0.50, 0.31, 0.19], top_k=2).mixtures(torch.randn(1, 8))[0]
     b = fixed_gate([0.49, 0.31, 0.20], top_k=2).mixtures(torch.randn(1, 8))[0]
     assert a == b and hash(a) == hash(b) and a.digest == b.digest
-    c = MixtureKey.from_dict({"svamp": 0.62, "addsub": 0.38}, grid=0.05)
-    d = MixtureKey.from_dict({"addsub": 3.8, "svamp": 6.2}, grid=0.05)
+    c = Mixture.from_dict({"svamp": 0.62, "addsub": 0.38}, grid=0.05)
+    d = Mixture.from_dict({"addsub": 3.8, "svamp": 6.2}, grid=0.05)
     assert a == c == d
-    assert MixtureKey(("b", "a"), (0.3, 0.7)) == MixtureKey(("a", "b"), (0.7, 0.3000000000000001))
+    assert Mixture(("b", "a"), (0.3, 0.7)) == Mixture(("a", "b"), (0.7, 0.3000000000000001))
 
 
 def test_mixture_key_string_and_digest_are_stable():
-    key = MixtureKey.from_dict({"gsm8k": 0.3, "addsub": 0.7}, grid=0.05)
+    key = Mixture.from_dict({"gsm8k": 0.3, "addsub": 0.7}, grid=0.05)
     assert str(key) == "addsub=0.70,gsm8k=0.30"
     assert key.digest == "44bfc458e3cc6779"  # sha256("addsub=0.70,gsm8k=0.30")[:16]; must never change
     assert key.as_dict() == {"addsub": 0.7, "gsm8k": 0.3}
-    assert str(MixtureKey.from_dict({"a": 1, "b": 7}, grid=0.125)) == "a=0.125,b=0.875"
+    assert str(Mixture.from_dict({"a": 1, "b": 7}, grid=0.125)) == "a=0.125,b=0.875"
 
 
 def test_mixture_key_without_normalising_keeps_signs():
-    key = MixtureKey.from_dict({"a": -0.52, "b": 1.5, "c": 0.01}, grid=0.1, normalise=False)
+    key = Mixture.from_dict({"a": -0.52, "b": 1.5, "c": 0.01}, grid=0.1, normalise=False)
     assert key.as_dict() == {"a": -0.5, "b": 1.5}
     assert str(key) == "a=-0.50,b=1.50"
 
@@ -126,12 +127,12 @@ def test_mixture_key_without_normalising_keeps_signs():
 )
 def test_mixture_key_from_dict_validation(weights, match):
     with pytest.raises(ConfigError, match=match):
-        MixtureKey.from_dict(weights, grid=0.05, known_experts=["gsm8k", "addsub"])
+        Mixture.from_dict(weights, grid=0.05, known_experts=["gsm8k", "addsub"])
 
 
 def test_mixture_key_all_rounded_away():
     with pytest.raises(ConfigError, match="no weight left"):
-        MixtureKey.from_dict({"a": 0.01}, grid=0.1, normalise=False)
+        Mixture.from_dict({"a": 0.01}, grid=0.1, normalise=False)
 
 
 @pytest.mark.parametrize(
