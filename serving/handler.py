@@ -32,7 +32,7 @@ from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 
 from mode_cotd.errors import ConfigError
-from mode_cotd.gate import MixtureKey
+from mode_cotd.mixture import Mixture
 from serving.errors import ApiError, InternalError, InvalidRequest, ServiceUnavailable, TooManyRequests
 from serving.metrics import ServingMetrics
 from serving.prompts import PromptRenderer, RenderedPrompt
@@ -121,7 +121,7 @@ class OpenAIHandler:
         if fallback not in self.routes.experts:
             raise ConfigError(f"api.gate_fallback {fallback!r} is neither 'student' nor an expert of the bundle "
                               f"({', '.join(sorted(self.routes.experts))})")
-        return AdapterSpec(MixtureKey((fallback,), (1.0,)))
+        return AdapterSpec(Mixture.one(fallback))
 
     # ------------------------------------------------------------------------ endpoints
 

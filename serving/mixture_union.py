@@ -5,8 +5,8 @@ experts needs no composite adapter (docs/performance.md, "Mixtures"):
 
 - every expert is loaded once and pinned under its **member id** (serving.fast_lora.mixture_ids),
   so it never leaves its slot; a request for one expert uses it directly;
-- a mixture whose weights are grid units ≥ 0 summing to 1 (every gate mixture) gets a **mixture
-  id** that encodes them, pointing at a tiny placeholder adapter (vLLM gives every distinct id a
+- a mixture whose weights are units ≥ 0 of the union's grid summing to 1 (every gate mixture;
+  `Mixture.units_on`, exact integers) gets a **mixture id** that encodes them, pointing at a tiny placeholder adapter (vLLM gives every distinct id a
   slot and loads its folder; the wrapper never reads that slot); the wrapper serves it from the
   members' slots with per-token block scales, exactly;
 - any other mixture (negative weights, weights not summing to 1, "linear" mode) is left to the
@@ -27,6 +27,7 @@ import torch
 
 from mode_cotd.adapter import LoraAdapter, adapter_from_modules, file_checksums, load_adapter, save_adapter
 from mode_cotd.errors import ModeCotdError
+from mode_cotd.routes import expert_adapter, mixture_adapter
 from serving.fast_lora import mixture_ids
 from serving.fast_lora.mixture_ids import UnionLayout
 from serving.protocol import AdapterSpec, LoraTarget
@@ -74,7 +75,7 @@ class MixtureUnion:
             for file, sha in file_checksums(experts[name]).items():
                 digest.update(f"{file}={sha}\n".encode())
         layout = UnionLayout(family=digest.digest()[0], experts=len(names), block_rank=rank)
-        members = tuple(LoraTarget(f"expert-{name}", mixture_ids.member_id(layout, i), str(experts[name]))
+        members = tuple(LoraTarget(expert_adapter(name), mixture_ids.member_id(layout, i), str(experts[name]))
                         for i, name in enumerate(names))
         placeholder = _write_placeholder(Path(cache_dir), adapters[names[0]])
         return cls(layout, names, members, placeholder, grid_units)
@@ -85,17 +86,13 @@ class MixtureUnion:
 
     def target(self, spec: AdapterSpec) -> LoraTarget | None:
         """The mixture id target of `spec`, or None when the union cannot serve it (left to composites)."""
-        if spec.mode != "exact" or not set(spec.mixture.experts) <= set(self.names):
+        if spec.mode != "exact":
             return None
-        n = self.grid_units
-        weights = dict(zip(spec.mixture.experts, spec.mixture.weights))
-        units = [round(weights.get(name, 0.0) * n) for name in self.names]
-        if any(abs(u / n - weights.get(name, 0.0)) > 1e-9 for u, name in zip(units, self.names)):
-            return None  # off the grid
-        lora_id = mixture_ids.encode(self.layout, units, n)
+        units = spec.mixture.units_on(self.names, self.grid_units)  # None: another expert, or off the grid
+        lora_id = None if units is None else mixture_ids.encode(self.layout, units, self.grid_units)
         if lora_id is None:
             return None
-        return LoraTarget(f"mixture-{spec.mixture.digest}", lora_id, str(self.placeholder))
+        return LoraTarget(mixture_adapter(spec.mixture), lora_id, str(self.placeholder))
 
 
 def _ineligible(adapters: dict[str, LoraAdapter], max_lora_rank: int) -> str | None:

@@ -1,6 +1,6 @@
 """The router: the gate over a batch of prompts -> one mixture per prompt.
 
-    prompts [B] -> featuriser -> features [B, D] -> gate -> B MixtureKeys (top-k, rounded to the grid)
+    prompts [B] -> featuriser -> features [B, D] -> gate -> B Mixtures (top-k, in units of the grid)
 
 A plain class; the router deployment feeds it batches collected by Ray Serve's
 `@serve.batch`. Every decision carries its batch's size and latency, and exactly one per
@@ -47,7 +47,7 @@ class GateRouter:
             return []
         started = time.perf_counter()
         features = self.featuriser(list(prompts))  # [B, D]
-        mixtures = self.gate.mixtures(features)  # B keys
+        mixtures = self.gate.mixtures(features)  # B mixtures
         seconds = time.perf_counter() - started
         if len(mixtures) != len(prompts):
             raise RuntimeError(f"gate returned {len(mixtures)} mixtures for {len(prompts)} prompts")

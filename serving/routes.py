@@ -9,7 +9,9 @@
 When an expert and a composition share a name, "mode-cotd:<name>" is the expert and
 "mode-cotd:composition:<name>" the composition ("mode-cotd:expert:<name>" also works).
 Explicit mixtures are exact: weights are used as given (negative allowed), rounded to the
-grid (the gate's, so that equal mixtures share one composite), zero weights dropped.
+grid (the gate's, so that equal mixtures share one composite), zero weights dropped
+(mode_cotd.routes.explicit_mixture); here they are also bounded by MAX_MIXTURE_WEIGHT.
+The route kinds are mode_cotd.routes.ROUTE_KINDS (all but "task", which only evaluation has).
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ from typing import Any
 
 from mode_cotd.bundle import COMPOSITION_MODES, Bundle
 from mode_cotd.errors import BundleError, ConfigError
-from mode_cotd.gate import MixtureKey
+from mode_cotd.mixture import Mixture
+from mode_cotd.routes import explicit_mixture, mixture_grid
 from serving.errors import InvalidMixture, InvalidRequest, ModelNotFound
 from serving.protocol import AdapterSpec
 
-ROUTE_KINDS = ("gate", "expert", "composition", "base", "mixture")
 MAX_MIXTURE_WEIGHT = 16.0
 """Largest |weight| in an explicit mixture (the paper's few-shot search keeps weights in [-3, 3]); beyond it a
 composite is numerically meaningless and grid rounding would overflow."""
@@ -35,7 +37,7 @@ class Route:
     """What serves a request. `adapter` is None for "base", and for "gate" until the gate decides."""
 
     kind: str
-    """One of ROUTE_KINDS."""
+    """One of mode_cotd.routes.ROUTE_KINDS."""
     model: str
     """The model name as requested (echoed in responses)."""
     name: str | None = None
@@ -51,7 +53,7 @@ class ModelEntry:
     id: str
     """The model name to request."""
     kind: str
-    """One of ROUTE_KINDS."""
+    """One of mode_cotd.routes.ROUTE_KINDS."""
     experts: dict[str, float] | None = None
     """Fixed expert weights of the route (None for the gate, which decides per prompt)."""
     candidates: list[str] = field(default_factory=list)
@@ -84,7 +86,7 @@ class RouteTable:
             kept = {e: w for e, w in record.weights.items() if w != 0}
             if not kept:
                 raise BundleError(f"{bundle.root}: composition {name!r} has only zero weights")
-            compositions[name] = AdapterSpec(MixtureKey(tuple(kept), tuple(kept.values())), record.mode)
+            compositions[name] = AdapterSpec(Mixture(tuple(kept), tuple(kept.values())), record.mode)
         gate = bundle.gate
         return cls(
             served_name=served_name,
@@ -92,7 +94,7 @@ class RouteTable:
             experts=sorted(bundle.experts),
             compositions=compositions,
             gate_experts=list(gate.config.experts) if gate is not None else None,
-            grid=gate.config.grid if gate is not None else default_grid,
+            grid=mixture_grid(bundle, default_grid),
         )
 
     def __post_init__(self) -> None:
@@ -108,7 +110,7 @@ class RouteTable:
                 raise InvalidRequest(
                     f"'mixture' is only accepted with model {self.served_name!r}, not {model!r}", param="mixture"
                 )
-            return Route("mixture", model, adapter=AdapterSpec(self.mixture_key(mixture)))
+            return Route("mixture", model, adapter=AdapterSpec(self.mixture(mixture)))
         if model == self.served_name:
             if self.gate_experts is None:
                 raise ModelNotFound(
@@ -122,14 +124,14 @@ class RouteTable:
         if model.startswith(prefix):
             kind, _, name = model[len(prefix):].rpartition(":")
             if kind in ("", "expert") and name in self.experts:
-                return Route("expert", model, name, AdapterSpec(MixtureKey((name,), (1.0,))))
+                return Route("expert", model, name, AdapterSpec(Mixture.one(name)))
             if kind in ("", "composition") and name in self.compositions:
                 return Route("composition", model, name, self.compositions[name])
         raise ModelNotFound(
             f"The model {model!r} does not exist; available: {', '.join(self.model_ids())}", param="model"
         )
 
-    def mixture_key(self, mixture: Any) -> MixtureKey:
+    def mixture(self, mixture: Any) -> Mixture:
         """Validate an explicit {expert: weight} and round it to the grid (InvalidMixture on any fault)."""
         if isinstance(mixture, dict):
             for name, weight in mixture.items():
@@ -139,7 +141,7 @@ class RouteTable:
                     raise InvalidMixture(f"mixture weight for {name!r} must be within [-{MAX_MIXTURE_WEIGHT:g}, "
                                          f"{MAX_MIXTURE_WEIGHT:g}], got {weight}", param="mixture")
         try:
-            return MixtureKey.from_dict(mixture, self.grid, known_experts=self.experts, normalise=False)
+            return explicit_mixture(mixture, self.grid, self.experts)
         except ConfigError as e:
             raise InvalidMixture(str(e), param="mixture") from e
 

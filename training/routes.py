@@ -5,15 +5,17 @@
     composition:<name>      a named composition of the bundle (its mode: exact or linear)
     gate                    the bundle's gate picks a mixture per prompt (top-k, grid-rounded)
     mixture:{"a": 0.5, ...} one explicit mixture for every prompt (exact; weights as given,
-                            negative allowed, rounded to the gate's grid, as the server does)
+                            negative allowed, rounded to the gate's grid, as the server does:
+                            mode_cotd.routes.explicit_mixture)
     task                    the bundle's own route for each prompt's task: the expert trained on
                             it, else the composition found for it (the paper's protocol)
 
+The kinds are mode_cotd.routes.ROUTE_KINDS; this module holds their text syntax and the plan.
 A plan maps each prompt to a `LoraChoice` (a PEFT folder) or None (no adapter). Mixtures
 other than one expert at weight 1 become exact composites (mixing.compose_exact), written
-once into the cache folder as ``<mode>-<MixtureKey digest>-<experts fingerprint>/``; the
-fingerprint hashes the experts' file checksums, so a retrained bundle never reuses a stale
-composite. Every folder handed out has been read back with adapter.load_adapter, so vLLM
+once into the cache folder as ``<mode>-<mixture digest>-<experts fingerprint>-r<max rank>/``
+(mode_cotd.routes.composite_folder); the fingerprint hashes the experts' file checksums, so a
+retrained bundle never reuses a stale composite. Every folder handed out has been read back with adapter.load_adapter, so vLLM
 never meets one it cannot load. An adapter (composite or expert) of a rank above `max_rank`
 is compressed by truncated SVD (mixing.compress_svd) into a cached folder, and the relative
 error is kept in `compressions`.
@@ -30,11 +32,17 @@ from pathlib import Path
 from mode_cotd.adapter import LoraAdapter, load_adapter, save_adapter
 from mode_cotd.bundle import Bundle
 from mode_cotd.errors import BundleError, ConfigError
-from mode_cotd.gate import MixtureKey
-
-ROUTE_KINDS = ("base", "expert", "composition", "gate", "mixture", "task")
-DEFAULT_GRID = 0.05
-"""Grid for explicit mixtures when the bundle has no gate (the gate's own grid otherwise)."""
+from mode_cotd.featurise import make_featuriser
+from mode_cotd.mixing import compose_exact, compress_svd, merge_linear
+from mode_cotd.mixture import Mixture
+from mode_cotd.routes import (
+    composite_adapter,
+    composite_folder,
+    expert_adapter,
+    explicit_mixture,
+    mixture_grid,
+)
+from training.gate import featurise
 
 
 @dataclass(frozen=True)
@@ -42,7 +50,7 @@ class RouteSpec:
     """A parsed route."""
 
     kind: str
-    """One of ROUTE_KINDS."""
+    """One of mode_cotd.routes.ROUTE_KINDS."""
     name: str | None = None
     """The expert's or composition's name."""
     weights: tuple[tuple[str, float], ...] | None = None
@@ -82,7 +90,7 @@ class LoraChoice:
     """One adapter folder that serves some prompts."""
 
     name: str
-    """Unique adapter name (vLLM's lora_name): "expert-<name>" or "composite-<folder>"."""
+    """Unique adapter name (vLLM's lora_name): "expert-<name>" or "composite-<folder>" (mode_cotd.routes)."""
     path: Path
     """The PEFT folder."""
     rank: int
@@ -122,7 +130,7 @@ class RoutePlanner:
         if route.kind == "composition":
             return [self.composition(route.name)] * len(prompts)
         if route.kind == "mixture":
-            return [self.mixture(self.explicit_key(route))] * len(prompts)
+            return [self.mixture(self.explicit_mixture(route))] * len(prompts)
         if route.kind == "gate":
             return self.gate(prompts)
         if route.kind == "task":
@@ -142,9 +150,9 @@ class RoutePlanner:
         if key not in self._choices:
             entry = bundle.experts[name]
             if entry.record.r > self.max_rank:  # served compressed, like any adapter over the limit
-                self._choices[key] = self._composite(MixtureKey((name,), (1.0,)), "exact")
+                self._choices[key] = self._composite(Mixture.one(name), "exact")
             else:
-                self._choices[key] = LoraChoice(f"expert-{name}", entry.path, entry.record.r, ((name, 1.0),))
+                self._choices[key] = LoraChoice(expert_adapter(name), entry.path, entry.record.r, ((name, 1.0),))
         return self._choices[key]
 
     def composition(self, name: str) -> LoraChoice:
@@ -153,24 +161,19 @@ class RoutePlanner:
             raise ConfigError(f"route composition:{name}: no such composition in {bundle.root}; "
                               f"it has {sorted(bundle.compositions)}")
         record = bundle.compositions[name]
-        return self.mixture(MixtureKey(tuple(record.weights), tuple(record.weights.values())), record.mode)
+        return self.mixture(Mixture(tuple(record.weights), tuple(record.weights.values())), record.mode)
 
-    def explicit_key(self, route: RouteSpec) -> MixtureKey:
+    def explicit_mixture(self, route: RouteSpec) -> Mixture:
         bundle = self._need_bundle(route)
-        grid = bundle.gate.config.grid if bundle.gate is not None else DEFAULT_GRID
-        return MixtureKey.from_dict(dict(route.weights or ()), grid, known_experts=list(bundle.experts),
-                                    normalise=False)
+        return explicit_mixture(dict(route.weights or ()), mixture_grid(bundle), list(bundle.experts))
 
     def gate(self, prompts: Sequence[str]) -> list[LoraChoice | None]:
-        from mode_cotd.featurise import make_featuriser
-        from training.gate import featurise
-
         bundle = self._need_bundle(RouteSpec("gate"))
         if bundle.gate is None:
             raise ConfigError(f"route gate: the bundle {bundle.root} has no gate (run mode-cotd train-gate)")
         featuriser = make_featuriser(bundle.gate.config.featuriser, self.student)
-        keys = bundle.gate.mixtures(featurise(featuriser, list(prompts)))  # [B] keys
-        return [self.mixture(key) for key in keys]
+        mixtures = bundle.gate.mixtures(featurise(featuriser, list(prompts)))  # [B] mixtures
+        return [self.mixture(mixture) for mixture in mixtures]
 
     def for_task(self, task: str) -> LoraChoice:
         bundle = self._need_bundle(RouteSpec("task"))
@@ -185,13 +188,13 @@ class RoutePlanner:
 
     # ------------------------------------------------------------------------ composites
 
-    def mixture(self, key: MixtureKey, mode: str = "exact") -> LoraChoice:
-        """The folder computing ``key`` under ``mode``: an expert's own folder for one expert at weight 1."""
-        if len(key.experts) == 1 and key.weights[0] == 1.0:
-            return self.expert(key.experts[0])
-        cache_key = (mode, str(key))
+    def mixture(self, mixture: Mixture, mode: str = "exact") -> LoraChoice:
+        """The folder computing ``mixture`` under ``mode``: an expert's own folder for one expert at weight 1."""
+        if mixture.sole_expert is not None:
+            return self.expert(mixture.sole_expert)
+        cache_key = (mode, mixture)
         if cache_key not in self._choices:
-            self._choices[cache_key] = self._composite(key, mode)
+            self._choices[cache_key] = self._composite(mixture, mode)
         return self._choices[cache_key]
 
     def _fingerprint(self, experts: Sequence[str]) -> str:
@@ -207,10 +210,8 @@ class RoutePlanner:
             self._adapters[name] = bundle.experts[name].load()
         return self._adapters[name]
 
-    def _composite(self, key: MixtureKey, mode: str) -> LoraChoice:
-        from mode_cotd.mixing import compose_exact, compress_svd, merge_linear
-
-        folder = self.cache_dir / f"{mode}-{key.digest}-{self._fingerprint(key.experts)}-r{self.max_rank}"
+    def _composite(self, mixture: Mixture, mode: str) -> LoraChoice:
+        folder = self.cache_dir / composite_folder(mode, mixture, self.max_rank, self._fingerprint(mixture.experts))
         adapter = None
         if folder.is_dir():
             try:
@@ -218,11 +219,12 @@ class RoutePlanner:
             except BundleError:
                 adapter = None  # rebuilt below
         if adapter is None:
-            adapters = [self._adapter(name) for name in key.experts]
-            adapter = compose_exact(adapters, key.weights) if mode == "exact" else merge_linear(adapters, key.weights)
+            adapters = [self._adapter(name) for name in mixture.experts]
+            weights = mixture.weights
+            adapter = compose_exact(adapters, weights) if mode == "exact" else merge_linear(adapters, weights)
             if adapter.r > self.max_rank:
                 adapter, error = compress_svd(adapter, self.max_rank)
                 self.compressions[folder.name] = error
             save_adapter(adapter, folder)
             adapter = load_adapter(folder)
-        return LoraChoice(f"composite-{folder.name}", folder, adapter.r, tuple(zip(key.experts, key.weights)))
+        return LoraChoice(composite_adapter(folder.name), folder, adapter.r, tuple(zip(mixture.experts, mixture.weights)))

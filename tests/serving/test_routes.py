@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from mode_cotd.gate import MixtureKey
+from mode_cotd.mixture import Mixture
 from serving.errors import InvalidMixture, InvalidRequest, ModelNotFound
 from serving.protocol import AdapterSpec
 from serving.routes import RouteTable
@@ -23,7 +23,7 @@ def test_each_route_kind(table):
 
     expert = table.resolve("mode-cotd:beta")
     assert (expert.kind, expert.name) == ("expert", "beta")
-    assert expert.adapter == AdapterSpec(MixtureKey(("beta",), (1.0,)))
+    assert expert.adapter == AdapterSpec(Mixture(("beta",), (1.0,)))
     assert expert.adapter.single_expert() == "beta"
 
     comp = table.resolve("mode-cotd:all_three")
@@ -37,7 +37,7 @@ def test_each_route_kind(table):
 
     mixed = table.resolve("mode-cotd", {"gamma": 0.5, "alpha": 0.5})
     assert mixed.kind == "mixture"
-    assert mixed.adapter.mixture == MixtureKey(("alpha", "gamma"), (0.5, 0.5))
+    assert mixed.adapter.mixture == Mixture(("alpha", "gamma"), (0.5, 0.5))
 
 
 def test_explicit_mixture_rounds_to_the_gate_grid_and_keeps_signs(table):
@@ -96,7 +96,7 @@ def test_models_lists_every_route(table):
 
 
 def test_name_clash_between_expert_and_composition(table):
-    table.compositions["alpha"] = AdapterSpec(MixtureKey(("beta",), (0.5,)))
+    table.compositions["alpha"] = AdapterSpec(Mixture(("beta",), (0.5,)))
     assert table.resolve("mode-cotd:alpha").kind == "expert"
     assert table.resolve("mode-cotd:composition:alpha").kind == "composition"
     assert "mode-cotd:composition:alpha" in table.model_ids()

@@ -22,8 +22,8 @@ def main(student: str, experts_dir: str, dtype: str) -> None:
     from vllm.lora.request import LoRARequest
 
     from mode_cotd.adapter import load_adapter, save_adapter
-    from mode_cotd.gate import MixtureKey
     from mode_cotd.mixing import compose_exact
+    from mode_cotd.mixture import Mixture
     from serving.mixture_union import MixtureUnion
     from serving.protocol import AdapterSpec
 
@@ -37,7 +37,7 @@ def main(student: str, experts_dir: str, dtype: str) -> None:
         assert llm.llm_engine.pin_lora(member.lora_id)
     requests, labels = [], []
     for m, weights in enumerate(MIXTURES):
-        key = MixtureKey(tuple(weights), tuple(weights.values()))
+        key = Mixture(tuple(weights), tuple(weights.values()))
         target = union.target(AdapterSpec(key))
         composite = work / f"composite-{m}"
         save_adapter(compose_exact([load_adapter(experts[n]) for n in key.experts], list(key.weights)), composite)
