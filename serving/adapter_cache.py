@@ -1,19 +1,20 @@
 """Mixture -> exact composite LoRA folder on local disk, built once, served by a stable id.
 
-- One expert at weight 1 is served from its own bundle folder: no composite.
-- With a mixture union (serving.mixture_union), experts go by their pinned member ids and
-  every mixture it can encode by a mixture id (outcome "union"): no composite either.
+- `acquire` asks the resolver (serving.adapter_resolver) what serves the spec: one expert's
+  own folder or pinned member id, or a mixture id over the union, is leased as is (no composite).
 - Any other mixture becomes one composite (mode "exact": `compose_exact`, rank Σrᵢ;
   mode "linear": the paper's `merge_linear`), written atomically to
-  `<cache dir>/<mode>-<mixture digest>-r<max rank>/`. A composite over the engine's
-  max LoRA rank is compressed by truncated SVD to fit; the relative error is reported.
+  `<cache dir>/<mode>-<mixture digest>-r<max rank>/` (mode_cotd.routes.composite_folder). A
+  composite over the engine's max LoRA rank is compressed by truncated SVD to fit; the
+  relative error is reported.
 - Single flight: concurrent requests for a mixture that is not ready share one build
   (an asyncio task); the one that started it reports a "miss" with the build time, the
   others a "hit".
 - LRU: beyond `max_entries` composites, the least recently used idle one is evicted from
   vLLM (`remove_lora`, freeing its slot) and then from disk. Composites in use (leased)
   are never evicted.
-- LoRA ids are stable: derived from the adapter's name (a hash), the same across restarts.
+- LoRA ids are stable: derived from the adapter's name (a hash), the same across restarts
+  (serving.adapter_resolver.stable_lora_id).
 - Integrity: each composite folder holds `mode_cotd_checksums.json` (sha256 of its files),
   written after the folder itself. Folders left by an earlier run are reused only when
   their checksums match and `load_adapter` accepts them; a ready composite whose files
@@ -22,13 +23,12 @@
   to build is reported (500, code "adapter_build_failed") and not cached: the next
   request tries again.
 - Paths are confined: composites live under the cache dir, experts under `roots` (the
-  bundle); anything else is refused before vLLM sees it.
+  bundle); anything else is refused before vLLM sees it (the resolver's targets).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import re
 import shutil
@@ -41,8 +41,9 @@ from pathlib import Path
 from typing import Protocol
 
 from mode_cotd.adapter import LoraAdapter, load_adapter, save_adapter
-from mode_cotd.errors import ConfigError, ModeCotdError
+from mode_cotd.errors import ModeCotdError
 from mode_cotd.mixing import compose_exact, compress_svd, merge_linear
+from serving.adapter_resolver import AdapterResolver
 from serving.errors import ApiError, InternalError, InvalidMixture
 from serving.mixture_union import MixtureUnion
 from serving.protocol import AdapterSpec, LoraTarget
@@ -61,11 +62,6 @@ class LoraSlots(Protocol):
     """The engine side of eviction: drop an adapter from vLLM's slots and host cache."""
 
     async def remove_lora(self, lora_id: int) -> bool: ...
-
-
-def stable_lora_id(name: str) -> int:
-    """A positive id from the adapter's name: the first 6 bytes of its sha256, plus 1."""
-    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:6], "big") + 1
 
 
 @dataclass
@@ -95,7 +91,10 @@ class _Built:
 
 
 class AdapterCache:
-    """Composite adapters on disk for one bundle, keyed by mixture; see the module docstring."""
+    """Composite adapters on disk for one bundle, keyed by mixture; see the module docstring.
+
+    `resolver` (built from experts, cache_dir, max_lora_rank, roots and union) decides what serves a spec.
+    """
 
     def __init__(
         self,
@@ -109,48 +108,38 @@ class AdapterCache:
     ):
         if max_entries < 1:
             raise ValueError("max_entries must be >= 1")
-        self.experts = {name: Path(path) for name, path in experts.items()}
+        self.resolver = AdapterResolver(experts, cache_dir, max_lora_rank, roots, union)
+        self.experts = self.resolver.experts
         self.cache_dir = Path(cache_dir)
-        self.roots = [Path(r).resolve() for r in roots] if roots is not None else None
-        if self.roots is not None:
-            outside = {n: str(p) for n, p in self.experts.items() if not _inside(p, self.roots)}
-            if outside:
-                raise ConfigError(f"expert folders outside the bundle {[str(r) for r in self.roots]}: {outside}")
         self.max_lora_rank = max_lora_rank
         self.max_entries = max_entries
         self.slots = slots
-        self.union = union
         self._ready: OrderedDict[str, LoraTarget] = OrderedDict()  # LRU order: oldest first
         self._on_disk: set[str] = set()  # found from an earlier run, not validated yet
         self._pending: dict[str, asyncio.Task] = {}
         self._users: Counter[str] = Counter()
-        self._ids: dict[int, str] = {}
         self._expert_adapters: dict[str, LoraAdapter] = {}
         self._stamps: dict[str, tuple] = {}  # key -> size and mtime of its files when last verified
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._adopt_earlier_folders()
 
-    # ------------------------------------------------------------------------ names and ids
+    # ------------------------------------------------------------------------ names
 
-    def target(self, name: str, path: Path) -> LoraTarget:
-        allowed = [self.cache_dir.resolve(), *(self.roots if self.roots is not None else [Path(path).resolve()])]
-        if not _inside(path, allowed):
-            raise InternalError(f"adapter {name!r}: {path} is outside the bundle and cache folders")
-        lora_id = stable_lora_id(name)
-        known = self._ids.setdefault(lora_id, name)
-        if known != name:
-            raise InternalError(f"LoRA id collision between {known!r} and {name!r}")
-        return LoraTarget(name=name, lora_id=lora_id, path=str(path))
+    @property
+    def union(self) -> MixtureUnion | None:
+        """The resolver's mixture union (None: every mixture is a composite)."""
+        return self.resolver.union
 
     def pinned(self) -> list[LoraTarget]:
         """Adapters the engine must load and pin before serving: the union's members (if any)."""
-        return list(self.union.members) if self.union is not None else []
+        return self.resolver.pinned()
 
     def key(self, spec: AdapterSpec) -> str:
-        return f"{spec.mode}-{spec.mixture.digest}-r{self.max_lora_rank}"
+        """The cache key (folder name) of the composite of `spec`."""
+        return self.resolver.composite_key(spec)
 
     def _composite_target(self, key: str) -> LoraTarget:
-        return self.target(f"composite-{key}", self.cache_dir / key)
+        return self.resolver.composite_target(key)
 
     @property
     def entries(self) -> list[str]:
@@ -160,17 +149,12 @@ class AdapterCache:
     # ------------------------------------------------------------------------ leasing
 
     async def acquire(self, spec: AdapterSpec) -> Lease:
-        """The adapter of `spec`, built if needed (once for concurrent callers); hold it until `release`."""
-        expert = spec.single_expert()
-        if expert is not None:
-            if expert not in self.experts:
-                raise InvalidMixture(f"unknown expert {expert!r}", param="mixture")
-            member = self.union.member(expert) if self.union is not None else None
-            return Lease(member or self.target(f"expert-{expert}", self.experts[expert]), "expert")
-        mixture = self.union.target(spec) if self.union is not None else None
-        if mixture is not None:
-            return Lease(mixture, "union")
-        key = self.key(spec)
+        """The adapter of `spec` (what the resolver says serves it), a composite built if needed (once for
+        concurrent callers); hold it until `release`."""
+        resolved = self.resolver.resolve(spec)
+        if resolved.target is not None:
+            return Lease(resolved.target, resolved.outcome)
+        key = resolved.key
         self._users[key] += 1
         try:
             if key in self._ready and key not in self._pending and not self._unchanged(key):
@@ -319,12 +303,6 @@ class AdapterCache:
         for stale in found[: max(0, len(found) - self.max_entries)]:
             shutil.rmtree(stale, ignore_errors=True)
         self._on_disk = {p.name for p in found[max(0, len(found) - self.max_entries):]}
-
-
-def _inside(path: Path, roots: list[Path]) -> bool:
-    """True when `path`, symlinks resolved, is one of `roots` or below one."""
-    resolved = Path(path).resolve()
-    return any(resolved.is_relative_to(root) for root in roots)
 
 
 def _stamp(folder: Path) -> tuple:

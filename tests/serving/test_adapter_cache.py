@@ -8,15 +8,16 @@ import pytest
 import torch
 
 from mode_cotd.adapter import load_adapter
-from mode_cotd.gate import MixtureKey
 from mode_cotd.mixing import compose_exact, delta_weight, merge_linear
-from serving.adapter_cache import AdapterCache, stable_lora_id
+from mode_cotd.mixture import Mixture
+from serving.adapter_cache import AdapterCache
+from serving.adapter_resolver import stable_lora_id
 from serving.errors import InternalError, InvalidMixture
 from serving.protocol import AdapterSpec
 
 
 def spec(mode: str = "exact", **weights: float) -> AdapterSpec:
-    return AdapterSpec(MixtureKey(tuple(weights), tuple(weights.values())), mode)
+    return AdapterSpec(Mixture(tuple(weights), tuple(weights.values())), mode)
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from math import comb
 
 import pytest
 
-from serving.adapter_cache import stable_lora_id
+from serving.adapter_resolver import stable_lora_id
 from serving.fast_lora import mixture_ids
 from serving.fast_lora.mixture_ids import MemberCode, MixtureCode, UnionLayout, decode, encode, member_id
 

@@ -1,0 +1,105 @@
+"""Which adapter serves a request, and the LoRA target (name, id, path) vLLM loads for it.
+
+    one expert at weight 1          its pinned member id (with a union), else its bundle folder  "expert"
+    a mixture the union encodes     a mixture id over the union's placeholder (serving.mixture_union) "union"
+    any other mixture, or "linear"  a composite, named by mode_cotd.routes.composite_folder        "composite"
+
+The resolver decides; it builds nothing. A composite's folder is built, cached and evicted by
+serving.adapter_cache, which asks the resolver first.
+
+Targets: names come from mode_cotd.routes (expert-<name>, composite-<folder>, mixture-<digest>);
+LoRA ids are stable, derived from the name (a hash), the same across restarts and replicas (a
+collision is an error); paths are confined: experts under `roots` (the bundle), composites under
+the cache dir. Anything else is refused before vLLM sees it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from mode_cotd.errors import ConfigError
+from mode_cotd.routes import composite_adapter, composite_folder, expert_adapter
+from serving.errors import InternalError, InvalidMixture
+from serving.mixture_union import MixtureUnion
+from serving.protocol import AdapterSpec, LoraTarget
+
+
+def stable_lora_id(name: str) -> int:
+    """A positive id from the adapter's name: the first 6 bytes of its sha256, plus 1."""
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:6], "big") + 1
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What serves one adapter spec."""
+
+    outcome: str
+    """"expert" (a member id or its own folder), "union" (a mixture id over the pinned experts) or "composite"."""
+    target: LoraTarget | None = None
+    """What vLLM loads; None for a composite, which the adapter cache gets ready first."""
+    key: str | None = None
+    """A composite's folder name under the cache dir (its cache key); None otherwise."""
+
+
+class AdapterResolver:
+    """Adapter specs -> what serves them, for one bundle's experts (see the module docstring)."""
+
+    def __init__(self, experts: dict[str, Path], cache_dir: Path, max_lora_rank: int,
+                 roots: list[Path] | None = None, union: MixtureUnion | None = None):
+        self.experts = {name: Path(path) for name, path in experts.items()}
+        self.cache_dir = Path(cache_dir)
+        self.max_lora_rank = max_lora_rank
+        self.roots = [Path(r).resolve() for r in roots] if roots is not None else None
+        if self.roots is not None:
+            outside = {n: str(p) for n, p in self.experts.items() if not _inside(p, self.roots)}
+            if outside:
+                raise ConfigError(f"expert folders outside the bundle {[str(r) for r in self.roots]}: {outside}")
+        self.union = union
+        self._ids: dict[int, str] = {}
+
+    def resolve(self, spec: AdapterSpec) -> Resolved:
+        """What serves `spec`; InvalidMixture for one expert that is not in the bundle."""
+        expert = spec.single_expert()
+        if expert is not None:
+            if expert not in self.experts:
+                raise InvalidMixture(f"unknown expert {expert!r}", param="mixture")
+            member = self.union.member(expert) if self.union is not None else None
+            return Resolved("expert", member or self.target(expert_adapter(expert), self.experts[expert]))
+        mixture = self.union.target(spec) if self.union is not None else None
+        if mixture is not None:
+            return Resolved("union", mixture)
+        return Resolved("composite", key=self.composite_key(spec))
+
+    def pinned(self) -> list[LoraTarget]:
+        """Adapters the engine must load and pin before serving: the union's members (if any)."""
+        return list(self.union.members) if self.union is not None else []
+
+    # ------------------------------------------------------------------------ names and ids
+
+    def composite_key(self, spec: AdapterSpec) -> str:
+        """The composite's folder name (and cache key): mode, mixture digest, the engine's max LoRA rank."""
+        return composite_folder(spec.mode, spec.mixture, self.max_lora_rank)
+
+    def composite_target(self, key: str) -> LoraTarget:
+        """The target of the composite in the cache folder `key`."""
+        return self.target(composite_adapter(key), self.cache_dir / key)
+
+    def target(self, name: str, path: Path) -> LoraTarget:
+        """A LoRA target with a stable id; InternalError for a path outside the bundle and cache or an id
+        collision."""
+        allowed = [self.cache_dir.resolve(), *(self.roots if self.roots is not None else [Path(path).resolve()])]
+        if not _inside(path, allowed):
+            raise InternalError(f"adapter {name!r}: {path} is outside the bundle and cache folders")
+        lora_id = stable_lora_id(name)
+        known = self._ids.setdefault(lora_id, name)
+        if known != name:
+            raise InternalError(f"LoRA id collision between {known!r} and {name!r}")
+        return LoraTarget(name=name, lora_id=lora_id, path=str(path))
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    """True when `path`, symlinks resolved, is one of `roots` or below one."""
+    resolved = Path(path).resolve()
+    return any(resolved.is_relative_to(root) for root in roots)
