@@ -18,7 +18,8 @@ from pathlib import Path
 
 from mode_cotd.bundle import Bundle, load_bundle
 from mode_cotd.errors import BundleError, ConfigError
-from mode_cotd.gate import grid_units
+from mode_cotd.lora_rank import supported_lora_rank
+from mode_cotd.mixture import grid_units
 from mode_cotd.student import resolve_student, student_identity
 from serving.adapter_cache import AdapterCache
 from serving.bundle_source import is_uri, local_bundle
@@ -97,7 +98,7 @@ def student_service(
 ) -> StudentService:
     """Adapter cache + engine. Default: vLLM, with its rank rounding; tests pass a fake engine factory."""
     if round_rank is None or engine_factory is None:
-        from serving.engine import VllmEngine, supported_lora_rank
+        from serving.engine import VllmEngine
 
         round_rank = round_rank or supported_lora_rank
         engine_factory = engine_factory or (lambda rank: VllmEngine(

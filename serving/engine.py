@@ -14,7 +14,6 @@ import asyncio
 import logging
 import os
 import re
-import typing
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from pathlib import Path
@@ -29,17 +28,6 @@ from serving.protocol import GenerationDelta, LoraTarget, SamplingSettings, Toke
 from serving.settings import EngineSettings
 
 logger = logging.getLogger(__name__)
-
-
-def supported_lora_rank(needed: int) -> int:
-    """The smallest max_lora_rank vLLM accepts that is >= needed (vLLM takes only 1, 8, 16, 32, ...)."""
-    from vllm.config.lora import MaxLoRARanks
-
-    ranks = sorted(typing.get_args(MaxLoRARanks))
-    for rank in ranks:
-        if rank >= needed:
-            return rank
-    return ranks[-1]
 
 
 CPU_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"

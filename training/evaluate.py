@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-import typing
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,6 +27,7 @@ from pathlib import Path
 from mode_cotd.atomic import write_json_atomic, write_text_atomic
 from mode_cotd.compute_dtype import resolve_dtype
 from mode_cotd.errors import ConfigError
+from mode_cotd.lora_rank import supported_lora_rank
 from training.config_args import parse_settings
 from training.routes import LoraChoice, RoutePlanner, parse_route
 
@@ -135,14 +135,6 @@ def eval_items(tasks: Sequence[str], data_dir: str | None, max_examples: int | N
 
 
 # ----------------------------------------------------------------------------- vLLM
-
-
-def supported_lora_rank(needed: int) -> int:
-    """The smallest max_lora_rank vLLM accepts that is >= needed (vLLM takes only 1, 8, 16, 32, ...)."""
-    from vllm.config.lora import MaxLoRARanks
-
-    ranks = sorted(typing.get_args(MaxLoRARanks))
-    return next((r for r in ranks if r >= needed), ranks[-1])
 
 
 class VllmGenerator:
