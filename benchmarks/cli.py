@@ -15,11 +15,24 @@ import json
 import shlex
 import sys
 import time
+import typing
 from pathlib import Path
+from typing import Any
 
-from benchmarks.config import ALL_SCENARIOS, BenchConfig, preset
+from benchmarks.config import ALL_SCENARIOS, PRESETS, BenchConfig, preset
 from mode_cotd.errors import ConfigError
 from mode_cotd.paths import REPO_ROOT
+from mode_cotd.settings import field_docs
+
+FLAGS = {
+    "--scenarios": "scenarios", "--output-tokens": "output_tokens", "--concurrency": "concurrencies",
+    "--requests": "requests_per_level", "--rates": "poisson_rates", "--peft-requests": "peft_requests",
+    "--dtype": "dtype", "--expert": "expert", "--mixture-popularity": "mixture_popularity",
+    "--mixture-k": "mixture_k", "--mixture-grid": "mixture_grid", "--scaling-in-flight": "scaling_in_flight",
+    "--hit-rate-requests": "hit_rate_requests", "--cross-check": "cross_check", "--compile": "compile",
+    "--student": "student", "--bundle": "bundle", "--seed": "seed",
+}
+"""Flag -> the BenchConfig field it sets over the preset (help: the field's docstring)."""
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -39,8 +52,28 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _shown(value: Any) -> str:
+    return (",".join(map(str, value)) or "none") if isinstance(value, tuple) else str(value)
+
+
+def _add_field_flag(p: argparse.ArgumentParser, flag: str, name: str) -> None:
+    """``flag`` sets field ``name``: its type from the annotation (tuples: comma-separated), help its docstring."""
+    hint = typing.get_type_hints(BenchConfig)[name]
+    full, quick = getattr(PRESETS["full"], name), getattr(PRESETS["quick"], name)
+    shown = f"full: {_shown(full)}, quick: {_shown(quick)}" if full != quick else f"default: {_shown(full)}"
+    if typing.get_origin(hint) is tuple:
+        shown = f"comma-separated; {shown}"
+    kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS,
+                              "help": f"{field_docs(BenchConfig)[name]} ({shown})".replace("%", "%%")}
+    if hint is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    else:
+        kwargs["type"] = {tuple[int, ...]: _ints, tuple[float, ...]: _floats, int: int, float: float}.get(hint, str)
+        kwargs["metavar"] = flag.lstrip("-").replace("-", "_").upper()
+    p.add_argument(flag, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    defaults = BenchConfig()
     p = argparse.ArgumentParser(
         prog="mode-cotd bench",
         description="Throughput of mode-cotd against vLLM's own server and a transformers + peft baseline "
@@ -49,49 +82,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="the short preset (under 10 minutes on 2 CPU cores)")
     p.add_argument("--output", type=Path, default=None,
                    help="results folder (default: runs/bench-<UTC time>[-quick]/)")
-    p.add_argument("--scenarios", default=ALL_SCENARIOS, help="which of the scenarios a-g to run")
-    p.add_argument("--output-tokens", type=int, default=None, help=f"output tokens per request (full: {defaults.output_tokens})")
-    p.add_argument("--concurrency", type=_ints, default=None,
-                   help=f"closed-loop levels, e.g. 1,4,16,64 (full: {','.join(map(str, defaults.concurrencies))})")
-    p.add_argument("--requests", type=int, default=None, help="requests per concurrency level")
-    p.add_argument("--rates", type=_floats, default=None, help="open-loop Poisson rates (req/s) on the gate route")
-    p.add_argument("--peft-requests", type=int, default=None, help="requests of the peft baseline (g)")
-    p.add_argument("--dtype", default=None, help="weights dtype of every scenario (default float32)")
-    p.add_argument("--expert", default=None, help=f"expert of scenarios b and d (default {defaults.expert})")
-    p.add_argument("--mixture-popularity", default=None, help="popularity of scenario f's mixtures (distinct, "
-                   "uniform, zipf:<a>, skewed, identical)")
-    p.add_argument("--mixture-k", type=int, default=None, help="experts per explicit mixture")
-    p.add_argument("--mixture-grid", type=float, default=None, help="weight grid of explicit mixtures")
-    p.add_argument("--scaling-in-flight", type=_ints, default=None, help="distinct mixtures in flight, e.g. 1,4,16,64")
-    p.add_argument("--hit-rate-requests", type=int, default=None, help="requests of the hit-rate workload (0: skip)")
-    p.add_argument("--no-cross-check", dest="cross_check", action="store_false", default=None,
-                   help="skip the `vllm bench serve` cross-check")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="serve mode-cotd with --engine-compile (full: on, quick: off)")
-    p.add_argument("--student", default=None, help="student folder (default: the default student)")
-    p.add_argument("--bundle", default=None, help="bundle (default: bundles/default)")
+    for flag, name in FLAGS.items():
+        _add_field_flag(p, flag, name)
     p.add_argument("--serve-args", default="", help="extra `mode-cotd serve` flags, one string")
     p.add_argument("--vllm-args", default="", help="extra `vllm serve` flags, one string")
-    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--report-only", type=Path, default=None, metavar="DIR",
                    help="rewrite results.md and the plots from DIR/results.json, run nothing")
     return p
 
 
 def config_from_args(args: argparse.Namespace, serve_tail: list[str]) -> BenchConfig:
-    unknown = set(args.scenarios) - set(ALL_SCENARIOS)
-    if unknown or not args.scenarios:
-        raise ConfigError(f"--scenarios takes letters of {ALL_SCENARIOS}, got {args.scenarios!r}")
-    return preset(
-        "quick" if args.quick else "full",
-        scenarios=args.scenarios, output_tokens=args.output_tokens, concurrencies=args.concurrency,
-        requests_per_level=args.requests, poisson_rates=args.rates, peft_requests=args.peft_requests,
-        dtype=args.dtype, expert=args.expert, mixture_popularity=args.mixture_popularity, mixture_k=args.mixture_k,
-        mixture_grid=args.mixture_grid, scaling_in_flight=args.scaling_in_flight,
-        hit_rate_requests=args.hit_rate_requests, cross_check=args.cross_check, compile=args.compile,
-        student=args.student,
-        bundle=args.bundle, serve_args=[*shlex.split(args.serve_args), *serve_tail] or None,
-        vllm_args=shlex.split(args.vllm_args) or None, seed=args.seed)
+    """The preset (--quick or full) with the given flags' fields replaced."""
+    given = {name: value for name, value in vars(args).items() if name in FLAGS.values()}
+    scenarios = given.get("scenarios", ALL_SCENARIOS)
+    if set(scenarios) - set(ALL_SCENARIOS) or not scenarios:
+        raise ConfigError(f"--scenarios takes letters of {ALL_SCENARIOS}, got {scenarios!r}")
+    return preset("quick" if args.quick else "full", **given,
+                  serve_args=[*shlex.split(args.serve_args), *serve_tail] or None,
+                  vllm_args=shlex.split(args.vllm_args) or None)
 
 
 def finish(results: dict, output: Path, command: str) -> None:

@@ -2,14 +2,15 @@
 
 `PRESETS` is a plain table: `--quick` picks "quick" (under 10 minutes on a 2-core CPU), the
 default is "full" (the dataclass defaults: about an hour there); a `mode-cotd bench` flag sets
-most fields.
+most fields (its help is the field's docstring), checked as any settings (mode_cotd/settings.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 from mode_cotd.paths import REPO_ROOT
+from mode_cotd.settings import settings_from_dict
 
 ALL_SCENARIOS = "abcdefg"
 DEFAULT_BUNDLE = REPO_ROOT / "bundles" / "default"
@@ -34,7 +35,8 @@ class BenchConfig:
     expert: str = "gsm8k"
     """The expert of scenarios b and d."""
     mixture_popularity: str = "distinct"
-    """Popularity of scenario f's explicit mixtures (benchmarks/workloads.py)."""
+    """Popularity of scenario f's explicit mixtures: distinct, uniform, zipf:<a>, skewed or identical
+    (benchmarks/workloads.py)."""
     mixture_k: int = 2
     """Experts per explicit mixture (scenario f, scaling, hit rate)."""
     mixture_grid: float = 0.05
@@ -55,7 +57,7 @@ class BenchConfig:
     hit_rate_popularity: str = "zipf:1.1"
     """Popularity of the composite-cache hit-rate workload (over all experts, k, grid)."""
     hit_rate_requests: int = 256
-    """Requests of the hit-rate workload (short: `hit_rate_output_tokens` each)."""
+    """Requests of the hit-rate workload (short: `hit_rate_output_tokens` each; 0: skip it)."""
     hit_rate_concurrency: int = 16
     """Requests in flight during the hit-rate workload."""
     hit_rate_output_tokens: int = 2
@@ -98,5 +100,6 @@ PRESETS: dict[str, BenchConfig] = {
 
 
 def preset(name: str, **overrides) -> BenchConfig:
-    """A preset with some fields replaced."""
-    return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+    """A preset with some fields replaced (None: the preset's); ConfigError names unknown or mistyped ones."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return settings_from_dict(BenchConfig, {**asdict(PRESETS[name]), **given}, f"bench preset {name!r}")

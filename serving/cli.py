@@ -14,43 +14,16 @@ import dataclasses
 import signal
 import sys
 import time
-import typing
 from pathlib import Path
 from typing import Any
 
 from mode_cotd import paths
 from mode_cotd.errors import ConfigError, StudentError
-from serving.settings import ServeSettings, field_docs, from_dict
+from mode_cotd.settings import add_settings_flags, load_config_file, nest_dotted
+from serving.settings import ServeSettings, from_dict
 
 DEFAULT_BUNDLE = paths.REPO_ROOT / "bundles" / "default"
 """The bundle `mode-cotd serve` serves when neither --bundle nor --config names one."""
-
-
-def _leaf_type(tp: Any) -> Any:
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    return args[0] if args and type(None) in typing.get_args(tp) else tp
-
-
-def _add_settings_flags(parser: argparse.ArgumentParser, cls: type, defaults: Any, prefix: str = "") -> None:
-    """One flag per leaf field of the settings tree; dest is the dotted path (e.g. "engine.max_loras")."""
-    hints, docs = typing.get_type_hints(cls), field_docs(cls)
-    for f in dataclasses.fields(cls):
-        tp = _leaf_type(hints[f.name])
-        dest = f"{prefix}{f.name}"
-        default = getattr(defaults, f.name)
-        if dataclasses.is_dataclass(tp):
-            _add_settings_flags(parser, tp, default if default is not None else tp(), dest + ".")
-            continue
-        if typing.get_origin(tp) is dict:
-            continue  # mappings (engine.extra) only through --config
-        flag = "--" + dest.replace(".", "-").replace("_", "-")
-        help_text = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")  # argparse %-formats help
-        if tp is bool:
-            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=help_text)
-        else:
-            parser.add_argument(flag, dest=dest, type=tp, default=argparse.SUPPRESS, metavar=tp.__name__.upper(),
-                                help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,17 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ray-num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     parser.add_argument("--startup-timeout-s", type=float, default=900.0, help="how long to wait for the student")
     group = parser.add_argument_group("settings (serving/settings.py; flags override --config)")
-    _add_settings_flags(group, ServeSettings, ServeSettings(bundle=str(DEFAULT_BUNDLE)))
+    add_settings_flags(group, ServeSettings, ServeSettings(bundle=str(DEFAULT_BUNDLE)))  # mappings: --config only
     return parser
 
 
 def _config_file(path: Path) -> dict[str, Any]:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read settings ({e})") from e
+    """The settings tree in a YAML file: a Serve config's first application's args, or a plain mapping."""
+    data = load_config_file(path)
     if isinstance(data, dict) and "applications" in data:
         data = (data["applications"] or [{}])[0].get("args", {}) or {}
     if not isinstance(data, dict):
@@ -84,17 +53,9 @@ def _config_file(path: Path) -> dict[str, Any]:
 
 def settings_from_cli(args: argparse.Namespace) -> ServeSettings:
     """The settings tree: --config first, then every flag given on the command line."""
-    tree: dict[str, Any] = _config_file(args.config) if args.config else {}
-    for dest, value in vars(args).items():
-        if "." not in dest and dest not in {f.name for f in dataclasses.fields(ServeSettings)}:
-            continue  # CLI-only flags
-        *parents, leaf = dest.split(".")
-        node = tree
-        for part in parents:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[leaf] = value
+    top = {f.name for f in dataclasses.fields(ServeSettings)}
+    flags = {dest: value for dest, value in vars(args).items() if dest.split(".")[0] in top}  # not CLI-only flags
+    tree = nest_dotted(flags, _config_file(args.config) if args.config else {})
     tree.setdefault("bundle", str(DEFAULT_BUNDLE))
     return from_dict(ServeSettings, tree)
 

@@ -8,18 +8,11 @@ tree is filled from `mode-cotd serve` flags (serving.cli), from a Serve config Y
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
-import itertools
-import textwrap
-import types
-import typing
 from dataclasses import dataclass, field
-from functools import cache
 from typing import Any
 
-from mode_cotd.errors import ConfigError
+from mode_cotd.settings import settings_from_dict
 
 
 @dataclass
@@ -231,76 +224,7 @@ class ServeSettings:
         return dataclasses.asdict(self)
 
 
-# ---------------------------------------------------------------------------- from dicts
-
-
-def _strip_optional(tp: Any) -> Any:
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
-        return args[0]
-    return tp
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    inner = _strip_optional(tp)
-    if value is None:
-        if inner is not tp:
-            return None
-        raise ConfigError(f"{where}: must not be null")
-    if dataclasses.is_dataclass(inner):
-        return from_dict(inner, value, where) if isinstance(value, dict) else _fail(where, value, inner)
-    origin = typing.get_origin(inner) or inner
-    if isinstance(value, str) and inner in (bool, int, float):
-        value = _parse_scalar(value)  # "8", "0.3", "true" from `serve run ... key=value` or the CLI
-    if origin is dict:
-        return dict(value) if isinstance(value, dict) else _fail(where, value, inner)
-    if inner is bool:
-        return value if isinstance(value, bool) else _fail(where, value, bool)
-    if inner is int:
-        return value if isinstance(value, int) and not isinstance(value, bool) else _fail(where, value, int)
-    if inner is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return float(value) if ok else _fail(where, value, float)
-    if inner is str:
-        return value if isinstance(value, str) else _fail(where, value, str)
-    return value
-
-
-def _parse_scalar(text: str) -> Any:
-    import yaml
-
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def _fail(where: str, value: Any, tp: Any):
-    raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
-
-
 def from_dict(cls: type, data: Any, where: str = "settings"):
-    """Build dataclass `cls` from a nested dict; ConfigError names unknown keys and bad values."""
-    if isinstance(data, cls):
-        return data
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown keys {unknown}; known: {sorted(names)}")
-    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()})
-
-
-@cache
-def field_docs(cls: type) -> dict[str, str]:
-    """Field name -> the docstring written under it in the class body (used for --help)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
-    for node, following in itertools.pairwise(body):
-        named = isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-        if named and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
-            docs[node.target.id] = " ".join(str(following.value.value).split())
-    return docs
+    """Build dataclass `cls` from a nested dict; ConfigError names unknown keys and bad values. Strings are
+    parsed for numbers and booleans (`serve run ... key=value`, mode_cotd.settings.settings_from_dict)."""
+    return settings_from_dict(cls, data, where, coerce=True)

@@ -37,7 +37,7 @@ import torch
 from mode_cotd.adapter import LoraAdapter
 from mode_cotd.atomic import write_json_atomic
 from mode_cotd.errors import ConfigError, DataError
-from training.config_args import parse_settings
+from mode_cotd.settings import parse_settings
 
 FALLBACK_SHOTS = 5
 """Shots drawn from the train file of a task that has no learn file."""

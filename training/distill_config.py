@@ -2,22 +2,17 @@
 
 The command line has one ``--flag`` per field (help = the field's docstring), and
 ``--config FILE`` (JSON, YAML or TOML) for a dict of fields; flags override the file
-(training/config_args.py, which uses field_docs and load_config_file from here).
+(mode_cotd/settings.py, as every other command).
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
-import inspect
-import itertools
-import json
-import textwrap
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 from mode_cotd.errors import ConfigError
+from mode_cotd.settings import parse_settings, settings_from_dict, settings_parser
 from mode_cotd.tasks import get_task
 
 DTYPES = ("auto", "float32", "bfloat16")
@@ -107,8 +102,6 @@ class DistillConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "distill config") -> DistillConfig:
         """A config from a dict; ConfigError names unknown keys, missing ones and values of the wrong type."""
-        from training.config_args import settings_from_dict
-
         return settings_from_dict(cls, data, source)
 
     def validate(self) -> None:
@@ -141,46 +134,11 @@ class DistillConfig:
                 raise ConfigError(f"{name}: invalid value {getattr(self, name)!r}")
 
 
-def field_docs(cls: type) -> dict[str, str]:
-    """Field name -> the docstring under it in the class body."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    docs = {}
-    for node, after in itertools.pairwise(body):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
-                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
-            docs[node.target.id] = after.value.value
-    return docs
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """A dict of settings from a JSON, YAML or TOML file."""
-    import tomllib
-
-    import yaml
-
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".toml":
-            return tomllib.loads(text)
-        if path.suffix in (".yaml", ".yml"):
-            return yaml.safe_load(text) or {}
-        return json.loads(text)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
-    except (ValueError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: invalid config file ({exc})") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     """`mode-cotd distill`: one flag per DistillConfig field, plus --config."""
-    from training.config_args import settings_parser
-
     return settings_parser(DistillConfig, PROG, DESCRIPTION)
 
 
 def parse_args(argv: list[str] | None) -> DistillConfig:
     """A DistillConfig from command-line arguments (flags override --config FILE)."""
-    from training.config_args import parse_settings
-
     return parse_settings(DistillConfig, argv, PROG, DESCRIPTION)

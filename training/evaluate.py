@@ -28,7 +28,7 @@ from mode_cotd.atomic import write_json_atomic, write_text_atomic
 from mode_cotd.compute_dtype import resolve_dtype
 from mode_cotd.errors import ConfigError
 from mode_cotd.lora_rank import supported_lora_rank
-from training.config_args import parse_settings
+from mode_cotd.settings import parse_settings
 from training.routes import LoraChoice, RoutePlanner, parse_route
 
 Generator = Callable[[Sequence[str], Sequence[LoraChoice | None]], list[str]]

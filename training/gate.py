@@ -28,7 +28,7 @@ import torch
 from mode_cotd.atomic import write_json_atomic
 from mode_cotd.errors import ConfigError, DataError
 from mode_cotd.gate import Gate, GateConfig
-from training.config_args import parse_settings
+from mode_cotd.settings import parse_settings
 
 FEATURE_CHUNK = 512
 """Prompts featurised per call (bounds the memory of one call)."""

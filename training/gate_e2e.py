@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from mode_cotd.errors import ConfigError
-from training.config_args import parse_settings
+from mode_cotd.settings import parse_settings
 
 
 @dataclass

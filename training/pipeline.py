@@ -30,8 +30,8 @@ from typing import Any
 
 from mode_cotd.atomic import atomic_dir, write_json_atomic
 from mode_cotd.errors import ConfigError
+from mode_cotd.settings import settings_from_dict
 from training.compose import ComposeConfig
-from training.config_args import settings_from_dict
 from training.distill import DistillConfig
 from training.evaluate import EvalConfig
 from training.gate import GateTrainConfig
@@ -282,7 +282,7 @@ def ensure_tiny_student(folder: Path) -> Path:
 
 def load_pipeline_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """A PipelineConfig from a YAML/TOML/JSON file (plus top-level overrides); ConfigError names bad keys."""
-    from training.distill_config import load_config_file
+    from mode_cotd.settings import load_config_file
 
     path = Path(path)
     if not path.is_file():

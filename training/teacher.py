@@ -42,8 +42,8 @@ from mode_cotd.data import (
     write_jsonl,
 )
 from mode_cotd.errors import ConfigError, DataError, ModeCotdError
+from mode_cotd.settings import field_docs
 from mode_cotd.tasks import TASKS, extract_answer, format_target, get_task, is_correct
-from training.distill_config import field_docs
 from training.programmatic import PROGRAMMATIC_TEACHERS, programmatic_example
 
 ZERO_SHOT_COT = "Q: {question}\nA: Let's think step by step."

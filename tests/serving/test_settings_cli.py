@@ -9,9 +9,10 @@ import yaml
 
 from mode_cotd import paths
 from mode_cotd.errors import ConfigError
+from mode_cotd.settings import field_docs
 from serving.app import settings_from_args
 from serving.cli import DEFAULT_BUNDLE, build_parser, settings_from_cli
-from serving.settings import AutoscalingSettings, ServeSettings, field_docs, from_dict
+from serving.settings import AutoscalingSettings, ServeSettings, from_dict
 
 SERVE_CONFIG = paths.REPO_ROOT / "deploy" / "serve_config.yaml"
 

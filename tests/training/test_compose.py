@@ -12,6 +12,7 @@ from mode_cotd.adapter import save_adapter
 from mode_cotd.bundle import add_expert, create_bundle, load_bundle, read_manifest
 from mode_cotd.errors import ConfigError, DataError
 from mode_cotd.mixing import compose_exact, merge_linear
+from mode_cotd.settings import settings_from_dict
 from mode_cotd.student import student_identity
 from mode_cotd.tiny import random_adapter
 from training.compose import (
@@ -25,7 +26,6 @@ from training.compose import (
     mixed_student,
     write_lora,
 )
-from training.config_args import settings_from_dict
 
 TARGET = "strategy_qa"
 

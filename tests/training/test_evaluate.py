@@ -14,10 +14,10 @@ from mode_cotd.adapter import load_adapter
 from mode_cotd.bundle import add_composition, add_expert, create_bundle, load_bundle
 from mode_cotd.errors import ConfigError
 from mode_cotd.mixing import compose_exact
+from mode_cotd.settings import settings_from_dict
 from mode_cotd.student import student_identity
 from mode_cotd.tasks import score
 from mode_cotd.tiny import random_adapter
-from training.config_args import settings_from_dict
 from training.evaluate import EvalConfig, eval_items, evaluate, markdown_table
 from training.gate import GateTrainConfig, train_gate
 from training.routes import RoutePlanner, RouteSpec, parse_route

@@ -10,9 +10,9 @@ import torch
 
 from mode_cotd.bundle import add_expert, create_bundle, load_bundle, read_manifest
 from mode_cotd.errors import ConfigError, DataError
+from mode_cotd.settings import settings_from_dict
 from mode_cotd.student import student_identity
 from mode_cotd.tiny import random_adapter
-from training.config_args import settings_from_dict
 from training.gate import GateTrainConfig, main, routing_metrics, routing_split, train_gate
 
 TASKS = ("last_letter_concatenation", "tracking_shuffled_objects", "gsm8k")

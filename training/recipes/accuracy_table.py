@@ -378,7 +378,7 @@ STAGES = ("run", "table", "all")
 
 def main(argv: list[str] | None = None) -> int:
     """``[run|table|all]`` then TableConfig's flags (training.config_args, as every other command)."""
-    from training.config_args import parse_settings
+    from mode_cotd.settings import parse_settings
 
     argv = list(sys.argv[1:] if argv is None else argv)
     stage = argv.pop(0) if argv and argv[0] in STAGES else "all"
