@@ -15,6 +15,7 @@ from typing import Any
 
 from ray.serve import Application
 
+from mode_cotd.settings import nest_dotted
 from serving import components
 from serving.deployments import IngressDeployment, RouterDeployment, StudentDeployment
 from serving.settings import ServeSettings, from_dict
@@ -24,14 +25,7 @@ def settings_from_args(args: dict[str, Any] | ServeSettings | None) -> ServeSett
     """ServeSettings from a Serve config's args (nested dict; "a.b": v keys also accepted)."""
     if isinstance(args, ServeSettings):
         return args
-    nested: dict[str, Any] = {}
-    for key, value in (args or {}).items():
-        *parents, leaf = key.split(".")
-        node = nested
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return from_dict(ServeSettings, nested)
+    return from_dict(ServeSettings, nest_dotted(args or {}))
 
 
 def build_app(args: dict[str, Any] | ServeSettings | None = None) -> Application:

@@ -377,7 +377,7 @@ STAGES = ("run", "table", "all")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``[run|table|all]`` then TableConfig's flags (training.config_args, as every other command)."""
+    """``[run|table|all]`` then TableConfig's flags (mode_cotd.settings, as every other command)."""
     from mode_cotd.settings import parse_settings
 
     argv = list(sys.argv[1:] if argv is None else argv)
