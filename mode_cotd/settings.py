@@ -40,14 +40,16 @@ S = TypeVar("S")
 
 @cache
 def field_docs(cls: type) -> dict[str, str]:
-    """Field name -> the docstring written under it in the class body, whitespace collapsed."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body  # type: ignore[attr-defined]
+    """Field name -> the docstring written under it in the class body, whitespace collapsed; a dataclass's
+    inherited fields keep their base class's docstrings unless the subclass writes its own."""
     docs: dict[str, str] = {}
-    for node, after in itertools.pairwise(body):
-        named = isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-        if named and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) \
-                and isinstance(after.value.value, str):
-            docs[node.target.id] = " ".join(after.value.value.split())
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)] or [cls]):
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body  # type: ignore[attr-defined]
+        for node, after in itertools.pairwise(body):
+            named = isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+            if named and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) \
+                    and isinstance(after.value.value, str):
+                docs[node.target.id] = " ".join(after.value.value.split())
     return docs
 
 

@@ -173,3 +173,25 @@ def test_the_module_imports_no_server_stack():
     code = "import sys, mode_cotd.settings; print(sorted(m for m in ('ray', 'vllm', 'fastapi', 'torch') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "[]"
+
+
+def test_field_docs_of_a_subclass_keep_the_base_class_docstrings():
+    from dataclasses import dataclass
+
+    from mode_cotd.settings import field_docs
+
+    @dataclass
+    class Base:
+        a: int = 1
+        """A from the base."""
+        b: int = 2
+        """B from the base."""
+
+    @dataclass
+    class Child(Base):
+        b: int = 3
+        """B, redefined."""
+        c: int = 4
+        """C only here."""
+
+    assert field_docs(Child) == {"a": "A from the base.", "b": "B, redefined.", "c": "C only here."}

@@ -33,7 +33,17 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from mode_cotd.atomic import write_json_atomic, write_text_atomic
+from mode_cotd.bundle import Bundle, load_bundle
+from mode_cotd.data import subsample
+from mode_cotd.settings import parse_settings
+from mode_cotd.student import resolve_student, student_identity
+from mode_cotd.tasks import SEEN_TASKS, UNSEEN_TASKS, get_task, is_correct, score
+from training.compose import ComposeConfig, ExactMixer, FewShotLoss, load_shots, mixed_student, write_lora
+from training.evaluate import EvalConfig, VllmGenerator, _too_long, eval_items, summarise
+from training.routes import RoutePlanner, parse_route
 
 LOW_RANK = 16
 """Units whose adapters all have rank <= this share the first engine."""
@@ -84,10 +94,14 @@ class Unit:
     task: str
     """The test set."""
     bundle: str = "default"
-    """"default" or "all_data": which bundle the route reads."""
+    """Key of the bundle the route reads ("default", "all_data", or another run's own)."""
+    column: str | None = None
+    """The table column this unit fills, when it is not the label (a route that differs per task)."""
 
     @property
     def label(self) -> str:
+        if self.column is not None:
+            return self.column
         return self.route if self.bundle == "default" else f"{self.bundle}:{self.route}"
 
     @property
@@ -116,13 +130,6 @@ def all_units(seen: Sequence[str], unseen: Sequence[str], experts: Sequence[str]
 def choose_experts(bundle_root: str, out: Path) -> dict[str, str]:
     """Unseen task -> the one expert with the lowest loss on the task's few shots (the shots the
     compositions were searched on; never the test set). Written to ``<out>/single_expert_choice.json``."""
-    import torch
-
-    from mode_cotd.bundle import load_bundle
-    from mode_cotd.student import resolve_student
-    from mode_cotd.tasks import UNSEEN_TASKS
-    from training.compose import ComposeConfig, ExactMixer, FewShotLoss, load_shots, mixed_student, write_lora
-
     path = out / "single_expert_choice.json"
     if path.is_file():
         return {t: v["expert"] for t, v in json.loads(path.read_text()).items()}
@@ -156,12 +163,6 @@ def unit_path(out: Path, unit: Unit) -> Path:
 
 def run(config: TableConfig) -> None:
     """Generate and score every unit not yet on disk."""
-    from mode_cotd.bundle import load_bundle
-    from mode_cotd.student import resolve_student, student_identity
-    from mode_cotd.tasks import SEEN_TASKS, UNSEEN_TASKS
-    from training.evaluate import EvalConfig, _too_long
-    from training.routes import RoutePlanner, parse_route
-
     out = Path(config.out)
     student = resolve_student(None)
     bundles = {"default": load_bundle(config.bundle, student=student, strict=True)}
@@ -173,6 +174,12 @@ def run(config: TableConfig) -> None:
              if u.bundle in bundles and (config.routes is None or u.label in config.routes)
              and (config.tasks is None or u.task in config.tasks)]
     restrict_units(out, config)
+    run_units(units, bundles, config, student)
+
+
+def run_units(units: Sequence[Unit], bundles: dict[str, Bundle], config: TableConfig, student: Path) -> None:
+    """Generate and score the units not yet in ``<config.out>/units``; each unit's route reads ``bundles[unit.bundle]``."""
+    out = Path(config.out)
     pending = [u for u in units if not unit_path(out, u).is_file()]
     print(f"[table] {len(units)} units, {len(units) - len(pending)} done, {len(pending)} to run", flush=True)
     if not pending:
@@ -197,19 +204,12 @@ def run(config: TableConfig) -> None:
 
 def test_items(task: str, config: TableConfig) -> list:
     """The task's test prompts of the table: `keep_examples` drawn (seeded) from the `max_examples` pool."""
-    from mode_cotd.data import subsample
-    from training.evaluate import eval_items
-
     items = eval_items([task], None, config.max_examples, config.seed)
     return subsample(items, config.keep_examples, config.seed) if config.keep_examples else items
 
 
 def restrict_units(out: Path, config: TableConfig) -> None:
     """Rewrite unit files holding more examples than the kept subset: keep those examples, re-score."""
-    from mode_cotd.student import resolve_student
-    from mode_cotd.tasks import score
-    from training.evaluate import _too_long
-
     student = resolve_student(None)
     for path in sorted((out / "units").glob("*.json")):
         record = json.loads(path.read_text())
@@ -231,8 +231,6 @@ def restrict_units(out: Path, config: TableConfig) -> None:
 
 def _run_group(units: list[Unit], plans: dict, eval_config, out: Path, config: TableConfig, student_dir: Path,
                student: dict) -> None:
-    from training.evaluate import VllmGenerator
-
     adapters = {c.name: c for u in units for c in plans[u][3] if c is not None}
     max_rank = max((c.rank for c in adapters.values()), default=1)
     started = time.perf_counter()
@@ -253,8 +251,6 @@ def _run_group(units: list[Unit], plans: dict, eval_config, out: Path, config: T
 
 def _run_chunk(chunk: list[Unit], plans: dict, generator, out: Path, config: TableConfig, student: dict) -> None:
     """Generate one chunk's prompts in one call; write each of its units."""
-    from training.evaluate import summarise
-
     prompts, choices = [], []
     for unit in chunk:
         items, _, kept, plan = plans[unit]
@@ -273,6 +269,8 @@ def _run_chunk(chunk: list[Unit], plans: dict, generator, out: Path, config: Tab
         summary = summarise(items, predictions, too_long)["tasks"][unit.task]
         record = {
             "route": unit.route, "bundle": unit.bundle, "label": unit.label, "task": unit.task,
+            "correct_flags": [int(is_correct(predictions[i], it.gold, get_task(unit.task).answer_kind))
+                              for i, it in enumerate(items)],
             **summary, "student": student,
             "settings": {k: v for k, v in asdict(config).items() if k not in ("routes", "tasks", "out")},
             "examples": [{"index": it.index, "gold": it.gold, "prediction": predictions[i],
@@ -290,8 +288,6 @@ def _run_chunk(chunk: list[Unit], plans: dict, generator, out: Path, config: Tab
 
 def assemble(out: Path) -> dict:
     """accuracy.json and table.md from the unit files: per route per task, the averages, the comparisons."""
-    from mode_cotd.tasks import SEEN_TASKS, UNSEEN_TASKS
-
     records = [json.loads(p.read_text()) for p in sorted((out / "units").glob("*.json"))]
     routes: dict[str, dict[str, dict]] = {}
     for r in records:
@@ -357,8 +353,6 @@ def _gate_routing(records: list[dict], seen: Sequence[str]) -> dict:
 
 def markdown(summary: dict, n: dict) -> str:
     """Tasks as rows, the comparison's columns, accuracy in percent; averages last."""
-    from mode_cotd.tasks import SEEN_TASKS, UNSEEN_TASKS
-
     def cell(value):
         return "–" if value is None else f"{100 * value:.1f}"
 
@@ -378,8 +372,6 @@ STAGES = ("run", "table", "all")
 
 def main(argv: list[str] | None = None) -> int:
     """``[run|table|all]`` then TableConfig's flags (mode_cotd.settings, as every other command)."""
-    from mode_cotd.settings import parse_settings
-
     argv = list(sys.argv[1:] if argv is None else argv)
     stage = argv.pop(0) if argv and argv[0] in STAGES else "all"
     config = parse_settings(TableConfig, argv, "python -m training.recipes.accuracy_table [run|table|all]", __doc__)
