@@ -1,6 +1,7 @@
 """The bundle: the folder that training writes and serving reads.
 
-    <root>/manifest.json            schema version, student identity, experts, gate, compositions
+    <root>/manifest.json            schema version, student identity, experts, gate, compositions, and
+                                    optionally the shared adapter (an expert on under every adapter route)
     <root>/experts/<name>/          PEFT LoRA folder (adapter_config.json, adapter_model.safetensors)
                                     plus an optional report.json
     <root>/gate/                    gate.safetensors + gate_config.json
@@ -12,7 +13,7 @@ Writers change one part at a time, each atomically (folder first, then manifest.
 one writer at a time per bundle.
 
 schema.py: manifest records and their validation; reader.py: read_manifest, load_bundle and
-file verification; writer.py: create_bundle, add_expert, set_gate, add_composition.
+file verification; writer.py: create_bundle, add_expert, set_gate, set_shared, add_composition.
 """
 
 from mode_cotd.bundle.reader import Bundle, ExpertEntry, load_bundle, read_manifest, verify_folder
@@ -28,7 +29,7 @@ from mode_cotd.bundle.schema import (
     StudentIdentity,
     resolve_inside,
 )
-from mode_cotd.bundle.writer import add_composition, add_expert, create_bundle, set_gate
+from mode_cotd.bundle.writer import add_composition, add_expert, create_bundle, set_gate, set_shared
 
 __all__ = [
     "COMPOSITION_MODES",
@@ -49,5 +50,6 @@ __all__ = [
     "read_manifest",
     "resolve_inside",
     "set_gate",
+    "set_shared",
     "verify_folder",
 ]

@@ -110,6 +110,11 @@ class Bundle:
     problems: list[str] = field(default_factory=list)
     """What was skipped and why (non-empty only with strict=False)."""
 
+    @property
+    def shared(self) -> str | None:
+        """The shared adapter's expert name (manifest.shared), applied at weight 1 under every adapter route."""
+        return self.manifest.shared
+
 
 def _check_expert(
     root: Path,
@@ -223,6 +228,14 @@ def load_bundle(
                 problems.append(f"{root / 'gate'}: gate dropped, it routes to skipped experts {skipped}")
         except BundleError as e:
             fault(e)
+
+    if manifest.shared is not None and manifest.shared not in experts:
+        raise BundleError(f"{manifest_path}: the shared adapter {manifest.shared!r} did not load; every adapter "
+                          f"route needs it ({'; '.join(problems) or 'see above'})")
+    if gate is not None and manifest.shared in gate.config.experts:
+        fault(BundleError(f"{manifest_path}: the gate routes to the shared adapter {manifest.shared!r}, which is "
+                          "always on"))
+        gate = None
 
     compositions: dict[str, CompositionRecord] = {}
     for name, record in manifest.compositions.items():

@@ -211,6 +211,9 @@ class Manifest:
     """The gate, if trained."""
     compositions: dict[str, CompositionRecord] = field(default_factory=dict)
     """Composition name -> record."""
+    shared: str | None = None
+    """An expert applied at weight 1 under every adapter route (gate mixtures, experts, compositions): the
+    shared adapter that the other experts were trained over as residuals; None: no shared adapter."""
     schema_version: int = SCHEMA_VERSION
     """Format version; this code reads only SCHEMA_VERSION."""
 
@@ -232,6 +235,9 @@ class Manifest:
             if not isinstance(data.get(key, {}), dict):
                 raise c.fail(f"{key!r} must be an object")
         gate = data.get("gate")
+        shared = data.get("shared")
+        if shared is not None and (not isinstance(shared, str) or shared not in data.get("experts", {})):
+            raise c.fail(f"'shared' must name one of the bundle's experts, got {shared!r}")
         return cls(
             student=StudentIdentity.from_dict(data["student"], source),
             experts={n: ExpertRecord.from_dict(n, e, source) for n, e in data.get("experts", {}).items()},
@@ -239,6 +245,7 @@ class Manifest:
             compositions={
                 n: CompositionRecord.from_dict(n, x, source) for n, x in data.get("compositions", {}).items()
             },
+            shared=shared,
         )
 
 

@@ -117,6 +117,17 @@ def set_gate(root: str | Path, gate: Gate, report: dict | None = None) -> GateRe
     return manifest.gate
 
 
+def set_shared(root: str | Path, name: str | None) -> None:
+    """Make the bundle's expert `name` its shared adapter (applied at weight 1 under every adapter route), or
+    none with None. The gate must not route to it: it is always on."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    if name is not None and name not in manifest.experts:
+        raise ConfigError(f"shared adapter {name!r} is not an expert of the bundle {root}: {sorted(manifest.experts)}")
+    manifest.shared = name
+    _write_manifest(root, manifest)
+
+
 def add_composition(
     root: str | Path, name: str, weights: dict[str, float], mode: str, task: str, report: dict | None = None
 ) -> CompositionRecord:

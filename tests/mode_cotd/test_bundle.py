@@ -20,6 +20,7 @@ from mode_cotd.bundle import (
     load_bundle,
     read_manifest,
     set_gate,
+    set_shared,
 )
 from mode_cotd.errors import BundleError, ConfigError
 from mode_cotd.gate import Gate, GateConfig
@@ -319,3 +320,33 @@ def test_linear_composition_of_different_ranks_is_refused_at_load(bundle, tiny_s
         load_bundle(bundle, student=tiny_student)
     lenient = load_bundle(bundle, student=tiny_student, strict=False)
     assert "svamp-mix" not in lenient.compositions and "addsub-only" in lenient.compositions
+
+
+def test_a_shared_adapter_round_trips_and_must_be_an_expert(bundle, tiny_student):
+    assert load_bundle(bundle, student=tiny_student).shared is None
+    add_expert(bundle, "all_data", tiny_adapter(tiny_student, r=8, seed=2), task="all_data")
+    set_shared(bundle, "all_data")
+    loaded = load_bundle(bundle, student=tiny_student)
+    assert loaded.shared == "all_data" and read_manifest(bundle).shared == "all_data"
+    assert loaded.gate is not None  # the gate routes to addsub and gsm8k, not to the shared adapter
+    with pytest.raises(ConfigError, match="not an expert of the bundle"):
+        set_shared(bundle, "nope")
+    edit_manifest(bundle, lambda m: m.update(shared="missing"))
+    with pytest.raises(BundleError, match="'shared' must name one of the bundle's experts"):
+        load_bundle(bundle, student=tiny_student)
+    edit_manifest(bundle, lambda m: m.update(shared=None))
+    assert load_bundle(bundle, student=tiny_student).shared is None
+
+
+def test_a_gate_may_not_route_to_the_shared_adapter(bundle, tiny_student):
+    set_shared(bundle, "gsm8k")
+    with pytest.raises(BundleError, match="routes to the shared adapter 'gsm8k'"):
+        load_bundle(bundle, student=tiny_student)
+    assert load_bundle(bundle, student=tiny_student, strict=False).gate is None
+
+
+def test_a_shared_adapter_that_does_not_load_fails_the_bundle(bundle, tiny_student):
+    set_shared(bundle, "addsub")
+    (bundle / "experts" / "addsub" / "adapter_model.safetensors").write_bytes(b"broken")
+    with pytest.raises(BundleError, match="shared adapter 'addsub' did not load"):
+        load_bundle(bundle, student=tiny_student, strict=False)
