@@ -19,7 +19,9 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from benchmarks import plots, report
 from benchmarks.config import ALL_SCENARIOS, PRESETS, BenchConfig, preset
+from benchmarks.runner import Runner
 from mode_cotd.errors import ConfigError
 from mode_cotd.paths import REPO_ROOT
 from mode_cotd.settings import field_docs
@@ -104,8 +106,6 @@ def config_from_args(args: argparse.Namespace, serve_tail: list[str]) -> BenchCo
 
 def finish(results: dict, output: Path, command: str) -> None:
     """Ratios, results.json, results.md and the plots."""
-    from benchmarks import plots, report
-
     report.add_ratios(results)
     plots.write_all(results, output)
     json_path, md_path = report.write(results, output, command)
@@ -130,8 +130,6 @@ def main(argv: list[str]) -> int:
     output = args.output or REPO_ROOT / "runs" / f"bench-{stamp}{'-quick' if args.quick else ''}"
     print(f"[bench] preset {'quick' if args.quick else 'full'} -> {output}\n[bench] config: "
           f"{json.dumps(dataclasses.asdict(config))}", flush=True)
-
-    from benchmarks.runner import Runner
 
     runner = Runner(config, output, echo=lambda line: print(line, flush=True))
     results = runner.run()

@@ -57,7 +57,7 @@ def _measure(n: int, t: int, rank: int, repeat: int) -> dict[str, float]:
     from vllm.lora.layers.utils import LoRAMapping
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-    from serving.fast_lora.wrapper import PunicaWrapperGrouped
+    from serving.fast_lora.wrapper import PunicaWrapperGrouped  # pulls in vLLM, like the two imports above
 
     dt, slots = torch.bfloat16, n + 1
     weights = {

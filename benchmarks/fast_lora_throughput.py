@@ -23,6 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mode_cotd.student import resolve_student
+from serving.fast_lora.plugin import installed_vllm_version
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "fast_lora_throughput.json"
 
@@ -52,8 +55,6 @@ def run_engine(name: str, args: argparse.Namespace) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
     from vllm.platforms import current_platform
-
-    from mode_cotd.student import resolve_student
 
     spec = ENGINES[name]
     experts = sorted(p for p in (REPO / args.bundle / "experts").iterdir() if p.is_dir())[: args.experts]
@@ -123,8 +124,6 @@ def main(argv: list[str]) -> int:
 
     import torch
     import vllm  # noqa: F401  (version only; this process runs no engine)
-
-    from serving.fast_lora.plugin import installed_vllm_version
 
     report = {
         "benchmark": "fast_lora_throughput",

@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 
+from mode_cotd.student import resolve_student
+
 ENGINES = {"base": {}, "lora-eager": {"MODE_COTD_LORA_COMPILE": "0"}, "lora-compiled": {"MODE_COTD_LORA_COMPILE": "1"}}
 """Engine name -> environment on top of this process's (MODE_COTD_FAST_LORA stays on)."""
 PROMPT = "Question: Take the last letters of each word in 'Elon Musk Bill Gates' and concatenate them. Answer:"
@@ -27,8 +29,6 @@ TOKENS = 64
 def measure(name: str, dtype: str) -> dict:
     """In a child process: start one engine, time its generations."""
     from vllm import LLM, SamplingParams
-
-    from mode_cotd.student import resolve_student
 
     kwargs = {"model": str(resolve_student()), "dtype": dtype, "max_model_len": 2048, "max_num_seqs": 64,
               "gpu_memory_utilization": 0.3, "seed": 0, "disable_log_stats": True}

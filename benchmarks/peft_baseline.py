@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.stats import RequestRecord
+from mode_cotd.bundle import read_manifest, resolve_inside
+from mode_cotd.student import load_student
 
 
 @dataclass(frozen=True)
@@ -50,9 +52,6 @@ def load(student: Path, bundle: Path, dtype: str = "float32", threads: int | Non
     """The student with every expert of the bundle loaded as a peft adapter, and its tokenizer."""
     import torch
     from peft import PeftModel
-
-    from mode_cotd.bundle import read_manifest, resolve_inside
-    from mode_cotd.student import load_student
 
     if threads:
         torch.set_num_threads(threads)

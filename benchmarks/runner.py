@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import loadgen, prom, servers, vllm_bench
+from benchmarks import loadgen, peft_baseline, prom, servers, vllm_bench
 from benchmarks.config import BenchConfig
 from benchmarks.environment import describe
 from benchmarks.prompts import Prompt, load_prompts, write_jsonl
@@ -31,8 +31,10 @@ from benchmarks.scaling import (
     simulated_hit_rates,
 )
 from benchmarks.scenarios import GATE_MODEL, SCENARIOS, request_specs
-from benchmarks.stats import RequestRecord, summarise
+from benchmarks.stats import RequestRecord, distribution, summarise
 from benchmarks.workloads import FreshMixtures, draw_mixtures, mixture_pool
+from mode_cotd.bundle import read_manifest, resolve_inside
+from mode_cotd.student import resolve_student, student_identity
 
 
 class Runner:
@@ -43,9 +45,6 @@ class Runner:
 
     def __init__(self, config: BenchConfig, output: Path, echo: Callable[[str], None] = print,
                  prompts: Sequence[Prompt] | None = None):
-        from mode_cotd.bundle import read_manifest, resolve_inside
-        from mode_cotd.student import resolve_student, student_identity
-
         self.config, self.output, self.echo = config, output, echo
         self.logs = output / "logs"
         self.records_dir = output / "records"
@@ -248,9 +247,6 @@ class Runner:
         }
 
     def peft_scenario(self) -> None:
-        from benchmarks import peft_baseline
-        from benchmarks.stats import distribution
-
         config = self.config
         n = config.peft_requests
         fallback = draw_mixtures("uniform", self.experts, config.mixture_k, config.mixture_grid, n, config.seed + 11)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mode_cotd import paths
+from mode_cotd.architecture import config_sha256
 from mode_cotd.atomic import atomic_dir
 from mode_cotd.errors import StudentError
 
@@ -112,8 +113,6 @@ def resolve_student(name_or_path: str | Path | None = None, cache_dir: Path | No
 
 def student_identity(path: str | Path) -> dict[str, str]:
     """``{"name", "config_sha256"}`` of a student folder: what a bundle records to check it fits."""
-    from mode_cotd.architecture import config_sha256
-
     path = Path(path)
     try:
         config = json.loads((path / "config.json").read_text())

@@ -11,6 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from mode_cotd.adapter import adapter_from_modules
+from mode_cotd.architecture import ATTENTION_MODULES, architecture_of
+from mode_cotd.gate import Gate, GateConfig
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -108,9 +112,6 @@ def random_adapter(
     """
     import torch
 
-    from mode_cotd.adapter import adapter_from_modules
-    from mode_cotd.architecture import ATTENTION_MODULES, architecture_of
-
     arch = architecture_of(student)
     generator = torch.Generator().manual_seed(seed)
     modules = {}
@@ -130,8 +131,6 @@ def random_gate(experts: tuple[str, ...] | list[str], grid: float, top_k: int = 
     ``std`` is the standard deviation of every weight and bias; large, so that prompts route differently.
     """
     import torch
-
-    from mode_cotd.gate import Gate, GateConfig
 
     torch.manual_seed(seed)
     gate = Gate(GateConfig(experts=list(experts), feature_dim=64, hidden_dim=0, top_k=top_k, grid=grid))

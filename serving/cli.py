@@ -20,6 +20,7 @@ from typing import Any
 from mode_cotd import paths
 from mode_cotd.errors import ConfigError, StudentError
 from mode_cotd.settings import add_settings_flags, load_config_file, nest_dotted
+from serving.components import resolve_settings
 from serving.settings import ServeSettings, from_dict
 
 DEFAULT_BUNDLE = paths.REPO_ROOT / "bundles" / "default"
@@ -86,8 +87,7 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     settings = settings_from_cli(args)
 
-    from serving.app import build_app
-    from serving.components import resolve_settings
+    from serving.app import build_app  # pulls in Ray Serve: imported when serving, not for --help
 
     settings = resolve_settings(settings)  # a missing or bad bundle fails here, before Ray starts
     import ray

@@ -23,6 +23,7 @@ from mode_cotd.mixture import grid_units
 from mode_cotd.student import resolve_student, student_identity
 from serving.adapter_cache import AdapterCache
 from serving.bundle_source import is_uri, local_bundle
+from serving.engine import VllmEngine, cpu_threads_bind
 from serving.fast_lora.plugin import applies_here as fast_lora_applies
 from serving.mixture_union import MixtureUnion
 from serving.prompts import PromptRenderer
@@ -44,8 +45,6 @@ def resolve_settings(settings: ServeSettings) -> ServeSettings:
             f"no bundle at {bundle} (manifest.json missing). Build one with the training commands "
             "(`mode-cotd pipeline --help`), or pass --bundle PATH to a bundle folder."
         )
-    from serving.engine import cpu_threads_bind
-
     cpu_threads_bind(settings.engine.cpu_threads_bind, 0, [0])  # a bad value fails here, not in each replica
     student = resolve_student(settings.student)
     config = json.loads((student / "config.json").read_text(encoding="utf-8"))
@@ -98,8 +97,6 @@ def student_service(
 ) -> StudentService:
     """Adapter cache + engine. Default: vLLM, with its rank rounding; tests pass a fake engine factory."""
     if round_rank is None or engine_factory is None:
-        from serving.engine import VllmEngine
-
         round_rank = round_rank or supported_lora_rank
         engine_factory = engine_factory or (lambda rank: VllmEngine(
             Path(settings.student), settings.engine, rank, settings.engine.max_model_len, local_rank))

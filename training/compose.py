@@ -34,10 +34,18 @@ from pathlib import Path
 
 import torch
 
-from mode_cotd.adapter import LoraAdapter
+from mode_cotd.adapter import LoraAdapter, save_adapter
 from mode_cotd.atomic import write_json_atomic
+from mode_cotd.bundle import add_composition, load_bundle
+from mode_cotd.data import load_examples, load_task, split_path, student_prompt, subsample
 from mode_cotd.errors import ConfigError, DataError
+from mode_cotd.format import completion_prompt, completion_target, tokenize_example
+from mode_cotd.gate import check_name
+from mode_cotd.mixing import compose_exact, merge_linear
 from mode_cotd.settings import parse_settings
+from mode_cotd.student import load_student, resolve_student, student_identity
+from mode_cotd.tasks import get_task
+from training.distill import collate
 
 FALLBACK_SHOTS = 5
 """Shots drawn from the train file of a task that has no learn file."""
@@ -91,9 +99,6 @@ class ComposeConfig:
 
     def validate(self) -> None:
         """ConfigError naming the first invalid field."""
-        from mode_cotd.gate import check_name
-        from mode_cotd.tasks import get_task
-
         get_task(self.task)
         check_name(self.name or self.task, "compose: name")
         checks = {
@@ -111,8 +116,6 @@ class ComposeConfig:
 
 def load_shots(config: ComposeConfig):
     """(examples, where they came from): the shots file, learn/<task>.jsonl, or 5 fixed train examples."""
-    from mode_cotd.data import load_examples, load_task, split_path, subsample
-
     if config.shots_file:
         path = Path(config.shots_file)
         examples = [e for e in load_examples(path, None if path.suffix == ".jsonl" else config.task)
@@ -135,10 +138,6 @@ class FewShotLoss:
     """Mean cross-entropy over the target tokens of the shots, for the model as it is now."""
 
     def __init__(self, model, tokenizer, shots: Sequence, max_length: int, batch_size: int, device: str):
-        from mode_cotd.data import student_prompt
-        from mode_cotd.format import completion_prompt, completion_target, tokenize_example
-        from training.distill import collate
-
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         pairs = [tokenize_example(tokenizer, completion_prompt(student_prompt(e)), completion_target(e.output),
                                   max_length) for e in shots]
@@ -164,8 +163,6 @@ class ExactMixer:
     """Candidates under exact mixing: A = cat(A_i) fixed, B = cat(w_i·s_i·B_i) (mixing.compose_exact)."""
 
     def __init__(self, adapters: Sequence[LoraAdapter]):
-        from mode_cotd.mixing import compose_exact
-
         self.unit = compose_exact(adapters, [1.0] * len(adapters))  # B blocks = s_i·B_i
         self.ranks = torch.tensor([a.r for a in adapters])  # [n]
 
@@ -183,8 +180,6 @@ class LinearMixer:
     """Candidates under the paper's linear merge: A' = Σ w_i·A_i, B' = Σ w_i·B_i (mixing.merge_linear)."""
 
     def __init__(self, adapters: Sequence[LoraAdapter]):
-        from mode_cotd.mixing import merge_linear
-
         self.adapters, self.merge = list(adapters), merge_linear
         self.start = merge_linear(self.adapters, [1.0 / len(adapters)] * len(adapters))
 
@@ -209,9 +204,6 @@ def write_lora(peft_model, tensors: dict[str, tuple[torch.Tensor | None, torch.T
 def mixed_student(student: Path, initial: LoraAdapter, dtype: str, device: str):
     """(PeftModel, tokenizer): the frozen student with one adapter of ``initial``'s shape, in eval mode."""
     from peft import PeftModel
-
-    from mode_cotd.adapter import save_adapter
-    from mode_cotd.student import load_student
 
     model, tokenizer = load_student(student, dtype=dtype, device=device)
     with tempfile.TemporaryDirectory(prefix="mode-cotd-compose-") as tmp:
@@ -260,9 +252,6 @@ class ComposeResult:
 
 def compose(config: ComposeConfig) -> ComposeResult:
     """Search the expert weights for ``config.task`` and record them as a composition in the bundle."""
-    from mode_cotd.bundle import add_composition, load_bundle
-    from mode_cotd.student import resolve_student, student_identity
-
     config.validate()
     started = time.perf_counter()
     name = config.name or config.task

@@ -27,8 +27,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mode_cotd import paths
+from mode_cotd.adapter import LoraAdapter, load_adapter, short_name
+from mode_cotd.bundle import MANIFEST, add_expert, create_bundle, read_manifest
+from mode_cotd.checksums import file_checksums
+from mode_cotd.data import load_examples, read_jsonl, split_path, subsample
 from mode_cotd.errors import BundleError, ConfigError, DataError
 from mode_cotd.format import IGNORE_INDEX, completion_prompt, completion_target, tokenize_example
+from mode_cotd.student import load_student, resolve_student, student_identity
 from training import checkpoint
 from training.distill_config import DistillConfig, parse_args
 
@@ -49,8 +54,6 @@ class DistillResult:
 
 
 def _train_file(config: DistillConfig) -> Path:
-    from mode_cotd.data import split_path
-
     return Path(config.train_file) if config.train_file else split_path(config.task, "train", config.data_dir)
 
 
@@ -63,8 +66,6 @@ def load_training_examples(config: DistillConfig, tokenizer) -> tuple[list[tuple
     are read as the task's. DataError when the file is missing or empty, or when no example
     is left.
     """
-    from mode_cotd.data import load_examples, read_jsonl, subsample
-
     if config.tasks:
         return _load_union(config, tokenizer)
     path = _train_file(config)
@@ -200,8 +201,6 @@ def merge_shared_adapter(model, folder: str | Path) -> dict:
     and BundleError names a module the student lacks."""
     from peft import PeftModel
 
-    from mode_cotd.adapter import file_checksums, load_adapter
-
     folder = Path(folder)
     adapter = load_adapter(folder)
     missing = sorted({k.split(".lora_")[0].removeprefix("base_model.model.") for k in adapter.weights}
@@ -253,8 +252,6 @@ def distill(config: DistillConfig) -> DistillResult:
     """Train one LoRA expert for ``config.task`` and write it (with its report) into ``config.bundle``."""
     import torch
     from tqdm import tqdm
-
-    from mode_cotd.student import load_student, resolve_student, student_identity
 
     wall_started = time.perf_counter()
     config.validate()
@@ -317,8 +314,6 @@ def distill(config: DistillConfig) -> DistillResult:
 
 def check_bundle_student(bundle: Path, identity: dict, student_path: Path) -> None:
     """BundleError when ``bundle`` exists and was made for another student (checked before training)."""
-    from mode_cotd.bundle import MANIFEST, read_manifest
-
     if (bundle / MANIFEST).exists():
         recorded = read_manifest(bundle).student
         if recorded.config_sha256 != identity["config_sha256"]:
@@ -329,9 +324,6 @@ def check_bundle_student(bundle: Path, identity: dict, student_path: Path) -> No
 def write_expert(config: DistillConfig, peft_model, identity: dict, student_path: Path, report: dict) -> Path:
     """Add the trained LoRA to the bundle (created for this student when missing) as experts/<name>."""
     from peft import get_peft_model_state_dict
-
-    from mode_cotd.adapter import LoraAdapter, short_name
-    from mode_cotd.bundle import MANIFEST, add_expert, create_bundle
 
     bundle = Path(config.bundle)
     check_bundle_student(bundle, identity, student_path)

@@ -26,9 +26,14 @@ from pathlib import Path
 import torch
 
 from mode_cotd.atomic import write_json_atomic
+from mode_cotd.bundle import load_bundle, set_gate
+from mode_cotd.data import load_examples, load_task, student_prompt, subsample, train_val_split
 from mode_cotd.errors import ConfigError, DataError
+from mode_cotd.featurise import make_featuriser
+from mode_cotd.format import completion_prompt
 from mode_cotd.gate import Gate, GateConfig
 from mode_cotd.settings import parse_settings
+from mode_cotd.student import resolve_student, student_identity
 
 FEATURE_CHUNK = 512
 """Prompts featurised per call (bounds the memory of one call)."""
@@ -108,8 +113,6 @@ class RoutingSplit:
 
 def expert_tasks(bundle_root: str | Path, experts: list[str] | None, student: Path) -> dict[str, str]:
     """Expert name -> its task, in gate order, from a validated bundle; ConfigError when two share a task."""
-    from mode_cotd.bundle import load_bundle
-
     bundle = load_bundle(bundle_root, student=student, strict=True)
     names = list(bundle.experts) if experts is None else list(experts)
     unknown = sorted(set(names) - set(bundle.experts))
@@ -130,9 +133,6 @@ def expert_tasks(bundle_root: str | Path, experts: list[str] | None, student: Pa
 
 def task_prompts(task: str, config: GateTrainConfig) -> list[str]:
     """The canonical prompts of one task's train file (or its configured file), in file order."""
-    from mode_cotd.data import load_examples, load_task, student_prompt
-    from mode_cotd.format import completion_prompt
-
     files = config.train_files or {}
     if task in files:
         path = Path(files[task])
@@ -148,8 +148,6 @@ def task_prompts(task: str, config: GateTrainConfig) -> list[str]:
 
 def routing_split(tasks: list[str], config: GateTrainConfig) -> RoutingSplit:
     """De-duplicated, capped, per-task split prompts; label = the task's position in ``tasks``."""
-    from mode_cotd.data import subsample, train_val_split
-
     split = RoutingSplit([], [], [], [], {})
     for label, task in enumerate(tasks):
         prompts = task_prompts(task, config)
@@ -224,10 +222,6 @@ class GateTrainResult:
 
 def train_gate(config: GateTrainConfig) -> GateTrainResult:
     """Featurise, split, train, measure, and save the gate into ``config.bundle``."""
-    from mode_cotd.bundle import set_gate
-    from mode_cotd.featurise import make_featuriser
-    from mode_cotd.student import resolve_student, student_identity
-
     config.validate()
     started = time.perf_counter()
     student = resolve_student(config.student)

@@ -29,8 +29,17 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from mode_cotd.bundle import load_bundle, read_manifest, set_gate
+from mode_cotd.data import load_task, student_prompt, subsample
 from mode_cotd.errors import ConfigError
+from mode_cotd.featurise import make_featuriser
+from mode_cotd.format import completion_prompt, completion_target, tokenize_example
+from mode_cotd.mixing import compose_exact
 from mode_cotd.settings import parse_settings
+from mode_cotd.student import resolve_student
+from training.compose import mixed_student
+from training.distill import collate
+from training.gate import GateTrainConfig, featurise, routing_metrics, routing_split
 
 
 @dataclass
@@ -101,8 +110,6 @@ def top_k_weights(logits: torch.Tensor, k: int, temperature: float) -> torch.Ten
 
 def _examples(tasks: dict[str, str], config: GateE2EConfig):
     """(train, val) lists of (example, expert index), disjoint, per task."""
-    from mode_cotd.data import load_task, subsample
-
     train, val = [], []
     for index, task in enumerate(tasks.values()):
         examples = [e for e in load_task(task, "train", config.data_dir) if e.rationale is not None]
@@ -117,8 +124,6 @@ def _examples(tasks: dict[str, str], config: GateE2EConfig):
 
 def held_out_routing(gate, previous: dict, tasks: list[str], featuriser) -> dict | None:
     """routing_metrics of ``gate`` on the held-out prompts of the classification stage (None without its config)."""
-    from training.gate import GateTrainConfig, featurise, routing_metrics, routing_split
-
     if "config" not in previous:
         return None
     split = routing_split(tasks, GateTrainConfig(**previous["config"]))
@@ -127,16 +132,6 @@ def held_out_routing(gate, previous: dict, tasks: list[str], featuriser) -> dict
 
 def finetune_gate(config: GateE2EConfig) -> dict:
     """Tune the bundle's gate through the LM loss of the mixed experts; returns (and saves) the report."""
-    from mode_cotd.bundle import load_bundle, read_manifest, set_gate
-    from mode_cotd.data import student_prompt
-    from mode_cotd.featurise import make_featuriser
-    from mode_cotd.format import completion_prompt, completion_target, tokenize_example
-    from mode_cotd.mixing import compose_exact
-    from mode_cotd.student import resolve_student
-    from training.compose import mixed_student
-    from training.distill import collate
-    from training.gate import featurise
-
     config.validate()
     started = time.perf_counter()
     student = resolve_student(config.student)

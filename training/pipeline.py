@@ -29,14 +29,21 @@ from pathlib import Path
 from typing import Any
 
 from mode_cotd.atomic import atomic_dir, write_json_atomic
+from mode_cotd.data import split_path, subsample
 from mode_cotd.errors import ConfigError
-from mode_cotd.settings import settings_from_dict
-from training.compose import ComposeConfig
-from training.distill import DistillConfig
-from training.evaluate import EvalConfig
-from training.gate import GateTrainConfig
-from training.gate_e2e import GateE2EConfig
-from training.pipeline_ray import RayConfig
+from mode_cotd.settings import load_config_file, settings_from_dict
+from mode_cotd.student import resolve_student, student_identity
+from mode_cotd.tasks import SEEN_TASKS, UNSEEN_TASKS, get_task
+from mode_cotd.tiny import build_tiny_student
+from training import teacher
+from training.compose import ComposeConfig, compose
+from training.distill import DistillConfig, distill
+from training.evaluate import EvalConfig, evaluate
+from training.gate import GateTrainConfig, train_gate
+from training.gate_e2e import GateE2EConfig, finetune_gate
+from training.pipeline_ray import RayConfig, distill_experts_ray
+from training.programmatic import PROGRAMMATIC_TEACHERS
+from training.teacher import EndpointConfig
 
 STAGES = ("teacher", "distill", "gate", "gate_e2e", "compose", "eval")
 DEFAULT_STAGES = ("teacher", "distill", "gate", "compose", "eval")
@@ -68,8 +75,6 @@ class TeacherStage:
     """training.teacher.EndpointConfig settings (base_url, model, samples, ...) for the endpoint source."""
 
     def validate(self) -> None:
-        from training.programmatic import PROGRAMMATIC_TEACHERS
-
         for task, source in {"*": self.source, **self.sources}.items():
             if source not in TEACHER_SOURCES:
                 raise ConfigError(f"teacher: source for {task!r} must be one of {TEACHER_SOURCES}, got {source!r}")
@@ -116,8 +121,6 @@ class PipelineConfig:
     """RayConfig settings (opt-in distributed distillation)."""
 
     def validate(self) -> None:
-        from mode_cotd.tasks import get_task
-
         for task in [*(self.seen_tasks or ()), *(self.unseen_tasks or ())]:
             get_task(task)
         unknown = [s for s in self.stages if s not in STAGES]
@@ -151,8 +154,6 @@ class Plan:
 
 def plan(config: PipelineConfig, source: str) -> Plan:
     """Check every section against its settings class; ConfigError names the section and key."""
-    from mode_cotd.tasks import SEEN_TASKS, UNSEEN_TASKS
-
     work = Path(config.work_dir)
     bundle = Path(config.bundle) if config.bundle else work / "bundle"
     student = str(work / "student") if config.student == "tiny" else config.student
@@ -164,8 +165,6 @@ def plan(config: PipelineConfig, source: str) -> Plan:
     teacher = settings_from_dict(TeacherStage, config.teacher, where + "teacher")
     endpoint = None
     if "endpoint" in [teacher.sources.get(task, teacher.source) for task in seen]:
-        from training.teacher import EndpointConfig
-
         endpoint = settings_from_dict(EndpointConfig, teacher.endpoint, where + "teacher: endpoint")
     distill = [DistillConfig.from_dict(
         {**seeded, **config.distill, **common, "task": task, "data_dir": config.data_dir,
@@ -190,9 +189,6 @@ def plan(config: PipelineConfig, source: str) -> Plan:
 
 def run_teacher(p: Plan) -> dict:
     """Collect each seen task's rationales into <work>/teacher/rationales.jsonl, filtered by answer."""
-    from mode_cotd.data import split_path, subsample
-    from training import teacher
-
     output = p.work_dir / "teacher" / "rationales.jsonl"
     raw = teacher.raw_path(output)
     seed, n = p.config.seed, p.teacher.subsample
@@ -215,12 +211,7 @@ def run_teacher(p: Plan) -> dict:
 
 def run_distill(p: Plan) -> dict:
     """One expert per seen task, in-process or as Ray tasks."""
-    from training.distill import distill
-
     if p.ray.enabled:
-        from mode_cotd.student import resolve_student, student_identity
-        from training.pipeline_ray import distill_experts_ray
-
         identity = student_identity(resolve_student(p.distill[0].student))
         results = distill_experts_ray(p.distill, p.ray, p.bundle, identity)
     else:
@@ -231,24 +222,18 @@ def run_distill(p: Plan) -> dict:
 
 
 def run_gate(p: Plan) -> dict:
-    from training.gate import train_gate
-
     result = train_gate(p.gate)
     return {"report": str(result.report_path), "routing_accuracy": result.report["routing_accuracy"],
             "balanced_routing_accuracy": result.report["balanced_routing_accuracy"]}
 
 
 def run_gate_e2e(p: Plan) -> dict:
-    from training.gate_e2e import finetune_gate
-
     report = finetune_gate(p.gate_e2e)
     return {"routing_accuracy": report["routing_accuracy"], "before": report["end_to_end"]["before"],
             "after": report["end_to_end"]["after"]}
 
 
 def run_compose(p: Plan) -> dict:
-    from training.compose import compose
-
     results = {}
     for config in p.compose:
         result = compose(config)
@@ -258,8 +243,6 @@ def run_compose(p: Plan) -> dict:
 
 
 def run_eval(p: Plan) -> dict:
-    from training.evaluate import evaluate
-
     result = evaluate(p.eval)
     return {"report": str(result.out_dir / "eval.json"), "table": str(result.out_dir / "eval.md"),
             "routes": {route: {k: r[k] for k in ("seen_average", "unseen_average", "average")}
@@ -272,8 +255,6 @@ RUNNERS = {"teacher": run_teacher, "distill": run_distill, "gate": run_gate, "ga
 
 def ensure_tiny_student(folder: Path) -> Path:
     """Build the tiny student into ``folder`` once (atomically)."""
-    from mode_cotd.tiny import build_tiny_student
-
     if not (folder / "config.json").is_file():
         with atomic_dir(folder) as tmp:
             build_tiny_student(tmp)
@@ -282,8 +263,6 @@ def ensure_tiny_student(folder: Path) -> Path:
 
 def load_pipeline_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """A PipelineConfig from a YAML/TOML/JSON file (plus top-level overrides); ConfigError names bad keys."""
-    from mode_cotd.settings import load_config_file
-
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: pipeline config not found")

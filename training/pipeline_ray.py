@@ -18,8 +18,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from mode_cotd.bundle import MANIFEST, add_expert, create_bundle
 from mode_cotd.errors import ConfigError
-from training.distill import DistillConfig, DistillResult
+from training.distill import DistillConfig, DistillResult, distill
 
 
 @dataclass
@@ -46,8 +47,6 @@ class RayConfig:
 
 def distill_task(settings: dict) -> dict:
     """Body of one Ray task: distil into a private bundle, return the expert's files, report and name."""
-    from training.distill import distill
-
     with tempfile.TemporaryDirectory(prefix="mode-cotd-ray-") as tmp:
         config = DistillConfig(**{**settings, "bundle": str(Path(tmp) / "bundle"), "progress": False})
         result = distill(config)
@@ -62,8 +61,6 @@ def distill_experts_ray(configs: list[DistillConfig], ray_config: RayConfig, bun
                         student_identity: dict) -> list[DistillResult]:
     """Run each config as a Ray task and add the experts to ``bundle`` (created for the student when missing)."""
     import ray
-
-    from mode_cotd.bundle import MANIFEST, add_expert, create_bundle
 
     ray_config.validate()
     started_here = not ray.is_initialized()

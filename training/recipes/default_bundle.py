@@ -25,7 +25,11 @@ import time
 from pathlib import Path
 
 from mode_cotd.atomic import write_json_atomic
+from mode_cotd.data import load_task, train_val_split, write_jsonl
+from mode_cotd.student import load_student, resolve_student
 from mode_cotd.tasks import SEEN_TASKS
+from training.compose import FewShotLoss
+from training.distill import DistillConfig, distill
 
 SUBSAMPLE = 1000
 """Most train rationales per task (aqua, commonsense_qa and gsm8k have 3-5k; the rest fewer)."""
@@ -44,8 +48,6 @@ COMMON = {"batch_size": 16, "lr": 5e-4, "lora_dropout": 0.1, "max_length": 512, 
 
 
 def _distill(**settings) -> dict:
-    from training.distill import DistillConfig, distill
-
     started = time.perf_counter()
     result = distill(DistillConfig(**{**COMMON, **settings}))
     report = result.report
@@ -58,9 +60,6 @@ def validation_loss(student: Path, expert_dir: Path, examples: list, device: str
     import torch
     from peft import PeftModel
 
-    from mode_cotd.student import load_student
-    from training.compose import FewShotLoss
-
     dtype = "bfloat16" if device == "cuda" else "float32"
     model, tokenizer = load_student(student, dtype=dtype, device=device)
     model = PeftModel.from_pretrained(model, str(expert_dir)).to(device).eval()
@@ -70,8 +69,6 @@ def validation_loss(student: Path, expert_dir: Path, examples: list, device: str
 
 def sweep(out: Path, student: Path, device: str) -> dict:
     """Train every candidate on 80% of each sweep task; pick the lowest mean validation loss."""
-    from mode_cotd.data import load_task, train_val_split, write_jsonl
-
     report_path = out / "sweep.json"
     results = json.loads(report_path.read_text()) if report_path.exists() else {}
     for task in SWEEP_TASKS:
@@ -140,8 +137,6 @@ def main(argv: list[str] | None = None) -> int:
         COMMON.update(max_steps=2, batch_size=2, max_length=1024)
 
     import torch
-
-    from mode_cotd.student import resolve_student
 
     student = resolve_student(args.student)
     device = "cuda" if torch.cuda.is_available() else "cpu"
