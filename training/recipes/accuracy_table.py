@@ -32,6 +32,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -44,6 +45,8 @@ from mode_cotd.tasks import SEEN_TASKS, UNSEEN_TASKS, get_task, is_correct, scor
 from training.compose import ComposeConfig, ExactMixer, FewShotLoss, load_shots, mixed_student, write_lora
 from training.evaluate import EvalConfig, VllmGenerator, _too_long, eval_items, summarise
 from training.routes import RoutePlanner, parse_route
+
+C = TypeVar("C", bound="TableConfig")
 
 LOW_RANK = 16
 """Units whose adapters all have rank <= this share the first engine."""
@@ -370,11 +373,16 @@ def markdown(summary: dict, n: dict) -> str:
 STAGES = ("run", "table", "all")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``[run|table|all]`` then TableConfig's flags (mode_cotd.settings, as every other command)."""
+def stage_and_settings(cls: type[C], argv: list[str] | None, module: str, doc: str | None) -> tuple[str, C]:
+    """A table command line: ``[run|table|all]`` (default all), then the settings class's flags."""
     argv = list(sys.argv[1:] if argv is None else argv)
     stage = argv.pop(0) if argv and argv[0] in STAGES else "all"
-    config = parse_settings(TableConfig, argv, "python -m training.recipes.accuracy_table [run|table|all]", __doc__)
+    return stage, parse_settings(cls, argv, f"python -m {module} [run|table|all]", doc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``[run|table|all]`` then TableConfig's flags (mode_cotd.settings, as every other command)."""
+    stage, config = stage_and_settings(TableConfig, argv, "training.recipes.accuracy_table", __doc__)
     if stage in ("run", "all"):
         run(config)
     if stage in ("table", "all"):

@@ -31,11 +31,10 @@ from pathlib import Path
 
 from mode_cotd.atomic import write_json_atomic, write_text_atomic
 from mode_cotd.bundle import load_bundle
-from mode_cotd.settings import parse_settings
 from mode_cotd.student import resolve_student
 from mode_cotd.tasks import SEEN_TASKS, UNSEEN_TASKS
 from training.paired_bootstrap import paired_interval
-from training.recipes.accuracy_table import TableConfig, Unit, run_units
+from training.recipes.accuracy_table import TableConfig, Unit, run_units, stage_and_settings
 
 ALL = (*SEEN_TASKS, *UNSEEN_TASKS)
 COLUMNS: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -142,14 +141,9 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-STAGES = ("run", "table", "all")
-
-
 def main(argv: list[str] | None = None) -> int:
     """``[run|table|all]`` then PoweredConfig's flags."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    stage = argv.pop(0) if argv and argv[0] in STAGES else "all"
-    config = parse_settings(PoweredConfig, argv, "python -m training.recipes.powered_table [run|table|all]", __doc__)
+    stage, config = stage_and_settings(PoweredConfig, argv, "training.recipes.powered_table", __doc__)
     if stage in ("run", "all"):
         run(config)
     if stage in ("table", "all"):
