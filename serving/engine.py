@@ -112,6 +112,11 @@ def sampling_params(sampling: SamplingSettings):
         presence_penalty=sampling.presence_penalty,
         frequency_penalty=sampling.frequency_penalty,
         ignore_eos=sampling.ignore_eos,
+        top_k=sampling.top_k,
+        min_p=sampling.min_p,
+        repetition_penalty=sampling.repetition_penalty,
+        logit_bias=sampling.logit_bias,
+        prompt_logprobs=sampling.prompt_logprobs,
         output_kind=RequestOutputKind.DELTA,
     )
 
@@ -204,8 +209,11 @@ class VllmEngine:
         stream = self._llm.generate(
             tokens_input(list(prompt_token_ids)), params, request_id, lora_request=lora_request
         )
+        scored = sampling.prompt_logprobs is not None
         try:
             async for output in stream:
+                # DELTA outputs carry the prompt's logprobs once, at the end of its prefill
+                prompt = self._prompt_logprobs(output, sampling.prompt_logprobs) if scored else None
                 for choice in output.outputs:
                     yield GenerationDelta(
                         index=choice.index,
@@ -213,7 +221,11 @@ class VllmEngine:
                         num_tokens=len(choice.token_ids),
                         logprobs=self._logprobs(choice, sampling.logprobs),
                         finish_reason=choice.finish_reason,
+                        prompt_logprobs=prompt,
                     )
+                    prompt = None
+                if prompt is not None:  # an output with no choice in it: the prompt's logprobs still go out
+                    yield GenerationDelta(index=0, text="", num_tokens=0, prompt_logprobs=prompt)
         except ApiError:
             raise
         except VLLMValidationError as e:
@@ -231,17 +243,26 @@ class VllmEngine:
         """OpenAI-style logprobs of the new tokens of one choice."""
         if top is None or choice.logprobs is None:
             return None
-        entries = []
-        for token_id, candidates in zip(choice.token_ids, choice.logprobs):
-            candidates = candidates or {}
-            ranked = sorted(candidates.items(), key=lambda kv: (kv[1].rank or 0, -kv[1].logprob))
-            chosen = candidates.get(token_id)
-            entries.append(TokenLogprob(
-                token=self._text(token_id, chosen),
-                logprob=float(chosen.logprob) if chosen is not None else float("-inf"),
-                top=[(self._text(t, lp), float(lp.logprob)) for t, lp in ranked[:top]],
-            ))
-        return entries
+        return [self._entry(token_id, candidates or {}, top)
+                for token_id, candidates in zip(choice.token_ids, choice.logprobs)]
+
+    def _prompt_logprobs(self, output: Any, top: int | None) -> list[TokenLogprob] | None:
+        """The prompt tokens' logprobs of one output (None when it carries none); the first token has none."""
+        if top is None or not output.prompt_logprobs:
+            return None
+        return [TokenLogprob(self._text(token_id, None), None, None) if candidates is None
+                else self._entry(token_id, candidates, top)
+                for token_id, candidates in zip(output.prompt_token_ids, output.prompt_logprobs)]
+
+    def _entry(self, token_id: int, candidates: Any, top: int) -> TokenLogprob:
+        """One token's logprob and its `top` most likely alternatives, from vLLM's {token id: Logprob}."""
+        ranked = sorted(candidates.items(), key=lambda kv: (kv[1].rank or 0, -kv[1].logprob))
+        chosen = candidates.get(token_id)
+        return TokenLogprob(
+            token=self._text(token_id, chosen),
+            logprob=float(chosen.logprob) if chosen is not None else float("-inf"),
+            top=[(self._text(t, lp), float(lp.logprob)) for t, lp in ranked[:top]],
+        )
 
     def _text(self, token_id: int, logprob: Any) -> str:
         if logprob is not None and logprob.decoded_token is not None:

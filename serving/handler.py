@@ -13,6 +13,8 @@ first token); an error in the middle of a stream is sent as an OpenAI error even
 response and chunk carries `mode_cotd`. A client that goes away stops its generation:
 until the response starts the handler watches for the disconnect itself, afterwards
 sse-starlette does; either way the generator is closed, which aborts the request in vLLM.
+A completions `prompt` that is a list of several prompts goes to serving/prompt_batch.py; `echo`
+is serving/echo.py; a mixture named in `model` is serving/mixture_names.py.
 """
 
 from __future__ import annotations
@@ -33,8 +35,17 @@ from starlette.background import BackgroundTask
 
 from mode_cotd.errors import ConfigError
 from mode_cotd.mixture import Mixture
-from serving.errors import ApiError, InternalError, InvalidRequest, ServiceUnavailable, TooManyRequests
+from serving.echo import completion_builder, echo_sampling
+from serving.errors import (
+    ApiError,
+    InternalError,
+    InvalidRequest,
+    ModelNotFound,
+    ServiceUnavailable,
+    TooManyRequests,
+)
 from serving.metrics import ServingMetrics
+from serving.mixture_names import mixture_route
 from serving.prompts import PromptRenderer, RenderedPrompt
 from serving.protocol import (
     AdapterSpec,
@@ -127,14 +138,17 @@ class OpenAIHandler:
 
     async def completions(self, http: Request, body: CompletionRequest) -> Response:
         route = self._route(http, body)
-        try:
-            prompt = body.single_prompt()
-        except ValueError as e:
-            raise InvalidRequest(str(e), param="prompt") from e
+        if body.is_batch():  # a list of several prompts: serving/prompt_batch.py
+            from serving.prompt_batch import serve_batch
+
+            return await serve_batch(self, http, body, route)
+        prompt = body.single_prompt()
         ticket = self._admit()  # before any work, so a full server refuses at once
         try:
             rendered = await asyncio.to_thread(self.prompts.completion, prompt)
             sampling = self._sampling(body, route, rendered, body.max_tokens, body.logprobs, "logprobs")
+            if body.echo:
+                sampling = echo_sampling(sampling, body)
         except BaseException:
             ticket.release()
             raise
@@ -156,7 +170,12 @@ class OpenAIHandler:
     # ------------------------------------------------------------------------ steps
 
     def _route(self, http: Request, body: SamplingFields) -> Route:
-        route = self.routes.resolve(body.model, body.mixture)
+        try:
+            route = self.routes.resolve(body.model, body.mixture)
+        except ModelNotFound:  # "mode-cotd:mixture:{...}" (serving/mixture_names.py) is asked only now
+            route = mixture_route(self.routes, body.model, body.mixture)
+            if route is None:
+                raise
         http.state.route = route.kind
         return route
 
@@ -185,6 +204,7 @@ class OpenAIHandler:
             end_markers=(marker,) if marker and route.kind != "base" and not body.ignore_eos else (),
             seed=body.seed, logprobs=logprobs, presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty, ignore_eos=body.ignore_eos,
+            top_k=body.top_k, min_p=body.min_p, repetition_penalty=body.repetition_penalty, logit_bias=body.logit_bias,
         )
 
     def _admit(self) -> _Ticket:
@@ -255,7 +275,9 @@ class OpenAIHandler:
             self.metrics.record_adapter(started.adapter, started.engine_queue_depth)
             served_by = ServedBy(route=route.kind, name=route.name, adapter=started.adapter.lora_name,
                                  experts={} if adapter is None else adapter.mixture.as_dict(), fallback=fallback)
-            builder = ResponseBuilder(kind, request_id, body.model, served_by, sampling.n)
+            builder = (completion_builder(body, body.single_prompt(), self.prompts, request_id, served_by, sampling)
+                       if kind == "completion" and body.echo
+                       else ResponseBuilder(kind, request_id, body.model, served_by, sampling.n))
             if body.stream:
                 # The first delta before the headers: a failure at the start is an HTTP error, not an event.
                 first = await self._unless_disconnected(http, anext(events, None))

@@ -56,6 +56,16 @@ class SamplingSettings:
     """OpenAI frequency penalty."""
     ignore_eos: bool = False
     """Keep generating past eos (vLLM's `ignore_eos`): exactly max_tokens tokens unless `stop` matches."""
+    top_k: int = 0
+    """Sample from the k most likely tokens only (vLLM's extension; 0 or -1: all)."""
+    min_p: float = 0.0
+    """Drop tokens less likely than min_p times the most likely one (vLLM's extension; 0: off)."""
+    repetition_penalty: float = 1.0
+    """Penalise tokens already in the prompt or the output (vLLM's extension; 1: off)."""
+    logit_bias: dict[int, float] | None = None
+    """Token id -> bias added to its logit (OpenAI's logit_bias)."""
+    prompt_logprobs: int | None = None
+    """Top log-probabilities returned per prompt token (None: none); completions' `echo` with `logprobs` sets it."""
 
 
 @dataclass(frozen=True)
@@ -109,11 +119,14 @@ class GenerationStarted:
 
 @dataclass
 class TokenLogprob:
-    """One output token with its log-probability and the top alternatives."""
+    """One token with its log-probability and the top alternatives.
+
+    A prompt's first token has none (`logprob` None, `top` None): nothing precedes it.
+    """
 
     token: str
-    logprob: float
-    top: list[tuple[str, float]] = field(default_factory=list)
+    logprob: float | None
+    top: list[tuple[str, float]] | None = field(default_factory=list)
 
 
 @dataclass
@@ -130,6 +143,8 @@ class GenerationDelta:
     """One entry per new token, when requested."""
     finish_reason: str | None = None
     """"stop" or "length" on the choice's last delta."""
+    prompt_logprobs: list[TokenLogprob] | None = None
+    """One entry per prompt token, on the first delta only, when SamplingSettings.prompt_logprobs is set."""
 
 
 GenerationEvent = GenerationStarted | GenerationDelta

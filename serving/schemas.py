@@ -11,7 +11,16 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 INT64 = (-(2**63), 2**63 - 1)
 MAX_STOP_STRINGS = 64
@@ -44,6 +53,14 @@ class SamplingFields(BaseModel):
     user: str | None = None
     ignore_eos: bool = False
     """vLLM's extension: generate max_tokens whatever the tokens (no eos, no end marker); benchmarks use it."""
+    top_k: int = Field(0, ge=-1)
+    """vLLM's extension (`vllm bench serve --top-k`): sample among the k most likely tokens; 0 or -1: all."""
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    """vLLM's extension: drop tokens below min_p times the most likely one's probability; 0: off."""
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
+    """vLLM's extension (`vllm bench serve` always sends 1.0): > 1 discourages repeating tokens; 1: off."""
+    logit_bias: dict[int, float] | None = None
+    """OpenAI's {token id: bias in [-100, 100]} added to the logits (JSON keys are token ids as strings)."""
     mixture: dict[str, Any] | None = None
     """mode-cotd: an explicit {expert: weight} mixture, overriding the gate (model must be the gate's)."""
 
@@ -54,6 +71,14 @@ class SamplingFields(BaseModel):
         if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
             raise ValueError(f"stop takes up to {MAX_STOP_STRINGS} non-empty strings")
         return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, value: dict[int, float] | None) -> dict[int, float] | None:
+        for token, bias in (value or {}).items():
+            if token < 0 or not -100.0 <= bias <= 100.0:
+                raise ValueError(f"token {token}: logit_bias takes token ids >= 0 and biases in [-100, 100]")
+        return value or None
 
     @model_validator(mode="after")
     def _valid_unicode(self) -> SamplingFields:
@@ -81,33 +106,122 @@ def _check_unicode(value: Any, where: str) -> None:
             _check_unicode(item, f"{where}[{i}]")
 
 
+_NOT_PASSED_ON = "not implemented (a vLLM sampling extension this server does not pass to the engine)"
+_NO_GUIDED = "no structured (guided) decoding here"
+REFUSED_COMPLETION_FIELDS: dict[str, tuple[Any, str]] = {
+    "use_beam_search": (False, "beam search runs in vLLM's OpenAI server, outside the engine this server drives"),
+    "prompt_logprobs": (None, "send echo: true with logprobs (OpenAI's way), which returns the same numbers"),
+    "min_tokens": (0, _NOT_PASSED_ON),
+    "stop_token_ids": (None, _NOT_PASSED_ON),
+    "allowed_token_ids": (None, _NOT_PASSED_ON),
+    "bad_words": (None, _NOT_PASSED_ON),
+    "logprob_token_ids": (None, _NOT_PASSED_ON),
+    "include_stop_str_in_output": (False, "stop strings are always cut from the text (the experts' ' END' is kept)"),
+    "truncate_prompt_tokens": (None, "prompts are never truncated: one over the context gets a 400"),
+    "prompt_embeds": (None, "the student reads token ids only"),
+    "add_special_tokens": (True, "text prompts always get the student's special tokens; send token ids instead"),
+    "skip_special_tokens": (True, "output text always skips special tokens"),
+    "return_token_ids": (False, "responses carry text and logprobs, not token ids"),
+    "return_tokens_as_token_ids": (False, "responses carry text and logprobs, not token ids"),
+    "response_format": (None, _NO_GUIDED),
+    "structured_outputs": (None, _NO_GUIDED),
+    "guided_json": (None, _NO_GUIDED),
+    "guided_regex": (None, _NO_GUIDED),
+    "guided_choice": (None, _NO_GUIDED),
+    "guided_grammar": (None, _NO_GUIDED),
+}
+"""vLLM extensions of the completions request refused (400) when set to anything but their default (field ->
+(default, reason)): ignoring them would silently change results. Other unknown fields are ignored, as before."""
+
+
+def _check_prompt_list(prompt: list) -> None:
+    """ValueError naming the first element of another kind than element 0 (a mixed list), or an element that is
+    neither a string, a token id nor a token-id list."""
+
+    def kind(item: Any) -> str:
+        if isinstance(item, str):
+            return "a string"
+        if isinstance(item, int) and not isinstance(item, bool):
+            return "a token id"
+        if isinstance(item, list):
+            return "a token-id list"
+        return f"a {type(item).__name__}"
+
+    first = kind(prompt[0])
+    for i, item in enumerate(prompt):
+        if kind(item) != first:
+            raise ValueError(f"mixes {first} (element 0) and {kind(item)} (element {i}): a list must hold only "
+                             "strings, only token ids or only token-id lists")
+    if first not in ("a string", "a token id", "a token-id list"):
+        raise ValueError(f"holds {first}: a list must hold strings, token ids or token-id lists")
+
+
 class CompletionRequest(SamplingFields):
-    """POST /v1/completions."""
+    """POST /v1/completions: one prompt, or a list of prompts (one response, each prompt routed on its own)."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)
+    """0 only with echo: score the prompt, generate nothing (vLLM's convention)."""
     logprobs: int | None = Field(None, ge=0)
     echo: bool = False
+    """Put the prompt (and with logprobs its tokens' logprobs) before each choice's output, as vLLM does."""
     suffix: str | None = None
     best_of: int | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _refused_extensions(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, (default, reason) in REFUSED_COMPLETION_FIELDS.items():
+                value = data.get(name)
+                if value is not None and value != default and value != [] and value != {}:
+                    raise ValueError(f"{name} is not supported: {reason}")
+        return data
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _prompt(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        if value == []:
+            raise ValueError("is an empty list: send at least one prompt")
+        try:
+            return handler(value)  # the common case costs nothing more than the type's own validation
+        except ValidationError:
+            if isinstance(value, list):
+                _check_prompt_list(value)  # a clear message for the usual mistake, a mixed list
+            raise
+
     @model_validator(mode="after")
     def _supported(self) -> CompletionRequest:
-        if self.echo:
-            raise ValueError("echo is not supported")
         if self.suffix:
-            raise ValueError("suffix is not supported")
+            raise ValueError("suffix is not supported: the student has no fill-in-the-middle tokens")
         if self.best_of is not None and self.best_of != self.n:
-            raise ValueError("best_of is not supported (use n)")
+            raise ValueError("best_of is not supported (vLLM's engine dropped it): use n")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 is accepted only with echo (score the prompt, generate nothing)")
+        if self.echo and self.stream:
+            raise ValueError("echo is not supported with stream: send stream: false")
+        if self.stream and self.is_batch():
+            raise ValueError("stream is not supported with a list of several prompts: send one request per prompt")
         return self
 
-    def single_prompt(self) -> str | list[int]:
-        """The one prompt of this request (text or token ids); ValueError for a batch of prompts."""
+    def is_batch(self) -> bool:
+        """True for a list of several prompts (a list of one is served as that one prompt)."""
         prompt = self.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise ValueError("send one prompt per request (a list of several prompts is not supported)")
-            prompt = prompt[0]
-        return prompt
+        return isinstance(prompt, list) and len(prompt) > 1 and isinstance(prompt[0], (str, list))
+
+    def prompts(self) -> list[str | list[int]]:
+        """Every prompt of the request, in order (text or token ids)."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or not isinstance(prompt[0], (str, list)):
+            return [prompt]
+        return list(prompt)
+
+    def single_prompt(self) -> str | list[int]:
+        """The one prompt of this request (text or token ids); ValueError for a list of several prompts."""
+        prompts = self.prompts()
+        if len(prompts) != 1:
+            raise ValueError(f"{len(prompts)} prompts where one was expected")
+        return prompts[0]
 
 
 class ContentPart(BaseModel):
@@ -161,12 +275,16 @@ class ServedBy(BaseModel):
     """vLLM's name of the adapter (an expert folder or a composite), None for the bare student."""
     fallback: str | None = None
     """Set when the gate failed ("error") or timed out ("timeout") and the fallback route served; omitted otherwise."""
+    choices: list[ServedBy] | None = None
+    """A list of several prompts only: what served each choice, in choice order (each prompt is routed on its own);
+    the fields above are then the first choice's. Omitted otherwise."""
 
     @model_serializer(mode="wrap")
-    def _omit_no_fallback(self, handler) -> dict[str, Any]:
+    def _omit_unset(self, handler) -> dict[str, Any]:
         data = handler(self)
-        if data.get("fallback") is None:
-            data.pop("fallback", None)
+        for key in ("fallback", "choices"):
+            if data.get(key) is None:
+                data.pop(key, None)
         return data
 
 
@@ -177,9 +295,11 @@ class Usage(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
+    """The legacy logprobs object; with echo the prompt's first token has null logprob and top_logprobs."""
+
     tokens: list[str] = []
-    token_logprobs: list[float] = []
-    top_logprobs: list[dict[str, float]] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
     text_offset: list[int] = []
 
 

@@ -158,6 +158,9 @@ class ApiSettings:
     """Requests in flight at one ingress replica before new ones get 429."""
     max_n: int = 8
     """Largest `n` (choices per request) accepted."""
+    max_prompts: int = 64
+    """Most prompts in one completions request whose `prompt` is a list (lm-eval sends --batch_size of them);
+    more get 400 too_many_prompts. Each is routed and generated as its own request would be."""
     max_logprobs: int = 20
     """Largest `logprobs` / `top_logprobs` accepted."""
     adapter_end_marker: str | None = " END"

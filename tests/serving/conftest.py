@@ -39,6 +39,13 @@ def loaded_bundle(tiny_bundle, tiny_student):
     return load_bundle(tiny_bundle, student=tiny_student)
 
 
+def fake_prompt_logprobs(token_ids: list[int]) -> list[TokenLogprob]:
+    """What FakeEngine says the prompt's logprobs are: token t is "<t>" with logprob -t/100, its top alternative
+    "<0>" at -0.01; the first token has none (as vLLM's)."""
+    return [TokenLogprob(f"<{t}>", None, None) if i == 0 else TokenLogprob(f"<{t}>", -t / 100, [("<0>", -0.01)])
+            for i, t in enumerate(token_ids)]
+
+
 class FakeEngine:
     """A StudentEngine for unit tests: echoes which adapter served, one character per token."""
 
@@ -68,6 +75,7 @@ class FakeEngine:
             self.loaded.add(lora.lora_id)
         text = f"[{lora.name if lora else 'base'}]" * 4
         text = text[: sampling.max_tokens]
+        prompt = None if sampling.prompt_logprobs is None else fake_prompt_logprobs(prompt_token_ids)
         finished = False
         try:
             for index in range(sampling.n):
@@ -78,7 +86,9 @@ class FakeEngine:
                         index=index, text=ch, num_tokens=1,
                         logprobs=None if sampling.logprobs is None else [TokenLogprob(ch, -0.5, [(ch, -0.5)])],
                         finish_reason=("length" if len(text) == sampling.max_tokens else "stop") if last else None,
+                        prompt_logprobs=prompt,
                     )
+                    prompt = None
             finished = True
         finally:
             if not finished:  # like vLLM: a generator closed early aborts its request

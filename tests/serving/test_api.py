@@ -178,6 +178,17 @@ def test_logprobs_and_n(served):
     assert served.engine.requests[-1][2].logprobs == 1
 
 
+def test_vllm_sampling_extensions_reach_the_engine(served):
+    """What `vllm bench serve` sends beyond OpenAI's fields (top_k, min_p, repetition_penalty), and logit_bias."""
+    body = {"top_k": 20, "min_p": 0.1, "repetition_penalty": 1.2, "logit_bias": {"5": -100, "9": 2.5}}
+    assert completion(served, model="mode-cotd:alpha", **body).status_code == 200
+    sampling = served.engine.requests[-1][2]
+    assert (sampling.top_k, sampling.min_p, sampling.repetition_penalty) == (20, 0.1, 1.2)
+    assert sampling.logit_bias == {5: -100.0, 9: 2.5}
+    completion(served, model="mode-cotd:alpha")
+    assert served.engine.requests[-1][2].logit_bias is None and served.engine.requests[-1][2].top_k == 0
+
+
 @pytest.mark.parametrize(
     "raw, status, code",
     [
@@ -192,11 +203,16 @@ def test_logprobs_and_n(served):
         ('{"model": "mode-cotd", "prompt": "hi", "mixture": {"alpha": -Infinity}}', 400, "invalid_mixture"),
         ('{"model": "mode-cotd:alpha", "prompt": ""}', 400, None),
         ('{"model": "mode-cotd:alpha", "prompt": []}', 400, None),
-        ('{"model": "mode-cotd:alpha", "prompt": ["a", "b"]}', 400, None),
+        ('{"model": "mode-cotd:alpha", "prompt": ["a", [1, 2]]}', 400, None),
+        ('{"model": "mode-cotd:alpha", "prompt": ["a", ""]}', 400, None),
+        ('{"model": "mode-cotd:alpha", "prompt": ["a", "b"], "stream": true}', 400, None),
         ('{"model": "mode-cotd:alpha", "prompt": "hi", "temperature": 5}', 400, None),
         ('{"model": "mode-cotd:alpha", "prompt": "hi", "n": 99}', 400, None),
         ('{"model": "mode-cotd:alpha", "prompt": "hi", "logprobs": 50}', 400, None),
-        ('{"model": "mode-cotd:alpha", "prompt": "hi", "echo": true}', 400, None),
+        ('{"model": "mode-cotd:alpha", "prompt": "hi", "echo": true, "stream": true}', 400, None),
+        ('{"model": "mode-cotd:alpha", "prompt": "hi", "use_beam_search": true}', 400, None),
+        ('{"model": "mode-cotd:mixture:{\\"alpha\\": 0.5, \\"delta\\": 0.5}", "prompt": "hi"}', 400, "invalid_mixture"),
+        ('{"model": "mode-cotd:mixture:alpha=0.5", "prompt": "hi"}', 400, "invalid_mixture"),
         ('{"model": "mode-cotd:alpha"}', 400, None),
         ('[1, 2]', 400, None),
     ],

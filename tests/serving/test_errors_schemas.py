@@ -59,12 +59,34 @@ def test_completion_request_defaults_and_limits():
     assert CompletionRequest(model="m", prompt=["one"]).single_prompt() == "one"
     assert CompletionRequest(model="m", prompt=[1, 2, 3]).single_prompt() == [1, 2, 3]
     assert CompletionRequest(model="m", prompt=[[4, 5]]).single_prompt() == [4, 5]
-    with pytest.raises(ValueError, match="one prompt"):
-        CompletionRequest(model="m", prompt=["a", "b"]).single_prompt()
+    batch = CompletionRequest(model="m", prompt=["a", "b"])
+    assert batch.is_batch() and batch.prompts() == ["a", "b"]
+    assert not CompletionRequest(model="m", prompt=[[4, 5]]).is_batch()
+    with pytest.raises(ValueError, match="2 prompts where one was expected"):
+        batch.single_prompt()
+    assert CompletionRequest(model="m", prompt="hi", echo=True, max_tokens=0).max_tokens == 0
     for bad in ({"max_tokens": 0}, {"temperature": -0.1}, {"top_p": 0}, {"n": 0}, {"stop": ["a"] * 65},
-                {"stop": [""]}, {"echo": True}, {"best_of": 3}, {"logprobs": -1}, {"presence_penalty": 3}):
+                {"stop": [""]}, {"echo": True, "stream": True}, {"best_of": 3}, {"logprobs": -1},
+                {"presence_penalty": 3}, {"top_k": -2}, {"min_p": 1.5}, {"repetition_penalty": 0},
+                {"use_beam_search": True}, {"logit_bias": {"5": 500}}, {"add_special_tokens": False}):
         with pytest.raises(ValidationError):
             CompletionRequest(model="m", prompt="hi", **bad)
+    # vLLM extensions at their defaults (what vllm bench serve sends) are accepted
+    CompletionRequest(model="m", prompt="hi", repetition_penalty=1.0, use_beam_search=False, logit_bias={},
+                      stop_token_ids=[], min_tokens=0, add_special_tokens=True)
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ([], "empty list"),
+    (["a", [1]], "mixes a string \\(element 0\\) and a token-id list \\(element 1\\)"),
+    ([1, 2, "a"], "mixes a token id \\(element 0\\) and a string \\(element 2\\)"),
+    ([[1], "a"], "mixes a token-id list"),
+    ([{"text": "a"}], "holds a dict"),
+    ([["a"]], "valid integer"),
+])
+def test_bad_prompt_lists_are_named(prompt, message):
+    with pytest.raises(ValidationError, match=message):
+        CompletionRequest(model="m", prompt=prompt)
 
 
 def test_chat_request_messages():

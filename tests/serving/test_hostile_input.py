@@ -75,7 +75,9 @@ def test_an_oversized_body_is_413_with_the_default_limit(served):
         ("logprobs", -1), ("logprobs", 10**9),
         ("seed", 2**64), ("seed", -(2**64)), ("seed", "NaN"),
         ("stop", ["x"] * 100), ("stop", [""]), ("stop", [1, 2]),
-        ("prompt", [-1, 5]), ("prompt", [2**70]), ("prompt", [[1, 2], [3]]), ("prompt", [[]]), ("prompt", {"a": 1}),
+        ("prompt", [-1, 5]), ("prompt", [2**70]), ("prompt", [[1, 2], "a"]), ("prompt", [[]]), ("prompt", {"a": 1}),
+        ("prompt", [[1, 2], []]), ("prompt", []), ("logit_bias", {"a": 1}), ("logit_bias", {"5": 101}),
+        ("logit_bias", {"-3": 1}), ("top_k", -2), ("min_p", "NaN"), ("repetition_penalty", 0),
         ("stream", {"no": 1}), ("stream_options", "yes"), ("mixture", [1, 2]), ("mixture", {"alpha": "1e999"}),
         ("mixture", {"alpha": -1e308, "beta": 1e308}), ("mixture", {}),
     ],
@@ -92,7 +94,7 @@ def test_absurd_numbers_and_types(served, field, value):
 
 def test_unknown_fields_are_ignored_as_openai_does(served):
     body = {"model": "mode-cotd:alpha", "prompt": PROMPT, "max_tokens": 4, "frobnicate": {"deep": [1, 2]},
-            "logit_bias": {"50256": -100}, "__proto__": {"admin": True}, "constructor": "x"}
+            "__proto__": {"admin": True}, "constructor": "x"}
     assert completion(served, **body).status_code == 200
     chat = {"model": "mode-cotd:alpha", "max_tokens": 2, "tools": [], "x-extra": 1,
             "messages": [{"role": "user", "content": "hi", "unknown": 1, "tool_calls": None}]}

@@ -153,7 +153,9 @@ def test_sampling_parameters_reach_vllm(app):
                                            logprobs=2)
     text, logprobs = greedy.choices[0].text, greedy.choices[0].logprobs
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == greedy.usage.completion_tokens
-    assert "".join(logprobs.tokens) == text and all(len(top) <= 2 for top in logprobs.top_logprobs)
+    # as vLLM's server: each dict holds the token itself and its top 2 (3 entries when the token is not among them)
+    assert "".join(logprobs.tokens) == text and all(len(top) <= 3 for top in logprobs.top_logprobs)
+    assert all(logprobs.tokens[i] in top for i, top in enumerate(logprobs.top_logprobs))
     assert all(lp <= 0 for lp in logprobs.token_logprobs)
     if len(text) >= 6 and text[3:5].strip():
         stop = text[3:5]
