@@ -1,19 +1,19 @@
-"""The LoRA rank an engine is sized for: the smallest `max_lora_rank` vLLM accepts that fits.
+"""The LoRA rank an engine is sized for: the smallest `max_lora_rank` the engine accepts that fits.
 
-vLLM takes only the ranks of its `MaxLoRARanks` (1, 8, 16, 32, ... in vLLM 0.32). This module reads them
-from vLLM when asked, inside the function: importing mode_cotd never imports vLLM, and only the callers
-that start vLLM anyway (the serving engine, offline evaluation) call it.
+vLLM takes only the ranks of its `MaxLoRARanks` (1, 8, 16, 32, ... in vLLM 0.32). The callers that start vLLM
+(the serving engine, offline evaluation) read those from vLLM and pass them in: mode_cotd never imports vLLM.
 """
 
 from __future__ import annotations
 
-import typing
+from collections.abc import Iterable
+
+from mode_cotd.errors import ConfigError
 
 
-def supported_lora_rank(needed: int) -> int:
-    """The smallest max_lora_rank vLLM accepts that is >= needed (vLLM takes only 1, 8, 16, 32, ...); the largest
-    one when none is."""
-    from vllm.config.lora import MaxLoRARanks
-
-    ranks = sorted(typing.get_args(MaxLoRARanks))
+def supported_lora_rank(needed: int, accepted: Iterable[int]) -> int:
+    """The smallest of the `accepted` ranks that is >= needed; the largest one when none is."""
+    ranks = sorted(accepted)
+    if not ranks:
+        raise ConfigError("supported_lora_rank: the engine accepts no LoRA rank")
     return next((r for r in ranks if r >= needed), ranks[-1])

@@ -18,12 +18,11 @@ from pathlib import Path
 
 from mode_cotd.bundle import Bundle, load_bundle
 from mode_cotd.errors import BundleError, ConfigError
-from mode_cotd.lora_rank import supported_lora_rank
 from mode_cotd.mixture import grid_units
 from mode_cotd.student import resolve_student, student_identity
 from serving.adapter_cache import AdapterCache
 from serving.bundle_source import is_uri, local_bundle
-from serving.engine import VllmEngine, cpu_threads_bind
+from serving.engine import VllmEngine, cpu_threads_bind, vllm_lora_rank
 from serving.fast_lora.plugin import applies_here as fast_lora_applies
 from serving.mixture_union import MixtureUnion
 from serving.prompts import PromptRenderer
@@ -97,7 +96,7 @@ def student_service(
 ) -> StudentService:
     """Adapter cache + engine. Default: vLLM, with its rank rounding; tests pass a fake engine factory."""
     if round_rank is None or engine_factory is None:
-        round_rank = round_rank or supported_lora_rank
+        round_rank = round_rank or vllm_lora_rank
         engine_factory = engine_factory or (lambda rank: VllmEngine(
             Path(settings.student), settings.engine, rank, settings.engine.max_model_len, local_rank))
     rank = round_rank(settings.engine.max_lora_rank or needed_lora_rank(bundle))

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import re
+import typing
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 
 from mode_cotd.compute_dtype import resolve_dtype
 from mode_cotd.errors import ConfigError
+from mode_cotd.lora_rank import supported_lora_rank
 from serving.errors import ApiError, InternalError, InvalidRequest, ServiceUnavailable
 from serving.fast_lora import plugin as fast_lora
 from serving.lora_admission import LoraAdmission
@@ -28,6 +30,13 @@ from serving.protocol import GenerationDelta, LoraTarget, SamplingSettings, Toke
 from serving.settings import EngineSettings
 
 logger = logging.getLogger(__name__)
+
+
+def vllm_lora_rank(needed: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that is >= needed (vLLM takes only the ranks of MaxLoRARanks)."""
+    from vllm.config.lora import MaxLoRARanks
+
+    return supported_lora_rank(needed, typing.get_args(MaxLoRARanks))
 
 
 CPU_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import typing
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -144,10 +145,11 @@ class VllmGenerator:
         import os
 
         from vllm import LLM, SamplingParams
+        from vllm.config.lora import MaxLoRARanks
 
         if config.step_timeout_s is not None:  # read by the engine process, which inherits the environment
             os.environ["VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"] = str(config.step_timeout_s)
-        extra: dict = {"enable_lora": True, "max_lora_rank": supported_lora_rank(max_rank),
+        extra: dict = {"enable_lora": True, "max_lora_rank": supported_lora_rank(max_rank, typing.get_args(MaxLoRARanks)),
                        "max_loras": max(1, min(config.max_loras, adapters)),
                        "max_cpu_loras": max(1, adapters)} if adapters else {}
         if config.max_num_batched_tokens is not None:
