@@ -27,13 +27,7 @@ from mode_cotd.adapter import PICKLE_SUFFIXES
 from mode_cotd.atomic import atomic_dir
 from mode_cotd.errors import BundleError, ConfigError
 from mode_cotd.featurise import FEATURISERS
-from mode_cotd.mixture import (
-    Mixture,
-    MixtureKey,  # noqa: F401 - still imported from here by files outside issue 21's move
-    check_name,
-    grid_units,
-    round_to_grid,
-)
+from mode_cotd.mixture import Mixture, check_name, grid_units, round_to_grid
 
 GATE_WEIGHTS = "gate.safetensors"
 GATE_CONFIG = "gate_config.json"

@@ -238,10 +238,6 @@ class Mixture:
         return cls.from_units(dict(zip(names, units.tolist())), n)
 
 
-MixtureKey = Mixture
-"""The name this type had in mode_cotd.gate."""
-
-
 # ---------------------------------------------------------------------------- the mixture's id
 
 

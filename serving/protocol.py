@@ -11,14 +11,14 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from mode_cotd.gate import MixtureKey
+from mode_cotd.mixture import Mixture
 
 
 @dataclass(frozen=True)
 class AdapterSpec:
     """Which adapter serves a request: a mixture of experts and how it is composed."""
 
-    mixture: MixtureKey
+    mixture: Mixture
     """Experts and weights."""
     mode: str = "exact"
     """One of mode_cotd.bundle.COMPOSITION_MODES: "exact" (Σ wᵢ·sᵢ·BᵢAᵢ) or "linear" (the paper's merge)."""
@@ -154,7 +154,7 @@ GenerationEvent = GenerationStarted | GenerationDelta
 class GateDecision:
     """The gate's mixture for one prompt, and the batch it was decided in."""
 
-    mixture: MixtureKey
+    mixture: Mixture
     batch_size: int
     """Prompts scored together in that batch."""
     gate_seconds: float

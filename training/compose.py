@@ -40,8 +40,8 @@ from mode_cotd.bundle import add_composition, load_bundle
 from mode_cotd.data import load_examples, load_task, split_path, student_prompt, subsample
 from mode_cotd.errors import ConfigError, DataError
 from mode_cotd.format import completion_prompt, completion_target, tokenize_example
-from mode_cotd.gate import check_name
 from mode_cotd.mixing import compose_exact, merge_linear
+from mode_cotd.mixture import check_name
 from mode_cotd.settings import parse_settings
 from mode_cotd.student import load_student, resolve_student, student_identity
 from mode_cotd.tasks import get_task

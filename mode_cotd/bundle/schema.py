@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from mode_cotd.errors import BundleError
-from mode_cotd.gate import check_name
+from mode_cotd.mixture import check_name
 
 SCHEMA_VERSION = 1
 """The manifest schema this code writes and reads."""

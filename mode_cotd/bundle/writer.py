@@ -30,7 +30,8 @@ from mode_cotd.bundle.schema import (
 )
 from mode_cotd.checksums import file_checksums
 from mode_cotd.errors import BundleError, ConfigError
-from mode_cotd.gate import Gate, check_name, save_gate
+from mode_cotd.gate import Gate, save_gate
+from mode_cotd.mixture import check_name
 
 
 def _write_manifest(root: Path, manifest: Manifest) -> None:

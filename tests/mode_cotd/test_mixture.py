@@ -11,7 +11,7 @@ from fractions import Fraction
 import pytest
 
 from mode_cotd.errors import ConfigError
-from mode_cotd.mixture import Mixture, MixtureKey, count_units, rank_units, unrank_units
+from mode_cotd.mixture import Mixture, count_units, rank_units, unrank_units
 
 
 def reference_weights(experts, weights) -> dict[str, float]:
@@ -73,7 +73,7 @@ def test_equal_mixtures_are_equal_values_with_one_hash_whatever_their_grid():
         Mixture(("gsm8k", "addsub"), (0.65, 0.35)),
         Mixture.from_units({"gsm8k": 13, "svamp": 0, "addsub": 7}, 20),
         Mixture.from_dict({"gsm8k": 0.651, "addsub": 0.349}, grid=0.05),
-        MixtureKey.from_dict({"gsm8k": 0.65, "addsub": 0.35}, grid=0.05, normalise=False),
+        Mixture.from_dict({"gsm8k": 0.65, "addsub": 0.35}, grid=0.05, normalise=False),
     ]
     assert all(f == forms[0] for f in forms) and len({hash(f) for f in forms}) == 1
     assert len({f.digest for f in forms}) == 1

@@ -26,8 +26,8 @@ from mode_cotd import paths
 from mode_cotd.adapter import load_adapter
 from mode_cotd.bundle import load_bundle
 from mode_cotd.errors import BundleError, DataError
-from mode_cotd.gate import MixtureKey
 from mode_cotd.mixing import compose_exact
+from mode_cotd.mixture import Mixture
 from serving.adapter_cache import _FOLDER, AdapterCache
 from serving.protocol import AdapterSpec
 from training.checkpoint import latest_checkpoint, read_state
@@ -57,7 +57,7 @@ def check_everything(folder: Path) -> Counter:
 
     experts = writers.experts(folder)
     cache = AdapterCache(experts, folder / "composites", max_lora_rank=2 * writers.RANK, max_entries=4)
-    specs = {cache.key(s): s for s in (AdapterSpec(MixtureKey(("one", "two"), ((k + 1) / 8, 1 - (k + 1) / 8)))
+    specs = {cache.key(s): s for s in (AdapterSpec(Mixture(("one", "two"), ((k + 1) / 8, 1 - (k + 1) / 8)))
                                        for k in range(7))}
     loaded = [load_adapter(p) for p in experts.values()]
     for entry in sorted(p for p in (folder / "composites").iterdir() if _FOLDER.fullmatch(p.name)):

@@ -22,7 +22,7 @@ import torch
 from mode_cotd.adapter import adapter_from_modules, save_adapter
 from mode_cotd.atomic import write_json_atomic
 from mode_cotd.bundle import add_expert, create_bundle
-from mode_cotd.gate import MixtureKey
+from mode_cotd.mixture import Mixture
 from serving.adapter_cache import AdapterCache
 from serving.protocol import AdapterSpec
 from training.checkpoint import TrainingState, save_checkpoint
@@ -60,7 +60,7 @@ def write(kind: str, v: int, folder: Path, cache: AdapterCache) -> None:
         save_adapter(adapter(float(v)), folder / "adapter")
     elif kind == "composite":
         w = (v % 7 + 1) / 8  # a new mixture (a new folder) each time, up to the cache's limit
-        spec = AdapterSpec(MixtureKey(("one", "two"), (w, 1 - w)))
+        spec = AdapterSpec(Mixture(("one", "two"), (w, 1 - w)))
         asyncio.run(cache._prepare(cache.key(spec), spec))
     elif kind == "bundle":
         add_expert(folder / "bundle", "e", adapter(float(v)), task="t", report={"version": v})

@@ -14,7 +14,7 @@ from ray.exceptions import ActorDiedError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 
 from mode_cotd.errors import ConfigError
-from mode_cotd.gate import MixtureKey
+from mode_cotd.mixture import Mixture
 from serving.adapter_cache import LEFTOVER_AGE_S, AdapterCache
 from serving.deployments import as_api_error
 from serving.errors import InternalError, ServiceUnavailable
@@ -25,7 +25,7 @@ from serving.settings import ApiSettings
 from .conftest import FakeEngine
 from .served import Served, assert_openai_error, completion
 
-MIX = AdapterSpec(MixtureKey(("alpha", "beta"), (0.5, 0.5)))
+MIX = AdapterSpec(Mixture(("alpha", "beta"), (0.5, 0.5)))
 
 
 # ---------------------------------------------------------------------------- gate fallback

@@ -21,7 +21,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mode_cotd.gate import MixtureKey
+from mode_cotd.mixture import Mixture
 from serving.settings import (
     ApiSettings,
     CacheSettings,
@@ -251,7 +251,7 @@ def test_sixteen_concurrent_requests_for_a_new_mixture_go_through_the_union(app)
     builds, union = app.metric("mode_cotd_composite_builds_total"), app.metric("mode_cotd_mixture_union_requests_total")
     outs = _sixteen(app, mixture)
     assert all(o.model_extra["mode_cotd"]["experts"] == mixture for o in outs)
-    assert {o.model_extra["mode_cotd"]["adapter"] for o in outs} == {f"mixture-{MixtureKey.from_dict(mixture, 0.05).digest}"}
+    assert {o.model_extra["mode_cotd"]["adapter"] for o in outs} == {f"mixture-{Mixture.from_dict(mixture, 0.05).digest}"}
     assert app.metric("mode_cotd_composite_builds_total") == builds
     assert app.metric("mode_cotd_mixture_union_requests_total") - union == 16
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from mode_cotd.gate import MixtureKey
+from mode_cotd.mixture import Mixture
 from serving.adapter_cache import AdapterCache
 from serving.errors import ServiceUnavailable
 from serving.protocol import (
@@ -32,7 +32,7 @@ def request(adapter: AdapterSpec | None) -> GenerationRequest:
     return GenerationRequest("req-1", [5, 6, 7], SamplingSettings(max_tokens=5), adapter)
 
 
-MIX = AdapterSpec(MixtureKey(("alpha", "beta"), (0.5, 0.5)))
+MIX = AdapterSpec(Mixture(("alpha", "beta"), (0.5, 0.5)))
 
 
 def test_stream_starts_with_the_adapter_report_then_deltas(service):
