@@ -1,11 +1,13 @@
 """Explicit mixtures named in `model`, for clients that can set no other field (lm-eval, `vllm bench serve`).
 
-    "<served name>:mixture:<JSON object>"   e.g. mode-cotd:mixture:{"gsm8k": 0.7, "svamp": 0.3}
+    "<served name>:mixture:gsm8k=0.7,svamp=0.3"           the mixture's text form (mode_cotd.mixture.Mixture)
+    "<served name>:mixture:{"gsm8k": 0.7, "svamp": 0.3}"  JSON, as evaluation writes routes (training/routes.py)
 
 is the same route as model "<served name>" with body field "mixture": {"gsm8k": 0.7, "svamp": 0.3} (kind
-"mixture", validated and rounded by RouteTable.mixture), and answers with the model name as sent. The JSON
-form is evaluation's (training/routes.py: mixture:{...}). The handler asks here only when RouteTable.resolve
-found no route, so no other request pays for it.
+"mixture", validated and rounded by RouteTable.mixture), and answers with the model name as sent. lm-eval's
+--model_args splits on commas outside quotes and refuses braces outside JSON, so there the text form goes in
+double quotes: model="mode-cotd:mixture:gsm8k=0.7,svamp=0.3". The handler asks here only when
+RouteTable.resolve found no route, so no other request pays for it.
 """
 
 from __future__ import annotations
@@ -30,12 +32,30 @@ def mixture_route(routes: RouteTable, model: str, mixture: Any) -> Route | None:
     if mixture is not None:
         raise InvalidRequest(f"model {model!r} names a mixture, and the body has one too: give it once",
                              param="mixture")
-    try:
-        weights = json.loads(model[len(prefix):])
-    except json.JSONDecodeError as e:
-        raise InvalidMixture(f"model {model!r}: the mixture after {prefix!r} is not JSON ({e.msg}); "
-                             f'write it like {prefix}{{"expert": 0.5, "other": 0.5}}', param="model") from None
-    if not isinstance(weights, dict):
-        raise InvalidMixture(f"model {model!r}: the mixture after {prefix!r} must be a JSON object "
-                             "{expert: weight}", param="model")
+    text = model[len(prefix):]
+    weights = _json(model, prefix, text) if text.lstrip().startswith("{") else _text_form(model, text)
     return dataclasses.replace(routes.resolve(routes.served_name, weights), model=model)
+
+
+def _json(model: str, prefix: str, text: str) -> dict[str, Any]:
+    try:
+        weights = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidMixture(f"model {model!r}: the mixture after {prefix!r} is not JSON ({e.msg})",
+                             param="model") from None
+    return weights  # a JSON text that starts with "{" is an object
+
+
+def _text_form(model: str, text: str) -> dict[str, float]:
+    """{"a": 0.7, "b": 0.3} from "a=0.7,b=0.3"."""
+    weights: dict[str, float] = {}
+    for part in text.split(","):
+        name, equals, weight = part.partition("=")
+        try:
+            if not equals or name.strip() in weights:
+                raise ValueError
+            weights[name.strip()] = float(weight)
+        except ValueError:
+            raise InvalidMixture(f"model {model!r}: expected the mixture as expert=weight,expert=weight "
+                                 f"(each expert once), got {part!r}", param="model") from None
+    return weights

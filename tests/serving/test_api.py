@@ -212,7 +212,7 @@ def test_vllm_sampling_extensions_reach_the_engine(served):
         ('{"model": "mode-cotd:alpha", "prompt": "hi", "echo": true, "stream": true}', 400, None),
         ('{"model": "mode-cotd:alpha", "prompt": "hi", "use_beam_search": true}', 400, None),
         ('{"model": "mode-cotd:mixture:{\\"alpha\\": 0.5, \\"delta\\": 0.5}", "prompt": "hi"}', 400, "invalid_mixture"),
-        ('{"model": "mode-cotd:mixture:alpha=0.5", "prompt": "hi"}', 400, "invalid_mixture"),
+        ('{"model": "mode-cotd:mixture:alpha=half", "prompt": "hi"}', 400, "invalid_mixture"),
         ('{"model": "mode-cotd:alpha"}', 400, None),
         ('[1, 2]', 400, None),
     ],

@@ -17,13 +17,17 @@ def test_a_mixture_name_is_the_mixture_route(served):
     route = mixture_route(served.routes, model, None)
     body_route = served.routes.resolve("mode-cotd", {"alpha": 0.25, "beta": 0.75})
     assert (route.kind, route.adapter, route.model) == ("mixture", body_route.adapter, model)
+    assert mixture_route(served.routes, "mode-cotd:mixture:alpha=0.25,beta=0.75", None).adapter == body_route.adapter
     assert mixture_route(served.routes, "mode-cotd:alpha", None) is None
     assert mixture_route(served.routes, "other:mixture:{}", None) is None
 
 
 @pytest.mark.parametrize("tail, error, words", [
-    ("alpha=0.5,beta=0.5", InvalidMixture, "not JSON"),
-    ("[0.5, 0.5]", InvalidMixture, "JSON object"),
+    ('{"alpha": 0.5,', InvalidMixture, "not JSON"),
+    ("alpha=0.5,beta", InvalidMixture, "expert=weight"),
+    ("alpha=half", InvalidMixture, "expert=weight"),
+    ("alpha=0.5,alpha=0.5", InvalidMixture, "each expert once"),
+    ("[0.5, 0.5]", InvalidMixture, "expert=weight"),
     ('{"delta": 1}', InvalidMixture, "delta"),
     ('{"alpha": NaN}', InvalidMixture, "finite"),
 ])
