@@ -18,7 +18,11 @@ written atomically), each a plain call of the project's own training and evaluat
   experts  the ten residual experts with the chosen recipe into ``bundles/residual`` (all_data copied
            in as the shared adapter; the sweep tasks' winners are reused, not retrained).
 
-    python -m training.recipes.residual_experts --stage split|sweep|experts|all [--out runs/residual]
+    python -m training.recipes.residual_experts --stage split|sweep|experts|all [--out DIR]
+
+The default --out, training/recipes/results/residual/, is committed (the split's sizes, the sweep's experts,
+validation units and choice), so a later session resumes where one stopped; its data/ (regenerated from the
+seeded split) and adapters/ (composites) are not.
 
 Every stage prints progress with flush; run it in the background with a log, e.g.
 ``nohup nice -n 10 .venv/bin/python -m training.recipes.residual_experts > runs/residual.log 2>&1 &``.
@@ -220,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", choices=("split", "sweep", "experts", "all"), default="all")
     parser.add_argument("--student", default=None, help="student folder (default: the converted default student)")
-    parser.add_argument("--out", type=Path, default=Path("runs/residual"), help="splits, sweep runs and reports")
+    parser.add_argument("--out", type=Path, default=Path("training/recipes/results/residual"),
+                        help="split, sweep experts, validation units and the choice (committed)")
     parser.add_argument("--shared", type=Path, default=Path("bundles/all_data/experts/all_data"),
                         help="the shared adapter the residuals are trained over")
     parser.add_argument("--bundle", type=Path, default=Path("bundles/residual"))
