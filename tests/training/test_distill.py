@@ -14,13 +14,23 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mode_cotd.adapter import adapter_from_modules, load_adapter, save_adapter
 from mode_cotd.bundle import MANIFEST, load_bundle
 from mode_cotd.data import load_task
 from mode_cotd.errors import BundleError, ConfigError, DataError
 from mode_cotd.format import IGNORE_INDEX
-from mode_cotd.student import resolve_student
+from mode_cotd.mixing import delta_weight
+from mode_cotd.student import load_student, resolve_student
 from training.checkpoint import checkpoint_dirs
-from training.distill import DistillConfig, collate, distill, lr_factor, main, micro_batch
+from training.distill import (
+    DistillConfig,
+    collate,
+    distill,
+    lr_factor,
+    main,
+    merge_shared_adapter,
+    micro_batch,
+)
 from training.distill_config import build_parser
 
 TASK = "last_letter_concatenation"
@@ -278,3 +288,54 @@ def test_real_student_loss_goes_down_on_last_letter_concatenation(heavy_lock, tm
     assert len(curve) == 30
     assert last < first
     assert load_bundle(tmp_path / "bundle", student=resolve_student()).experts[TASK]
+
+
+# ----------------------------------------------------------------------------- residual over a shared adapter
+
+
+def _shared_adapter(tiny_student: Path, folder: Path) -> Path:
+    """A LoRA on q_proj/v_proj of the tiny student with random A and B (so merging it changes the weights)."""
+    model, _ = load_student(tiny_student)
+    torch.manual_seed(3)
+    modules = {}
+    for name, module in model.named_modules():
+        if name.endswith(("q_proj", "v_proj")):
+            modules[f"base_model.model.{name}"] = (torch.randn(4, module.in_features) * 0.1,
+                                                    torch.randn(module.out_features, 4) * 0.1)
+    return save_adapter(adapter_from_modules(modules, r=4, lora_alpha=8.0), folder)
+
+
+def test_merging_the_shared_adapter_adds_its_delta_to_the_weights(tiny_student, tmp_path):
+    folder = _shared_adapter(tiny_student, tmp_path / "shared")
+    model, _ = load_student(tiny_student)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    record = merge_shared_adapter(model, folder)
+    adapter = load_adapter(folder)
+    changed = 0
+    for path in adapter.modules():
+        weight = path.removeprefix("base_model.model.") + ".weight"
+        expected = before[weight] + delta_weight(adapter, path)  # W + s·B·A
+        torch.testing.assert_close(dict(model.named_parameters())[weight].detach(), expected, rtol=0, atol=1e-5)
+        changed += 1
+    assert changed == 4  # 2 layers x (q_proj, v_proj)
+    untouched = [n for n in before if "k_proj" in n]
+    assert untouched and all(torch.equal(before[n], dict(model.named_parameters())[n]) for n in untouched)
+    assert not any(p.requires_grad for p in model.parameters())
+    assert set(record["files"]) >= {"adapter_config.json", "adapter_model.safetensors"}
+
+
+def test_a_residual_run_records_its_shared_adapter_and_trains_another_expert(tiny_student, tmp_path):
+    folder = _shared_adapter(tiny_student, tmp_path / "shared")
+    plain = distill(tiny_config(tiny_student, tmp_path, "plain", max_steps=2))
+    residual = distill(tiny_config(tiny_student, tmp_path, "residual", max_steps=2, shared_adapter=str(folder)))
+    assert plain.report["shared_adapter"] is None
+    assert residual.report["shared_adapter"]["path"] == str(folder)
+    assert residual.report["fingerprint"] != plain.report["fingerprint"]
+    assert residual.report["loss_curve"][0] != pytest.approx(plain.report["loss_curve"][0])  # another base
+    load_bundle(tmp_path / "residual" / "bundle", student=tiny_student)  # the expert fits the bare student
+
+
+def test_a_shared_adapter_that_is_no_lora_folder_is_refused(tiny_student, tmp_path):
+    (tmp_path / "not-lora").mkdir()
+    with pytest.raises(BundleError):
+        distill(tiny_config(tiny_student, tmp_path, shared_adapter=str(tmp_path / "not-lora")))
