@@ -46,16 +46,17 @@ from serving.errors import (
 )
 from serving.metrics import ServingMetrics
 from serving.mixture_names import mixture_route
+from serving.prompt_batch import serve_batch
 from serving.prompts import PromptRenderer, RenderedPrompt
 from serving.protocol import (
     AdapterSpec,
     Backend,
-    GenerationDelta,
     GenerationEvent,
     GenerationRequest,
     GenerationStarted,
     SamplingSettings,
 )
+from serving.request_state import CLIENT_CLOSED_REQUEST, ClientDisconnected, RequestTiming
 from serving.responses import ResponseBuilder
 from serving.routes import Route, RouteTable
 from serving.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, ServedBy
@@ -65,14 +66,7 @@ logger = logging.getLogger(__name__)
 request_log = logging.getLogger("mode_cotd.requests")
 """One line per finished request: id, route, status, token counts, seconds (prompt text only with api.log_prompts)."""
 
-CLIENT_CLOSED_REQUEST = 499
-"""Status recorded for a request whose client went away (nginx's convention; nobody receives it)."""
-
 T = TypeVar("T")
-
-
-class ClientDisconnected(Exception):
-    """The client went away before its response was ready."""
 
 
 class _Ticket:
@@ -87,21 +81,6 @@ class _Ticket:
             self.held = False
             self.handler.inflight -= 1
             self.handler.metrics.queue_depth.labels("ingress").set(self.handler.inflight)
-
-
-class _Timing:
-    """Arrival, first token and token count of one request."""
-
-    def __init__(self) -> None:
-        self.arrival = time.perf_counter()
-        self.first_token: float | None = None
-
-    def seen(self, delta: GenerationDelta) -> None:
-        if self.first_token is None and delta.num_tokens > 0:
-            self.first_token = time.perf_counter()
-
-    def ttft(self) -> float | None:
-        return None if self.first_token is None else self.first_token - self.arrival
 
 
 async def _disconnect(http: Request) -> None:
@@ -139,8 +118,6 @@ class OpenAIHandler:
     async def completions(self, http: Request, body: CompletionRequest) -> Response:
         route = self._route(http, body)
         if body.is_batch():  # a list of several prompts: serving/prompt_batch.py
-            from serving.prompt_batch import serve_batch
-
             return await serve_batch(self, http, body, route)
         prompt = body.single_prompt()
         ticket = self._admit()  # before any work, so a full server refuses at once
@@ -260,7 +237,7 @@ class OpenAIHandler:
     async def _serve(self, http: Request, ticket: _Ticket, kind: str, body: SamplingFields, route: Route,
                      rendered: RenderedPrompt, sampling: SamplingSettings) -> Response:
         """Gate, generation and the response of an admitted request; `ticket` is released when it ends."""
-        timing = _Timing()
+        timing = RequestTiming()
         request_id = f"{'cmpl' if kind == 'completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
         events: AsyncIterator[GenerationEvent] | None = None
         streaming = False
@@ -319,7 +296,7 @@ class OpenAIHandler:
                     self._log(request_id, route, rendered, status, 0, timing)
 
     async def _sse(self, first: GenerationEvent | None, events: AsyncIterator[GenerationEvent],
-                   builder: ResponseBuilder, route: Route, rendered: RenderedPrompt, timing: _Timing,
+                   builder: ResponseBuilder, route: Route, rendered: RenderedPrompt, timing: RequestTiming,
                    include_usage: bool, ticket: _Ticket, request_id: str) -> AsyncIterator[dict]:
         status = CLIENT_CLOSED_REQUEST  # unless the stream reaches its end or reports an error
         try:
@@ -350,12 +327,12 @@ class OpenAIHandler:
             self._log(request_id, route, rendered, status, builder.completion_tokens, timing)
         yield {"data": "[DONE]"}
 
-    def _record(self, route: Route, rendered: RenderedPrompt, builder: ResponseBuilder, timing: _Timing) -> None:
+    def _record(self, route: Route, rendered: RenderedPrompt, builder: ResponseBuilder, timing: RequestTiming) -> None:
         self.metrics.record_success(route.kind, len(rendered.token_ids), builder.completion_tokens,
                                     time.perf_counter() - timing.arrival, timing.ttft())
 
     def _log(self, request_id: str, route: Route, rendered: RenderedPrompt, status: int, output_tokens: int,
-             timing: _Timing) -> None:
+             timing: RequestTiming) -> None:
         if not request_log.isEnabledFor(logging.INFO):
             return
         line = (f"{request_id} model={route.model!r} route={route.kind} status={status} "

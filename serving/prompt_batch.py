@@ -15,22 +15,19 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Awaitable, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from serving.echo import completion_builder, echo_sampling
 from serving.errors import ApiError, InternalError, InvalidRequest
-from serving.handler import CLIENT_CLOSED_REQUEST, ClientDisconnected, _Timing
 from serving.prompts import PromptRenderer, RenderedPrompt
 from serving.protocol import GenerationRequest, GenerationStarted, SamplingSettings
+from serving.request_state import CLIENT_CLOSED_REQUEST, ClientDisconnected, RequestTiming
 from serving.responses import merge_completions
 from serving.routes import Route
 from serving.schemas import CompletionRequest, CompletionResponse, ServedBy
-
-if TYPE_CHECKING:
-    from serving.handler import OpenAIHandler
 
 T = TypeVar("T")
 
@@ -64,9 +61,9 @@ async def _all(work: list[Awaitable[T]]) -> list[T]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _one(handler: OpenAIHandler, body: CompletionRequest, route: Route, prompt: str | list[int],
+async def _one(handler: Any, body: CompletionRequest, route: Route, prompt: str | list[int],
                rendered: RenderedPrompt, sampling: SamplingSettings, request_id: str, index: int,
-               timing: _Timing) -> CompletionResponse:
+               timing: RequestTiming) -> CompletionResponse:
     """One prompt of the list, as OpenAIHandler._serve serves a whole-JSON completion."""
     try:
         adapter, fallback = await handler._adapter(route, rendered)
@@ -91,8 +88,11 @@ async def _one(handler: OpenAIHandler, body: CompletionRequest, route: Route, pr
     return builder.final(len(rendered.token_ids))
 
 
-async def serve_batch(handler: OpenAIHandler, http: Request, body: CompletionRequest, route: Route) -> Response:
-    """The whole JSON completion of a request whose `prompt` is a list of several prompts."""
+async def serve_batch(handler: Any, http: Request, body: CompletionRequest, route: Route) -> Response:
+    """The whole JSON completion of a request whose `prompt` is a list of several prompts.
+
+    `handler` is the serving.handler.OpenAIHandler that calls this with itself; it is typed Any so that this
+    module does not import the handler back (which would close an import circle)."""
     prompts = body.prompts()
     limit = handler.settings.max_prompts
     if len(prompts) > limit:
@@ -100,7 +100,7 @@ async def serve_batch(handler: OpenAIHandler, http: Request, body: CompletionReq
                              "(api.max_prompts)", param="prompt", code="too_many_prompts")
     ticket = handler._admit()
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    timings = [_Timing() for _ in prompts]
+    timings = [RequestTiming() for _ in prompts]
     rendered: list[RenderedPrompt] = []
     tokens = [0] * len(prompts)
     status = 500
