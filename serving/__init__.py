@@ -20,6 +20,7 @@ Plain classes hold the logic and are testable without Ray or vLLM:
     fast_lora/         the vLLM platform plugin: grouped LoRA ops for the CPU backend, mixture ids
     schemas.py, responses.py, errors.py   OpenAI bodies, chunks and error JSON
     handler.py, api.py the request pipeline and the FastAPI app
+    request_state.py   one request's timing and the client-gone state
     limits.py, auth.py body size limit (413), optional API keys (401)
     metrics.py         every Prometheus metric
     bundle_source.py   a local bundle folder, or a URI fetched once to the local cache
