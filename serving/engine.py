@@ -96,7 +96,7 @@ def _check_union_wrapper(fast_lora_setting: bool) -> None:
     """ConfigError unless vLLM will run mode-cotd's grouped wrapper, the only one that understands mixture ids."""
     from vllm.platforms import current_platform
 
-    from serving.fast_lora.platform import WRAPPER
+    from serving.fast_lora.platform import WRAPPER  # subclasses vLLM's CPU platform: imported with vLLM
 
     # outside an engine's config the platform answers for the environment; the engine's own switch comes on top
     used = current_platform.get_punica_wrapper() if fast_lora_setting else "vLLM's own (engine.fast_lora is off)"

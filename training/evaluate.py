@@ -26,10 +26,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mode_cotd.atomic import write_json_atomic, write_text_atomic
+from mode_cotd.bundle import load_bundle
 from mode_cotd.compute_dtype import resolve_dtype
+from mode_cotd.data import load_task, student_prompt, subsample
 from mode_cotd.errors import ConfigError
+from mode_cotd.format import completion_prompt
 from mode_cotd.lora_rank import supported_lora_rank
 from mode_cotd.settings import parse_settings
+from mode_cotd.student import resolve_student, student_identity
+from mode_cotd.tasks import TASKS, get_task, score
 from training.routes import LoraChoice, RoutePlanner, parse_route
 
 Generator = Callable[[Sequence[str], Sequence[LoraChoice | None]], list[str]]
@@ -83,8 +88,6 @@ class EvalConfig:
     """Composite adapters; None: <out_dir>/adapters."""
 
     def validate(self) -> None:
-        from mode_cotd.tasks import get_task
-
         for task in self.tasks or ():
             get_task(task)
         if not self.routes:
@@ -124,9 +127,6 @@ class EvalItem:
 
 def eval_items(tasks: Sequence[str], data_dir: str | None, max_examples: int | None, seed: int) -> list[EvalItem]:
     """The (subsampled) test prompts of each task, in task order then file order."""
-    from mode_cotd.data import load_task, student_prompt, subsample
-    from mode_cotd.format import completion_prompt
-
     items = []
     for task in tasks:
         indexed = list(enumerate(load_task(task, "test", data_dir)))
@@ -185,8 +185,6 @@ class VllmGenerator:
 
 def summarise(items: Sequence[EvalItem], predictions: Sequence[str], skipped: set[int]) -> dict:
     """Per-task {accuracy, n, correct, seen, too_long} and macro averages over seen/unseen/all tasks."""
-    from mode_cotd.tasks import get_task, score
-
     by_task: dict[str, list[int]] = {}
     for i, item in enumerate(items):
         by_task.setdefault(item.task, []).append(i)
@@ -206,8 +204,6 @@ def summarise(items: Sequence[EvalItem], predictions: Sequence[str], skipped: se
 
 def markdown_table(results: dict[str, dict], tasks: Sequence[str]) -> str:
     """Tasks as rows, routes as columns, accuracy in percent; the averages as the last rows."""
-    from mode_cotd.tasks import get_task
-
     def cell(value: float | None) -> str:
         return "–" if value is None else f"{100 * value:.1f}"
 
@@ -246,10 +242,6 @@ def _too_long(student: Path, items: Sequence[EvalItem], max_model_len: int) -> s
 
 def evaluate(config: EvalConfig, generator: Generator | None = None) -> EvalResult:
     """Score every route of ``config`` on the test sets; ``generator`` defaults to VllmGenerator."""
-    from mode_cotd.bundle import load_bundle
-    from mode_cotd.student import resolve_student, student_identity
-    from mode_cotd.tasks import TASKS
-
     config.validate()
     started = time.perf_counter()
     student = resolve_student(config.student)

@@ -39,7 +39,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mode_cotd.atomic import write_json_atomic
+from mode_cotd.bundle import MANIFEST, add_expert, create_bundle, load_bundle
+from mode_cotd.data import load_examples, load_task, student_prompt, write_jsonl
+from mode_cotd.format import completion_prompt
+from mode_cotd.student import resolve_student, student_identity
 from mode_cotd.tasks import SEEN_TASKS
+from training.distill import DistillConfig, distill
+from training.evaluate import EvalConfig, EvalItem, VllmGenerator, summarise
+from training.routes import RoutePlanner, parse_route
 
 SHARED = "all_data"
 """Name of the shared adapter in the bundles this recipe writes."""
@@ -89,7 +96,6 @@ def split_task(task: str, n: int) -> Split:
 
 def split(out: Path) -> dict[str, Split]:
     """Write <out>/data/<task>.train.jsonl and .val.jsonl for every seen task; the splits."""
-    from mode_cotd.data import load_task, write_jsonl
 
     splits = {}
     for task in SEEN_TASKS:
@@ -108,8 +114,6 @@ def split(out: Path) -> dict[str, Split]:
 
 def new_bundle(root: Path, shared_dir: Path, student: Path) -> None:
     """A bundle for ``student`` holding the shared adapter as expert SHARED (kept when it exists)."""
-    from mode_cotd.bundle import MANIFEST, add_expert, create_bundle
-    from mode_cotd.student import student_identity
 
     if not (root / MANIFEST).is_file():
         create_bundle(root, student_identity(student))
@@ -120,7 +124,6 @@ def new_bundle(root: Path, shared_dir: Path, student: Path) -> None:
 
 def train_residual(out: Path, bundle: Path, task: str, name: str, recipe: dict, student: Path, shared_dir: Path) -> dict:
     """Distil one residual expert ``name`` for ``task`` into ``bundle`` (skipped when it is there)."""
-    from training.distill import DistillConfig, distill
 
     if (bundle / "experts" / name / "adapter_model.safetensors").is_file():
         return {"expert_dir": str(bundle / "experts" / name), "skipped": True}
@@ -137,9 +140,6 @@ def train_residual(out: Path, bundle: Path, task: str, name: str, recipe: dict, 
 
 def val_items(out: Path, task: str) -> list:
     """The task's validation prompts, as evaluation items (index = position in the val file)."""
-    from mode_cotd.data import load_examples, student_prompt
-    from mode_cotd.format import completion_prompt
-    from training.evaluate import EvalItem
 
     examples = load_examples(out / "data" / f"{task}.val.jsonl", task)
     return [EvalItem(task, i, completion_prompt(student_prompt(e)), e.gold) for i, e in enumerate(examples)]
@@ -147,9 +147,6 @@ def val_items(out: Path, task: str) -> list:
 
 def val_accuracy(out: Path, bundle: Path, student: Path, units: dict[str, tuple[str, str]]) -> None:
     """Greedy validation accuracy of each pending unit {slug: (task, route)}; one file per unit in <out>/val/."""
-    from mode_cotd.bundle import load_bundle
-    from training.evaluate import EvalConfig, VllmGenerator, summarise
-    from training.routes import RoutePlanner, parse_route
 
     pending = {slug: u for slug, u in units.items() if not (out / "val" / f"{slug}.json").is_file()}
     if not pending:
@@ -206,7 +203,6 @@ def sweep(out: Path, student: Path, shared_dir: Path) -> dict:
 
 def experts(out: Path, bundle: Path, student: Path, shared_dir: Path, choice: dict) -> None:
     """The ten residual experts with the chosen recipe into ``bundle``; the sweep's winners are copied."""
-    from mode_cotd.bundle import add_expert
 
     new_bundle(bundle, shared_dir, student)
     recipe = {k: choice[k] for k in ("r", "lora_alpha", "lr", "epochs")}
@@ -231,7 +227,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", type=Path, default=Path("bundles/residual"))
     args = parser.parse_args(argv)
 
-    from mode_cotd.student import resolve_student
 
     student = resolve_student(args.student)
     args.out.mkdir(parents=True, exist_ok=True)
