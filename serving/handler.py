@@ -184,6 +184,16 @@ class OpenAIHandler:
             top_k=body.top_k, min_p=body.min_p, repetition_penalty=body.repetition_penalty, logit_bias=body.logit_bias,
         )
 
+    def client_gone(self, stream: bool) -> Response:
+        """Count a request whose client went away, and the (unread) response it gets."""
+        self.metrics.client_disconnects.labels("true" if stream else "false").inc()
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+    def count_failure(self, error: ApiError) -> None:
+        """Count an error that has a metric of its own (a composite that failed to build)."""
+        if error.code == "adapter_build_failed":
+            self.metrics.composite_build_failures.inc()
+
     def _admit(self) -> _Ticket:
         if self.inflight >= self.settings.max_inflight_requests:
             raise TooManyRequests(
@@ -280,12 +290,10 @@ class OpenAIHandler:
             return JSONResponse(builder.final(len(rendered.token_ids)).model_dump(mode="json"))
         except ClientDisconnected:
             status = CLIENT_CLOSED_REQUEST
-            self.metrics.client_disconnects.labels("true" if body.stream else "false").inc()
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
+            return self.client_gone(bool(body.stream))
         except ApiError as e:
             status = e.status
-            if e.code == "adapter_build_failed":
-                self.metrics.composite_build_failures.inc()
+            self.count_failure(e)
             raise
         finally:
             if not streaming:

@@ -121,12 +121,10 @@ async def serve_batch(handler: Any, http: Request, body: CompletionRequest, rout
         return JSONResponse(merge_completions(request_id, body.model, finals).model_dump(mode="json"))
     except ClientDisconnected:
         status = CLIENT_CLOSED_REQUEST
-        handler.metrics.client_disconnects.labels("false").inc()
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
+        return handler.client_gone(stream=False)
     except ApiError as e:
         status = e.status
-        if e.code == "adapter_build_failed":
-            handler.metrics.composite_build_failures.inc()
+        handler.count_failure(e)
         raise
     finally:
         ticket.release()
