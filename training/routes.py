@@ -142,10 +142,20 @@ class RoutePlanner:
             raise ConfigError(f"route {route.label!r} needs a bundle")
         return self.bundle
 
+    def with_shared(self, mixture: Mixture) -> Mixture:
+        """``mixture`` plus the bundle's shared adapter at weight 1 (unless it names it): what every adapter route
+        of a bundle with a shared adapter serves (student + shared + the route's experts, exactly)."""
+        shared = self.bundle.shared if self.bundle is not None else None
+        if shared is None or shared in mixture.experts:
+            return mixture
+        return Mixture.from_units({**dict(zip(mixture.experts, mixture.units)), shared: mixture.n}, mixture.n)
+
     def expert(self, name: str) -> LoraChoice:
         bundle = self._need_bundle(RouteSpec("expert", name))
         if name not in bundle.experts:
             raise ConfigError(f"route expert:{name}: no such expert in {bundle.root}; it has {sorted(bundle.experts)}")
+        if bundle.shared is not None and name != bundle.shared:
+            return self.mixture(Mixture.one(name))  # on top of the shared adapter
         key = ("expert", name)
         if key not in self._choices:
             entry = bundle.experts[name]
@@ -189,9 +199,27 @@ class RoutePlanner:
     # ------------------------------------------------------------------------ composites
 
     def mixture(self, mixture: Mixture, mode: str = "exact") -> LoraChoice:
-        """The folder computing ``mixture`` under ``mode``: an expert's own folder for one expert at weight 1."""
+        """The folder computing ``mixture`` under ``mode``: an expert's own folder for one expert at weight 1.
+
+        In a bundle with a shared adapter the mixture is served on top of it (`with_shared`); only exact mixing
+        can add it exactly, so a linear composition of such a bundle is refused."""
+        if self.bundle is not None and self.bundle.shared is not None:
+            if mode != "exact":
+                raise ConfigError(f"{self.bundle.root}: a {mode} mixture cannot be served over the shared adapter "
+                                  f"{self.bundle.shared!r}; use exact mixing")
+            mixture = self.with_shared(mixture)
+            if mixture.sole_expert == self.bundle.shared:
+                return self._own_folder(mixture.sole_expert)
+            return self._cached_composite(mixture, mode)
         if mixture.sole_expert is not None:
             return self.expert(mixture.sole_expert)
+        return self._cached_composite(mixture, mode)
+
+    def _own_folder(self, name: str) -> LoraChoice:
+        entry = self._need_bundle(RouteSpec("expert", name)).experts[name]
+        return LoraChoice(expert_adapter(name), entry.path, entry.record.r, ((name, 1.0),))
+
+    def _cached_composite(self, mixture: Mixture, mode: str) -> LoraChoice:
         cache_key = (mode, mixture)
         if cache_key not in self._choices:
             self._choices[cache_key] = self._composite(mixture, mode)

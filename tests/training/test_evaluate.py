@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from mode_cotd.adapter import load_adapter
-from mode_cotd.bundle import add_composition, add_expert, create_bundle, load_bundle
+from mode_cotd.bundle import add_composition, add_expert, create_bundle, load_bundle, set_gate, set_shared
 from mode_cotd.errors import ConfigError
 from mode_cotd.mixing import compose_exact
 from mode_cotd.settings import settings_from_dict
 from mode_cotd.student import student_identity
 from mode_cotd.tasks import score
-from mode_cotd.tiny import random_adapter
+from mode_cotd.tiny import random_adapter, random_gate
 from training.evaluate import EvalConfig, eval_items, evaluate, markdown_table
 from training.gate import GateTrainConfig, train_gate
 from training.routes import RoutePlanner, RouteSpec, parse_route
@@ -178,3 +178,51 @@ def test_every_route_through_vllm(bundle, tiny_student, tmp_path, data_dir, heav
                                                               and report["adapters"][n]["experts"] == {UNSEEN: 1.25,
                                                                                                        "gsm8k": -0.5})}
     assert "| **seen average** |" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def shared_bundle(tmp_path_factory, tiny_student) -> Path:
+    """all_data as the shared adapter, two residual experts, a gate over the residuals, one composition."""
+    root = tmp_path_factory.mktemp("shared") / "bundle"
+    create_bundle(root, student_identity(tiny_student))
+    for seed, name in enumerate(("all_data", "addsub", "gsm8k")):
+        add_expert(root, name, random_adapter(tiny_student, r=4, seed=seed, std=0.3), name)
+    set_shared(root, "all_data")
+    set_gate(root, random_gate(["addsub", "gsm8k"], grid=0.25))
+    add_composition(root, "svamp", {"addsub": 0.75, "gsm8k": 0.25}, "exact", "svamp")
+    add_composition(root, "svamp-linear", {"addsub": 0.75, "gsm8k": 0.25}, "linear", "svamp")
+    return root
+
+
+def _same_delta(folder: Path, expected) -> None:
+    built = load_adapter(folder)
+    for path, (a, b) in expected.modules().items():
+        torch.testing.assert_close(built.modules()[path][1] @ built.modules()[path][0], b @ a)
+
+
+def test_every_adapter_route_of_a_shared_bundle_runs_on_top_of_the_shared_adapter(shared_bundle, tiny_student,
+                                                                                    tmp_path):
+    planner = _planner(shared_bundle, tiny_student, tmp_path / "cache")
+    experts = load_bundle(shared_bundle).experts
+    shared, addsub, gsm8k = (experts[n].load() for n in ("all_data", "addsub", "gsm8k"))
+
+    (own,) = planner.plan(parse_route("expert:addsub"), ["p"], ["addsub"])
+    assert dict(own.experts) == {"addsub": 1.0, "all_data": 1.0} and own.rank == 8
+    _same_delta(own.path, compose_exact([shared, addsub], [1.0, 1.0]))
+
+    (alone,) = planner.plan(parse_route("expert:all_data"), ["p"], ["addsub"])
+    assert alone.path == shared_bundle / "experts" / "all_data", "the shared adapter alone is its own folder"
+
+    (composed,) = planner.plan(parse_route("composition:svamp"), ["p"], ["svamp"])
+    assert dict(composed.experts) == {"addsub": 0.75, "gsm8k": 0.25, "all_data": 1.0}
+    _same_delta(composed.path, compose_exact([shared, addsub, gsm8k], [1.0, 0.75, 0.25]))
+
+    (explicit,) = planner.plan(parse_route('mixture:{"gsm8k": 0.5}'), ["p"], ["gsm8k"])
+    assert dict(explicit.experts) == {"gsm8k": 0.5, "all_data": 1.0}
+
+    for choice in planner.plan(RouteSpec("gate"), ["What is 2 + 3?", "Take the last letters of a b"], ["x", "y"]):
+        assert dict(choice.experts)["all_data"] == 1.0 and len(choice.experts) >= 2
+
+    assert planner.plan(RouteSpec("base"), ["p"], ["x"]) == [None], "the bare student stays bare"
+    with pytest.raises(ConfigError, match="cannot be served over the shared adapter"):
+        planner.plan(parse_route("composition:svamp-linear"), ["p"], ["svamp"])
