@@ -17,6 +17,7 @@ Columns (`COLUMNS`: bundle, route, tasks), in the order they run:
     base                  the frozen student, every task
     gate                  the default bundle's gate: top-2 mixtures of the ten task experts, every task
     shared+own residual   student + all_data + the task's own residual expert (bundles/residual), seen tasks
+    shared+gate residual  student + all_data + the gate's top-2 mixture of residual experts, every task
 
 A column whose bundle is missing is left for a later run (the residual experts are trained by
 training/recipes/residual_experts.py).
@@ -42,6 +43,7 @@ COLUMNS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "base": ("default", "base", ALL),
     "gate": ("default", "gate", ALL),
     "shared+own residual": ("residual", 'mixture:{{"all_data": 1.0, "{task}": 1.0}}', SEEN_TASKS),
+    "shared+gate residual": ("residual", "gate", ALL),
 }
 """Column -> (bundle key, route with {task} filled per unit, the tasks it is evaluated on)."""
 REFERENCES = ("all_data", "base")

@@ -16,7 +16,8 @@ written atomically), each a plain call of the project's own training and evaluat
            SWEEP_TASKS, whose validation prompts all_data never saw; chosen by the greedy accuracy of
            all_data + residual on those prompts (vLLM, the paper's scoring), against all_data alone.
   experts  the ten residual experts with the chosen recipe into ``bundles/residual`` (all_data copied
-           in as the shared adapter; the sweep tasks' winners are reused, not retrained).
+           in and marked as the shared adapter, `manifest.shared`; the sweep tasks' winners are reused, not
+           retrained; the default bundle's gate, whose experts have the same names, routes them).
 
     python -m training.recipes.residual_experts --stage split|sweep|experts|all [--out DIR]
 
@@ -39,7 +40,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mode_cotd.atomic import write_json_atomic
-from mode_cotd.bundle import MANIFEST, add_expert, create_bundle, load_bundle
+from mode_cotd.bundle import (
+    MANIFEST,
+    add_expert,
+    create_bundle,
+    load_bundle,
+    read_manifest,
+    set_gate,
+    set_shared,
+)
 from mode_cotd.data import load_examples, load_task, student_prompt, write_jsonl
 from mode_cotd.format import completion_prompt
 from mode_cotd.student import resolve_student, student_identity
@@ -201,9 +210,10 @@ def sweep(out: Path, student: Path, shared_dir: Path) -> dict:
     return choice
 
 
-def experts(out: Path, bundle: Path, student: Path, shared_dir: Path, choice: dict) -> None:
-    """The ten residual experts with the chosen recipe into ``bundle``; the sweep's winners are copied."""
-
+def experts(out: Path, bundle: Path, student: Path, shared_dir: Path, choice: dict, gate_bundle: Path) -> None:
+    """The ten residual experts with the chosen recipe into ``bundle``; the sweep's winners are copied. Then the
+    bundle is marked as served over its shared adapter, and gets the gate of ``gate_bundle`` (its experts have the
+    residuals' names: the gate routes a prompt to its task, whichever bundle serves the task)."""
     new_bundle(bundle, shared_dir, student)
     recipe = {k: choice[k] for k in ("r", "lora_alpha", "lr", "epochs")}
     for task in SEEN_TASKS:
@@ -214,6 +224,15 @@ def experts(out: Path, bundle: Path, student: Path, shared_dir: Path, choice: di
             print(f"[experts] {task}: the sweep's winner copied", flush=True)
             continue
         train_residual(out, bundle, task, task, recipe, student, shared_dir)
+    set_shared(bundle, SHARED)
+    if read_manifest(bundle).gate is None:
+        source = load_bundle(gate_bundle, student=student, strict=True)
+        if source.gate is None or sorted(source.gate.config.experts) != sorted(SEEN_TASKS):
+            raise SystemExit(f"{gate_bundle}: no gate over the ten seen tasks to route the residual experts")
+        report = json.loads((gate_bundle / "reports" / "gate.json").read_text()) \
+            if (gate_bundle / "reports" / "gate.json").is_file() else None
+        set_gate(bundle, source.gate, {"copied_from": str(gate_bundle), "report": report})
+        print(f"[experts] the gate of {gate_bundle} routes the residual experts", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shared", type=Path, default=Path("bundles/all_data/experts/all_data"),
                         help="the shared adapter the residuals are trained over")
     parser.add_argument("--bundle", type=Path, default=Path("bundles/residual"))
+    parser.add_argument("--gate-bundle", type=Path, default=Path("bundles/default"),
+                        help="the bundle whose gate (over the ten seen tasks) routes the residual experts")
     args = parser.parse_args(argv)
 
 
@@ -238,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         if not choice_path.is_file():
             print(f"no {choice_path}: run --stage sweep first", file=sys.stderr)
             return 2
-        experts(args.out, args.bundle, student, args.shared, json.loads(choice_path.read_text()))
+        experts(args.out, args.bundle, student, args.shared, json.loads(choice_path.read_text()), args.gate_bundle)
     return 0
 
 
