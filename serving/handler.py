@@ -14,7 +14,7 @@ response and chunk carries `mode_cotd`. A client that goes away stops its genera
 until the response starts the handler watches for the disconnect itself, afterwards
 sse-starlette does; either way the generator is closed, which aborts the request in vLLM.
 A completions `prompt` that is a list of several prompts goes to serving/prompt_batch.py; `echo`
-is serving/echo.py; a mixture named in `model` is serving/mixture_names.py.
+is serving/echo.py.
 """
 
 from __future__ import annotations
@@ -40,12 +40,10 @@ from serving.errors import (
     ApiError,
     InternalError,
     InvalidRequest,
-    ModelNotFound,
     ServiceUnavailable,
     TooManyRequests,
 )
 from serving.metrics import ServingMetrics
-from serving.mixture_names import mixture_route
 from serving.prompt_batch import serve_batch
 from serving.prompts import PromptRenderer, RenderedPrompt
 from serving.protocol import (
@@ -147,12 +145,7 @@ class OpenAIHandler:
     # ------------------------------------------------------------------------ steps
 
     def _route(self, http: Request, body: SamplingFields) -> Route:
-        try:
-            route = self.routes.resolve(body.model, body.mixture)
-        except ModelNotFound:  # "mode-cotd:mixture:{...}" (serving/mixture_names.py) is asked only now
-            route = mixture_route(self.routes, body.model, body.mixture)
-            if route is None:
-                raise
+        route = self.routes.resolve(body.model, body.mixture)
         http.state.route = route.kind
         return route
 

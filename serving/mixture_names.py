@@ -4,37 +4,27 @@
     "<served name>:mixture:{"gsm8k": 0.7, "svamp": 0.3}"  JSON, as evaluation writes routes (training/routes.py)
 
 is the same route as model "<served name>" with body field "mixture": {"gsm8k": 0.7, "svamp": 0.3} (kind
-"mixture", validated and rounded by RouteTable.mixture), and answers with the model name as sent. lm-eval's
---model_args splits on commas outside quotes and refuses braces outside JSON, so there the text form goes in
-double quotes: model="mode-cotd:mixture:gsm8k=0.7,svamp=0.3". The handler asks here only when
-RouteTable.resolve found no route, so no other request pays for it.
+"mixture", validated and rounded by serving.routes.RouteTable, whose `resolve` asks here), and answers with the
+model name as sent. lm-eval's --model_args splits on commas outside quotes and refuses braces outside JSON, so
+there the text form goes in double quotes: model="mode-cotd:mixture:gsm8k=0.7,svamp=0.3".
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from typing import Any
 
-from serving.errors import InvalidMixture, InvalidRequest
-from serving.routes import Route, RouteTable
+from serving.errors import InvalidMixture
 
 INFIX = ":mixture:"
-"""Between the served name and the mixture's JSON."""
+"""Between the served name and the mixture."""
 
 
-def mixture_route(routes: RouteTable, model: str, mixture: Any) -> Route | None:
-    """The mixture route `model` names, or None when it names none; InvalidMixture / InvalidRequest when it
-    names a bad one (not JSON, not an object, unknown experts, weights out of range) or `mixture` is also set."""
-    prefix = routes.served_name + INFIX
-    if not model.startswith(prefix):
-        return None
-    if mixture is not None:
-        raise InvalidRequest(f"model {model!r} names a mixture, and the body has one too: give it once",
-                             param="mixture")
+def named_weights(model: str, prefix: str) -> dict[str, Any]:
+    """The {expert: weight} written after `prefix` in `model` (JSON or the text form); InvalidMixture when it is
+    neither. Validating the weights is the route table's (RouteTable.mixture)."""
     text = model[len(prefix):]
-    weights = _json(model, prefix, text) if text.lstrip().startswith("{") else _text_form(model, text)
-    return dataclasses.replace(routes.resolve(routes.served_name, weights), model=model)
+    return _json(model, prefix, text) if text.lstrip().startswith("{") else _text_form(model, text)
 
 
 def _json(model: str, prefix: str, text: str) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from mode_cotd.errors import BundleError, ConfigError
 from mode_cotd.mixture import Mixture
 from mode_cotd.routes import explicit_mixture, mixture_grid
 from serving.errors import InvalidMixture, InvalidRequest, ModelNotFound
+from serving.mixture_names import INFIX, named_weights
 from serving.protocol import AdapterSpec
 
 MAX_MIXTURE_WEIGHT = 16.0
@@ -104,7 +105,15 @@ class RouteTable:
     # ------------------------------------------------------------------------ resolving
 
     def resolve(self, model: str, mixture: dict[str, Any] | None = None) -> Route:
-        """The route for `model` (+ explicit `mixture`); ModelNotFound / InvalidMixture / InvalidRequest."""
+        """The route for `model` (+ explicit `mixture`); ModelNotFound / InvalidMixture / InvalidRequest.
+
+        A mixture may also be named in `model` ("<served name>:mixture:a=0.7,b=0.3", serving/mixture_names.py)."""
+        named = self.served_name + INFIX
+        if model.startswith(named):
+            if mixture is not None:
+                raise InvalidRequest(f"model {model!r} names a mixture, and the body has one too: give it once",
+                                     param="mixture")
+            return Route("mixture", model, adapter=AdapterSpec(self.mixture(named_weights(model, named))))
         if mixture is not None:
             if model != self.served_name:
                 raise InvalidRequest(

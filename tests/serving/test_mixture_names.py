@@ -6,20 +6,20 @@ import json
 
 import pytest
 
-from serving.errors import InvalidMixture, InvalidRequest
-from serving.mixture_names import mixture_route
+from serving.errors import InvalidMixture, InvalidRequest, ModelNotFound
 
 from .served import assert_openai_error, completion
 
 
 def test_a_mixture_name_is_the_mixture_route(served):
     model = "mode-cotd:mixture:" + json.dumps({"alpha": 0.25, "beta": 0.75})
-    route = mixture_route(served.routes, model, None)
+    route = served.routes.resolve(model)
     body_route = served.routes.resolve("mode-cotd", {"alpha": 0.25, "beta": 0.75})
     assert (route.kind, route.adapter, route.model) == ("mixture", body_route.adapter, model)
-    assert mixture_route(served.routes, "mode-cotd:mixture:alpha=0.25,beta=0.75", None).adapter == body_route.adapter
-    assert mixture_route(served.routes, "mode-cotd:alpha", None) is None
-    assert mixture_route(served.routes, "other:mixture:{}", None) is None
+    assert served.routes.resolve("mode-cotd:mixture:alpha=0.25,beta=0.75").adapter == body_route.adapter
+    assert served.routes.resolve("mode-cotd:alpha").kind == "expert"
+    with pytest.raises(ModelNotFound):
+        served.routes.resolve("other:mixture:{}")
 
 
 @pytest.mark.parametrize("tail, error, words", [
@@ -33,12 +33,12 @@ def test_a_mixture_name_is_the_mixture_route(served):
 ])
 def test_bad_mixture_names(served, tail, error, words):
     with pytest.raises(error, match=words):
-        mixture_route(served.routes, "mode-cotd:mixture:" + tail, None)
+        served.routes.resolve("mode-cotd:mixture:" + tail)
 
 
 def test_a_mixture_in_both_model_and_body_is_refused(served):
     with pytest.raises(InvalidRequest, match="give it once"):
-        mixture_route(served.routes, 'mode-cotd:mixture:{"alpha": 1}', {"alpha": 1})
+        served.routes.resolve('mode-cotd:mixture:{"alpha": 1}', {"alpha": 1})
 
 
 def test_the_api_serves_a_mixture_name(served):
