@@ -209,15 +209,11 @@ class RoutePlanner:
                                   f"{self.bundle.shared!r}; use exact mixing")
             mixture = self.with_shared(mixture)
             if mixture.sole_expert == self.bundle.shared:
-                return self._own_folder(mixture.sole_expert)
+                return self.expert(mixture.sole_expert)  # the shared adapter alone: its own folder
             return self._cached_composite(mixture, mode)
         if mixture.sole_expert is not None:
             return self.expert(mixture.sole_expert)
         return self._cached_composite(mixture, mode)
-
-    def _own_folder(self, name: str) -> LoraChoice:
-        entry = self._need_bundle(RouteSpec("expert", name)).experts[name]
-        return LoraChoice(expert_adapter(name), entry.path, entry.record.r, ((name, 1.0),))
 
     def _cached_composite(self, mixture: Mixture, mode: str) -> LoraChoice:
         cache_key = (mode, mixture)
