@@ -105,7 +105,6 @@ def split_task(task: str, n: int) -> Split:
 
 def split(out: Path) -> dict[str, Split]:
     """Write <out>/data/<task>.train.jsonl and .val.jsonl for every seen task; the splits."""
-
     splits = {}
     for task in SEEN_TASKS:
         examples = [e for e in load_task(task, "train") if e.rationale is not None]
@@ -133,7 +132,6 @@ def new_bundle(root: Path, shared_dir: Path, student: Path) -> None:
 
 def train_residual(out: Path, bundle: Path, task: str, name: str, recipe: dict, student: Path, shared_dir: Path) -> dict:
     """Distil one residual expert ``name`` for ``task`` into ``bundle`` (skipped when it is there)."""
-
     if (bundle / "experts" / name / "adapter_model.safetensors").is_file():
         return {"expert_dir": str(bundle / "experts" / name), "skipped": True}
     started = time.perf_counter()
@@ -156,7 +154,6 @@ def val_items(out: Path, task: str) -> list:
 
 def val_accuracy(out: Path, bundle: Path, student: Path, units: dict[str, tuple[str, str]]) -> None:
     """Greedy validation accuracy of each pending unit {slug: (task, route)}; one file per unit in <out>/val/."""
-
     pending = {slug: u for slug, u in units.items() if not (out / "val" / f"{slug}.json").is_file()}
     if not pending:
         return
