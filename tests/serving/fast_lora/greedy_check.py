@@ -31,7 +31,7 @@ def main(student: str, expert_a: str, expert_b: str) -> None:
     from vllm.platforms import current_platform
 
     llm = LLM(model=student, enable_lora=True, max_lora_rank=8, max_loras=4, max_model_len=512, dtype="bfloat16",
-              seed=0, gpu_memory_utilization=0.1)
+              seed=0, kv_cache_memory_bytes=256 * 2**20)
     params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True, logprobs=TOP_LOGPROBS)
     a, b = LoRARequest("a", 1, expert_a), LoRARequest("b", 2, expert_b)
     one = llm.generate(PROMPTS, params, lora_request=[a] * len(PROMPTS), use_tqdm=False)

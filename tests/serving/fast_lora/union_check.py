@@ -31,7 +31,7 @@ def main(student: str, experts_dir: str, dtype: str) -> None:
     work = Path(tempfile.mkdtemp())
     union = MixtureUnion.for_experts(experts, work, grid_units=20, max_lora_rank=16)
     llm = LLM(model=student, enable_lora=True, max_lora_rank=16, max_loras=len(experts) + 8, max_model_len=512,
-              dtype=dtype, seed=0, gpu_memory_utilization=0.1)
+              dtype=dtype, seed=0, kv_cache_memory_bytes=256 * 2**20)
     for member in union.members:
         assert llm.llm_engine.add_lora(LoRARequest(member.name, member.lora_id, member.path))
         assert llm.llm_engine.pin_lora(member.lora_id)
