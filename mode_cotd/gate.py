@@ -55,6 +55,12 @@ class GateConfig:
     """Name in mode_cotd.featurise.FEATURISERS of the featuriser that makes the gate's input."""
     normalise_features: bool = True
     """Apply a parameter-free LayerNorm to the features before the first linear layer."""
+    abstain_below: float = 0.0
+    """When the most probable expert's probability is below this, the gate abstains: the prompt goes to
+    `abstain_to` alone, at weight 1 ("no expert fits"). 0: never abstains."""
+    abstain_to: str | None = None
+    """Where an abstention goes: the bundle's shared adapter (manifest.shared), never one of `experts`. Needed
+    when abstain_below > 0."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.experts, (list, tuple)) or not self.experts:
@@ -78,6 +84,15 @@ class GateConfig:
             )
         if not isinstance(self.normalise_features, bool):
             raise ConfigError("gate config: 'normalise_features' must be true or false")
+        a = self.abstain_below
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 1:
+            raise ConfigError(f"gate config: 'abstain_below' must be a number in [0, 1], got {a!r}")
+        if self.abstain_to is not None:
+            check_name(self.abstain_to, "gate config: 'abstain_to'")
+            if self.abstain_to in self.experts:
+                raise ConfigError(f"gate config: 'abstain_to' {self.abstain_to!r} is one of the routed experts")
+        elif a > 0:
+            raise ConfigError("gate config: 'abstain_below' > 0 needs 'abstain_to' (the shared adapter)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -122,9 +137,11 @@ class Gate(nn.Module):
 
     @torch.no_grad()
     def mixtures(self, features: torch.Tensor) -> list[Mixture]:
-        """One Mixture per row of features [B, D]: top-k, renormalised, rounded to the grid (units of 1/n)."""
+        """One Mixture per row of features [B, D]: top-k, renormalised, rounded to the grid (units of 1/n); or
+        `abstain_to` alone where the top probability is below `abstain_below`."""
         n = grid_units(self.config.grid)
         probs = self.probabilities(features).double()  # [B, E]
+        abstain = (probs.max(1).values < self.config.abstain_below).tolist()  # [B]
         order = torch.sort(probs, dim=1, descending=True, stable=True).indices[
             :, : self.config.top_k
         ]  # [B, k]
@@ -132,8 +149,9 @@ class Gate(nn.Module):
         units = round_to_grid(top / top.sum(1, keepdim=True), n)  # [B, k]
         names = self.config.experts
         return [
-            Mixture.from_units({names[i]: u for i, u in zip(row_idx, row_units)}, n)
-            for row_idx, row_units in zip(order.tolist(), units.tolist())
+            Mixture.one(self.config.abstain_to) if skip
+            else Mixture.from_units({names[i]: u for i, u in zip(row_idx, row_units)}, n)
+            for row_idx, row_units, skip in zip(order.tolist(), units.tolist(), abstain)
         ]
 
 

@@ -20,6 +20,10 @@ Adapter names (vLLM's lora_name) and composite folders:
     <mode>-<mixture digest>[-<experts>]-r<max rank>    a composite's folder (`composite_folder`); evaluation
                                                        adds a fingerprint of the experts' files
     composite-<folder>                                 a composite (`composite_adapter`)
+
+A bundle with a shared adapter (`manifest.shared`, issue 27: experts trained as residuals over it) serves every
+adapter route on top of it: the route's mixture plus the shared adapter at weight 1, exactly (`with_shared`).
+The shared adapter alone is its own expert route; the base route stays the bare student.
 """
 
 from __future__ import annotations
@@ -46,6 +50,15 @@ def explicit_mixture(weights: Any, grid: float, experts: Sequence[str]) -> Mixtu
     `grid` (the gate's, so that equal mixtures share one adapter), zero weights dropped. ConfigError names an
     expert not in `experts`, a weight that is not a finite number, or a mixture with nothing left."""
     return Mixture.from_dict(weights, grid, known_experts=experts, normalise=False)
+
+
+def with_shared(mixture: Mixture, shared: str | None) -> Mixture:
+    """`mixture` plus the shared adapter `shared` at weight 1: what an adapter route of a bundle with a shared
+    adapter serves (student + shared + the route's experts, ΔW = ΔW_shared + Σᵢ wᵢ ΔWᵢ). Unchanged when there is
+    no shared adapter or the mixture already names it (its weight is then the mixture's own)."""
+    if shared is None or shared in mixture.experts:
+        return mixture
+    return Mixture.from_units({**dict(zip(mixture.experts, mixture.units)), shared: mixture.n}, mixture.n)
 
 
 def expert_adapter(expert: str) -> str:

@@ -105,10 +105,11 @@ class AdapterCache:
         slots: LoraSlots | None = None,
         roots: list[Path] | None = None,
         union: MixtureUnion | None = None,
+        shared: str | None = None,
     ):
         if max_entries < 1:
             raise ValueError("max_entries must be >= 1")
-        self.resolver = AdapterResolver(experts, cache_dir, max_lora_rank, roots, union)
+        self.resolver = AdapterResolver(experts, cache_dir, max_lora_rank, roots, union, shared)
         self.experts = self.resolver.experts
         self.cache_dir = Path(cache_dir)
         self.max_lora_rank = max_lora_rank
@@ -135,8 +136,8 @@ class AdapterCache:
         return self.resolver.pinned()
 
     def key(self, spec: AdapterSpec) -> str:
-        """The cache key (folder name) of the composite of `spec`."""
-        return self.resolver.composite_key(spec)
+        """The cache key (folder name) of the composite of `spec` (on top of the shared adapter, if any)."""
+        return self.resolver.composite_key(self.resolver.served_spec(spec))
 
     def _composite_target(self, key: str) -> LoraTarget:
         return self.resolver.composite_target(key)
@@ -154,7 +155,7 @@ class AdapterCache:
         resolved = self.resolver.resolve(spec)
         if resolved.target is not None:
             return Lease(resolved.target, resolved.outcome)
-        key = resolved.key
+        key, spec = resolved.key, resolved.spec
         self._users[key] += 1
         try:
             if key in self._ready and key not in self._pending and not self._unchanged(key):

@@ -4,6 +4,12 @@
     a mixture the union encodes     a mixture id over the union's placeholder (serving.mixture_union) "union"
     any other mixture, or "linear"  a composite, named by mode_cotd.routes.composite_folder        "composite"
 
+In a bundle with a shared adapter (`manifest.shared`), every spec is first put on top of it
+(mode_cotd.routes.with_shared: the shared adapter at weight 1, exact), so one expert, a gate
+mixture or an explicit one is served as student + shared + the route's experts; the shared
+adapter alone is its own expert. A linear spec is refused there: only exact mixing adds the
+shared adapter exactly.
+
 The resolver decides; it builds nothing. A composite's folder is built, cached and evicted by
 serving.adapter_cache, which asks the resolver first.
 
@@ -20,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mode_cotd.errors import ConfigError
-from mode_cotd.routes import composite_adapter, composite_folder, expert_adapter
+from mode_cotd.routes import composite_adapter, composite_folder, expert_adapter, with_shared
 from serving.errors import InternalError, InvalidMixture
 from serving.mixture_union import MixtureUnion
 from serving.protocol import AdapterSpec, LoraTarget
@@ -41,13 +47,20 @@ class Resolved:
     """What vLLM loads; None for a composite, which the adapter cache gets ready first."""
     key: str | None = None
     """A composite's folder name under the cache dir (its cache key); None otherwise."""
+    spec: AdapterSpec | None = None
+    """What is served: the spec asked for, on top of the shared adapter where the bundle has one."""
 
 
 class AdapterResolver:
     """Adapter specs -> what serves them, for one bundle's experts (see the module docstring)."""
 
     def __init__(self, experts: dict[str, Path], cache_dir: Path, max_lora_rank: int,
-                 roots: list[Path] | None = None, union: MixtureUnion | None = None):
+                 roots: list[Path] | None = None, union: MixtureUnion | None = None, shared: str | None = None):
+        if shared is not None and shared not in experts:
+            raise ConfigError(f"the shared adapter {shared!r} is not one of the experts {sorted(experts)}")
+        if union is not None and union.shared != shared:
+            raise ConfigError(f"the mixture union's shared adapter {union.shared!r} is not the bundle's {shared!r}")
+        self.shared = shared
         self.experts = {name: Path(path) for name, path in experts.items()}
         self.cache_dir = Path(cache_dir)
         self.max_lora_rank = max_lora_rank
@@ -60,17 +73,28 @@ class AdapterResolver:
         self._ids: dict[int, str] = {}
 
     def resolve(self, spec: AdapterSpec) -> Resolved:
-        """What serves `spec`; InvalidMixture for one expert that is not in the bundle."""
+        """What serves `spec`; InvalidMixture for one expert that is not in the bundle, or a linear spec over a
+        shared adapter."""
+        spec = self.served_spec(spec)
         expert = spec.single_expert()
         if expert is not None:
             if expert not in self.experts:
                 raise InvalidMixture(f"unknown expert {expert!r}", param="mixture")
             member = self.union.member(expert) if self.union is not None else None
-            return Resolved("expert", member or self.target(expert_adapter(expert), self.experts[expert]))
+            return Resolved("expert", member or self.target(expert_adapter(expert), self.experts[expert]), spec=spec)
         mixture = self.union.target(spec) if self.union is not None else None
         if mixture is not None:
-            return Resolved("union", mixture)
-        return Resolved("composite", key=self.composite_key(spec))
+            return Resolved("union", mixture, spec=spec)
+        return Resolved("composite", key=self.composite_key(spec), spec=spec)
+
+    def served_spec(self, spec: AdapterSpec) -> AdapterSpec:
+        """`spec` as served: on top of the shared adapter (exact) where the bundle has one."""
+        if self.shared is None:
+            return spec
+        if spec.mode != "exact":
+            raise InvalidMixture(f"a {spec.mode} mixture cannot be served over the shared adapter {self.shared!r}: "
+                                 "only exact mixing adds it exactly", param="mixture")
+        return AdapterSpec(with_shared(spec.mixture, self.shared), "exact")
 
     def pinned(self) -> list[LoraTarget]:
         """Adapters the engine must load and pin before serving: the union's members (if any)."""

@@ -109,7 +109,7 @@ def student_service(
     union = None
     if settings.engine.mixture_union and settings.engine.fast_lora and fast_lora_applies():
         grid = route_table(settings, bundle).grid
-        union = MixtureUnion.for_experts(experts, cache_dir, grid_units(grid), rank)
+        union = MixtureUnion.for_experts(experts, cache_dir, grid_units(grid), rank, bundle.shared)
     cache = AdapterCache(
         experts=experts,
         cache_dir=cache_dir,
@@ -118,6 +118,7 @@ def student_service(
         slots=engine,
         roots=[bundle.root],
         union=union,
+        shared=bundle.shared,
     )
     queued = settings.engine.max_queued_requests
     max_open = None if queued is None else settings.engine.max_num_seqs + queued

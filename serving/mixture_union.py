@@ -12,8 +12,16 @@ experts needs no composite adapter (docs/performance.md, "Mixtures"):
 - any other mixture (negative weights, weights not summing to 1, "linear" mode) is left to the
   composite cache (`target` returns None).
 
-Eligible bundles: every expert has the same rank b and LoRA only on linear modules (no
-embedding or lm_head LoRA, which the union path does not apply), at most 63 experts.
+A bundle with a shared adapter (`manifest.shared`) puts it last in the union and sets the layout's
+shared bit: every mixture id then weighs the routed experts on the grid and adds the shared block at
+weight 1 (ΔW = ΔW_shared + Σᵢ wᵢ ΔWᵢ). `target` takes the mixture as the route serves it, shared
+included (mode_cotd.routes.with_shared), and encodes it only when the shared weight is exactly 1.
+
+Eligible bundles: LoRA only on linear modules (no embedding or lm_head LoRA, which the union
+path does not apply), at most 63 experts, each of rank at most the engine's max LoRA rank. The
+union's block rank b is the largest expert rank: vLLM zeroes a slot before it loads an adapter
+into it (`reset_lora`), so a smaller expert's rows past its rank are zero and its block computes
+exactly its own sᵢBᵢAᵢ (an r8 all_data under r16 residuals costs 8 zero rows per token, nothing else).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import torch
 
 from mode_cotd.adapter import LoraAdapter, adapter_from_modules, file_checksums, load_adapter, save_adapter
 from mode_cotd.errors import ModeCotdError
+from mode_cotd.mixture import Mixture
 from mode_cotd.routes import expert_adapter, mixture_adapter
 from serving.fast_lora import mixture_ids
 from serving.fast_lora.mixture_ids import UnionLayout
@@ -47,20 +56,26 @@ class MixtureUnion:
     layout: UnionLayout
     """Family (a digest of the experts' files), E and the experts' rank b."""
     names: tuple[str, ...]
-    """Expert names in union order (sorted): expert i is block i."""
+    """Expert names in union order (routed experts sorted, then the shared one): expert i is block i."""
     members: tuple[LoraTarget, ...]
     """One target per expert, under its member id: pinned when the engine starts."""
     placeholder: Path
     """The placeholder adapter folder of mixture ids."""
     grid_units: int
     """n: mixture weights are multiples of 1/n (the route table's grid)."""
+    shared: str | None = None
+    """The shared adapter (the last block, weight 1 under every mixture id), or None."""
 
     @classmethod
     def for_experts(cls, experts: dict[str, Path], cache_dir: Path, grid_units: int,
-                    max_lora_rank: int) -> MixtureUnion | None:
-        """The union of `experts`, writing the placeholder if needed; None (logged) when they are not eligible."""
-        names = tuple(sorted(experts))
-        if not names or len(names) > mixture_ids.MAX_EXPERTS or not 1 <= grid_units <= mixture_ids.MAX_UNITS:
+                    max_lora_rank: int, shared: str | None = None) -> MixtureUnion | None:
+        """The union of `experts` (`shared`, one of them, last), writing the placeholder if needed; None (logged)
+        when they are not eligible."""
+        if shared is not None and shared not in experts:
+            raise ValueError(f"the shared adapter {shared!r} is not one of the experts {sorted(experts)}")
+        names = tuple(sorted(n for n in experts if n != shared)) + ((shared,) if shared is not None else ())
+        if len(names) < 1 + (shared is not None) or len(names) > mixture_ids.MAX_EXPERTS \
+                or not 1 <= grid_units <= mixture_ids.MAX_UNITS:
             logger.info("mixture union off: %d experts, grid of %d units", len(names), grid_units)
             return None
         adapters = {name: load_adapter(experts[name]) for name in names}
@@ -68,17 +83,18 @@ class MixtureUnion:
         if why:
             logger.warning("mixture union off, mixtures are served as composites: %s", why)
             return None
-        rank = adapters[names[0]].r
+        rank = max(a.r for a in adapters.values())  # b: smaller experts' blocks end in zero rows
         digest = hashlib.sha256()
         for name in names:
             digest.update(name.encode("utf-8") + b"\0")
             for file, sha in file_checksums(experts[name]).items():
                 digest.update(f"{file}={sha}\n".encode())
-        layout = UnionLayout(family=digest.digest()[0], experts=len(names), block_rank=rank)
+        layout = UnionLayout(family=digest.digest()[0] & mixture_ids.MAX_FAMILY, experts=len(names),
+                             block_rank=rank, shared=shared is not None)
         members = tuple(LoraTarget(expert_adapter(name), mixture_ids.member_id(layout, i), str(experts[name]))
                         for i, name in enumerate(names))
         placeholder = _write_placeholder(Path(cache_dir), adapters[names[0]])
-        return cls(layout, names, members, placeholder, grid_units)
+        return cls(layout, names, members, placeholder, grid_units, shared)
 
     def member(self, expert: str) -> LoraTarget | None:
         """The pinned target of one expert (None: not an expert of the union)."""
@@ -88,7 +104,13 @@ class MixtureUnion:
         """The mixture id target of `spec`, or None when the union cannot serve it (left to composites)."""
         if spec.mode != "exact":
             return None
-        units = spec.mixture.units_on(self.names, self.grid_units)  # None: another expert, or off the grid
+        mixture = spec.mixture
+        if self.shared is not None:  # the shared adapter at exactly weight 1, the rest on the routed experts
+            units = dict(zip(mixture.experts, mixture.units))
+            if units.pop(self.shared, None) != mixture.n or not units:
+                return None
+            mixture = Mixture.from_units(units, mixture.n)
+        units = mixture.units_on(self.names[:self.layout.routed], self.grid_units)  # None: off the grid, ...
         lora_id = None if units is None else mixture_ids.encode(self.layout, units, self.grid_units)
         if lora_id is None:
             return None
@@ -98,11 +120,9 @@ class MixtureUnion:
 def _ineligible(adapters: dict[str, LoraAdapter], max_lora_rank: int) -> str | None:
     """Why these experts cannot form a union, or None."""
     ranks = {name: a.r for name, a in adapters.items()}
-    if len(set(ranks.values())) > 1:
-        return f"the experts' ranks differ: {ranks}"
-    rank = next(iter(ranks.values()))
-    if rank > min(max_lora_rank, mixture_ids.MAX_BLOCK_RANK):
-        return f"expert rank {rank} is over the engine's max LoRA rank {max_lora_rank}"
+    over = {name: r for name, r in ranks.items() if r > min(max_lora_rank, mixture_ids.MAX_BLOCK_RANK)}
+    if over:
+        return f"expert ranks {over} are over the engine's max LoRA rank {max_lora_rank}"
     for name, adapter in adapters.items():
         bad = sorted(set(adapter.target_modules) & set(UNSUPPORTED_MODULES))
         if bad:

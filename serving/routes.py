@@ -12,6 +12,10 @@ Explicit mixtures are exact: weights are used as given (negative allowed), round
 grid (the gate's, so that equal mixtures share one composite), zero weights dropped
 (mode_cotd.routes.explicit_mixture); here they are also bounded by MAX_MIXTURE_WEIGHT.
 The route kinds are mode_cotd.routes.ROUTE_KINDS (all but "task", which only evaluation has).
+
+In a bundle with a shared adapter every adapter route is served on top of it (the adapter resolver adds it:
+mode_cotd.routes.with_shared); /v1/models lists each route's experts with it, and "mode-cotd:<shared>" is the
+shared adapter alone.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any
 from mode_cotd.bundle import COMPOSITION_MODES, Bundle
 from mode_cotd.errors import BundleError, ConfigError
 from mode_cotd.mixture import Mixture
-from mode_cotd.routes import explicit_mixture, mixture_grid
+from mode_cotd.routes import explicit_mixture, mixture_grid, with_shared
 from serving.errors import InvalidMixture, InvalidRequest, ModelNotFound
 from serving.mixture_names import INFIX, named_weights
 from serving.protocol import AdapterSpec
@@ -77,6 +81,8 @@ class RouteTable:
     """Experts the gate routes to (None: the bundle has no gate, so no gate route)."""
     grid: float
     """Grid explicit mixtures are rounded to."""
+    shared: str | None = None
+    """The bundle's shared adapter, under every adapter route at weight 1 (None: the bundle has none)."""
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, student_name: str, served_name: str, default_grid: float) -> RouteTable:
@@ -96,6 +102,7 @@ class RouteTable:
             compositions=compositions,
             gate_experts=list(gate.config.experts) if gate is not None else None,
             grid=mixture_grid(bundle, default_grid),
+            shared=bundle.shared,
         )
 
     def __post_init__(self) -> None:
@@ -160,13 +167,16 @@ class RouteTable:
         """Every route, as /v1/models lists it."""
         entries = []
         if self.gate_experts is not None:
-            entries.append(ModelEntry(self.served_name, "gate", None, list(self.gate_experts)))
+            gate = [*self.gate_experts, *([self.shared] if self.shared is not None else [])]
+            entries.append(ModelEntry(self.served_name, "gate", None, gate))
         clash = set(self.experts) & set(self.compositions)
         for name in self.experts:
-            entries.append(ModelEntry(f"{self.served_name}:{name}", "expert", {name: 1.0}, [name]))
+            served = with_shared(Mixture.one(name), self.shared)
+            entries.append(ModelEntry(f"{self.served_name}:{name}", "expert", served.as_dict(), list(served.experts)))
         for name, spec in self.compositions.items():
             model = f"{self.served_name}:composition:{name}" if name in clash else f"{self.served_name}:{name}"
-            entries.append(ModelEntry(model, "composition", spec.mixture.as_dict(), list(spec.mixture.experts)))
+            served = with_shared(spec.mixture, self.shared)
+            entries.append(ModelEntry(model, "composition", served.as_dict(), list(served.experts)))
         entries.append(ModelEntry(self.student_name, "base", {}))
         return entries
 

@@ -116,8 +116,9 @@ class EngineSettings:
     vLLM's CPU backend with fast_lora only (vLLM itself never compiles a CPU LoRA engine); off with enforce_eager."""
     mixture_union: bool = True
     """Serve mixtures without composites: the bundle's experts pinned in vLLM, each mixture an id that encodes
-    its weights, applied by the grouped ops (serving/mixture_union.py). Needs fast_lora, experts of one rank
-    on linear modules only, and weights on the grid summing to 1; other mixtures still get composites."""
+    its weights, applied by the grouped ops (serving/mixture_union.py). Needs fast_lora, experts on linear
+    modules only, and weights on the grid summing to 1 (plus the shared adapter at 1, where the bundle has one);
+    other mixtures still get composites."""
     seed: int = 0
     """Engine seed (per-request `seed` still applies)."""
     extra: dict[str, Any] = field(default_factory=dict)

@@ -41,6 +41,7 @@ from mode_cotd.routes import (
     expert_adapter,
     explicit_mixture,
     mixture_grid,
+    with_shared,
 )
 from training.gate import featurise
 
@@ -143,12 +144,8 @@ class RoutePlanner:
         return self.bundle
 
     def with_shared(self, mixture: Mixture) -> Mixture:
-        """``mixture`` plus the bundle's shared adapter at weight 1 (unless it names it): what every adapter route
-        of a bundle with a shared adapter serves (student + shared + the route's experts, exactly)."""
-        shared = self.bundle.shared if self.bundle is not None else None
-        if shared is None or shared in mixture.experts:
-            return mixture
-        return Mixture.from_units({**dict(zip(mixture.experts, mixture.units)), shared: mixture.n}, mixture.n)
+        """``mixture`` on top of the bundle's shared adapter (mode_cotd.routes.with_shared)."""
+        return with_shared(mixture, self.bundle.shared if self.bundle is not None else None)
 
     def expert(self, name: str) -> LoraChoice:
         bundle = self._need_bundle(RouteSpec("expert", name))

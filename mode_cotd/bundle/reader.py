@@ -18,6 +18,7 @@ from mode_cotd.bundle.schema import (
     ExpertRecord,
     GateRecord,
     Manifest,
+    linear_over_shared,
     mixed_ranks,
     resolve_inside,
 )
@@ -236,6 +237,10 @@ def load_bundle(
         fault(BundleError(f"{manifest_path}: the gate routes to the shared adapter {manifest.shared!r}, which is "
                           "always on"))
         gate = None
+    if gate is not None and gate.config.abstain_to not in (None, manifest.shared):
+        fault(BundleError(f"{manifest_path}: the gate abstains to {gate.config.abstain_to!r}, which is not the "
+                          f"bundle's shared adapter ({manifest.shared!r})"))
+        gate = None
 
     compositions: dict[str, CompositionRecord] = {}
     for name, record in manifest.compositions.items():
@@ -243,7 +248,8 @@ def load_bundle(
         if unknown:
             fault(BundleError(f"{manifest_path}: composition {name!r} names unknown experts {unknown}"))
             continue
-        mixed = mixed_ranks(record.mode, record.weights, manifest.experts)
+        mixed = mixed_ranks(record.mode, record.weights, manifest.experts) or linear_over_shared(record.mode,
+                                                                                                  manifest.shared)
         if mixed:
             fault(BundleError(f"{manifest_path}: composition {name!r}: {mixed}"))
             continue

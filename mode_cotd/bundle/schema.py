@@ -271,3 +271,12 @@ def mixed_ranks(mode: str, weights: dict[str, float], experts: dict[str, ExpertR
     if mode == "linear" and len(set(ranks.values())) > 1:
         return f"linear mixing needs experts of one rank, got ranks {ranks}; use mode 'exact'"
     return None
+
+
+def linear_over_shared(mode: str, shared: str | None) -> str | None:
+    """Why a composition cannot be served in a bundle with a shared adapter (only exact mixing adds it exactly:
+    linear mixing of the shared adapter's factors with the route's would mix their cross terms), or None."""
+    if mode == "linear" and shared is not None:
+        return (f"a linear composition cannot be served over the shared adapter {shared!r} (only exact mixing adds "
+                "it exactly); use mode 'exact'")
+    return None

@@ -25,6 +25,7 @@ from mode_cotd.bundle.schema import (
     GateRecord,
     Manifest,
     StudentIdentity,
+    linear_over_shared,
     mixed_ranks,
     resolve_inside,
 )
@@ -125,6 +126,10 @@ def set_shared(root: str | Path, name: str | None) -> None:
     manifest = read_manifest(root)
     if name is not None and name not in manifest.experts:
         raise ConfigError(f"shared adapter {name!r} is not an expert of the bundle {root}: {sorted(manifest.experts)}")
+    for composition, record in manifest.compositions.items():
+        why = linear_over_shared(record.mode, name)
+        if why:
+            raise ConfigError(f"composition {composition!r}: {why}")
     manifest.shared = name
     _write_manifest(root, manifest)
 
@@ -149,7 +154,7 @@ def add_composition(
             )
     if mode not in COMPOSITION_MODES:
         raise ConfigError(f"composition {name!r}: mode must be one of {COMPOSITION_MODES}, got {mode!r}")
-    mixed = mixed_ranks(mode, weights, manifest.experts)
+    mixed = mixed_ranks(mode, weights, manifest.experts) or linear_over_shared(mode, manifest.shared)
     if mixed:
         raise ConfigError(f"composition {name!r}: {mixed}")
     if not isinstance(task, str) or not task:

@@ -12,14 +12,19 @@ adapters.
 Layout of an id (a positive int64, as vLLM stores LoRA ids):
 
     bit 62        tag: 1 for mixture and member ids (mode-cotd's other ids are below 2⁴⁹)
-    bits 54–61    family: 8 bits of the union's digest, so ids of different unions never match
+    bits 55–61    family: 7 bits of the union's digest, so ids of different unions never match
+    bit 54        shared: 1 when the union's last block is a shared adapter (a bundle's `manifest.shared`),
+                  applied at weight 1 under every mixture of the union
     bits 48–53    E, the number of experts in the union (1–63)
     bits 40–47    b, the rank of each expert's block (1–255)
     bits 33–39    n, grid units per 1 (1–127); 0 marks a member id
-    bits 0–32     mixture: which weight vector, the mixture's id over the union's experts: the rank
-                  of its units (u₁, …, u_E), uᵢ ≥ 0, Σuᵢ = n, wᵢ = uᵢ / n
-                  (mode_cotd.mixture.rank_units: colexicographic, stars and bars);
+    bits 0–32     mixture: which weight vector, the mixture's id over the union's routed experts
+                  (all E, or the first E-1 when shared): the rank of its units (u₁, …, u_R), uᵢ ≥ 0,
+                  Σuᵢ = n, wᵢ = uᵢ / n (mode_cotd.mixture.rank_units: colexicographic, stars and bars);
                   member: its index i (0 … E-1)
+
+Block weights of a mixture id: (u₁/n, …, u_E/n), or (u₁/n, …, u_{E-1}/n, 1) in a shared union, so that
+ΔW = ΔW_shared + Σᵢ wᵢ ΔWᵢ.
 
 Only non-negative weights that sum to 1 on the grid are encodable (the gate's mixtures always
 are; mode_cotd.mixture.Mixture.units_on gives their units over a union's experts); anything
@@ -33,9 +38,9 @@ from dataclasses import dataclass
 from mode_cotd.mixture import count_units, rank_units, unrank_units
 
 TAG = 1 << 62
-_FAMILY, _E, _B, _N = 54, 48, 40, 33
+_FAMILY, _SHARED, _E, _B, _N = 55, 54, 48, 40, 33
 _CODE_BITS = 33
-MAX_EXPERTS, MAX_BLOCK_RANK, MAX_UNITS = 63, 255, 127
+MAX_EXPERTS, MAX_BLOCK_RANK, MAX_UNITS, MAX_FAMILY = 63, 255, 127, 127
 
 
 @dataclass(frozen=True)
@@ -43,23 +48,31 @@ class UnionLayout:
     """Which union a mixture id refers to, and how its rank blocks are laid out."""
 
     family: int
-    """8 bits of the union's digest (0–255)."""
+    """7 bits of the union's digest (0–127)."""
     experts: int
     """E: rank blocks in the union, one per expert, in the union's order."""
     block_rank: int
     """b: rows of A (columns of B) per block; the union's rank is E·b."""
+    shared: bool = False
+    """True: block E-1 is a shared adapter at weight 1 under every mixture; mixtures weigh blocks 0 … E-2."""
 
     def __post_init__(self) -> None:
-        if not 0 <= self.family <= 255:
-            raise ValueError(f"family must be in 0..255, got {self.family}")
-        if not 1 <= self.experts <= MAX_EXPERTS:
-            raise ValueError(f"a union holds 1..{MAX_EXPERTS} experts, got {self.experts}")
+        if not 0 <= self.family <= MAX_FAMILY:
+            raise ValueError(f"family must be in 0..{MAX_FAMILY}, got {self.family}")
+        if not 1 + self.shared <= self.experts <= MAX_EXPERTS:
+            raise ValueError(f"a union holds {1 + self.shared}..{MAX_EXPERTS} experts, got {self.experts}"
+                             + (" (a shared one and at least one routed)" if self.shared else ""))
         if not 1 <= self.block_rank <= MAX_BLOCK_RANK:
             raise ValueError(f"block rank must be in 1..{MAX_BLOCK_RANK}, got {self.block_rank}")
 
     @property
     def rank(self) -> int:
         return self.experts * self.block_rank
+
+    @property
+    def routed(self) -> int:
+        """R: the blocks a mixture weighs (E, or E-1 when the last is shared)."""
+        return self.experts - self.shared
 
 
 @dataclass(frozen=True)
@@ -68,18 +81,19 @@ class MixtureCode:
 
     layout: UnionLayout
     units: tuple[int, ...]
-    """uᵢ ≥ 0 per expert, Σuᵢ = n."""
+    """uᵢ ≥ 0 per routed expert (layout.routed of them), Σuᵢ = n."""
     n: int
     """Grid units per 1: wᵢ = uᵢ / n."""
 
     @property
     def weights(self) -> tuple[float, ...]:
-        """wᵢ = uᵢ / n as floats: the block scales."""
-        return tuple(u / self.n for u in self.units)
+        """The E block scales: wᵢ = uᵢ / n as floats, then 1.0 for a shared block."""
+        return tuple(u / self.n for u in self.units) + ((1.0,) if self.layout.shared else ())
 
 
 def _header(layout: UnionLayout, n: int) -> int:
-    return TAG | layout.family << _FAMILY | layout.experts << _E | layout.block_rank << _B | n << _N
+    return (TAG | layout.family << _FAMILY | int(layout.shared) << _SHARED | layout.experts << _E
+            | layout.block_rank << _B | n << _N)
 
 
 @dataclass(frozen=True)
@@ -98,10 +112,11 @@ def member_id(layout: UnionLayout, index: int) -> int:
 
 
 def encode(layout: UnionLayout, units: list[int] | tuple[int, ...], n: int) -> int | None:
-    """The mixture id of weights uᵢ/n, or None when they cannot be encoded (negative, not summing to n, too many)."""
-    if len(units) != layout.experts or not 1 <= n <= MAX_UNITS or any(u < 0 for u in units) or sum(units) != n:
+    """The mixture id of weights uᵢ/n over the layout's routed experts, or None when they cannot be encoded
+    (negative, not summing to n, too many)."""
+    if len(units) != layout.routed or not 1 <= n <= MAX_UNITS or any(u < 0 for u in units) or sum(units) != n:
         return None
-    if count_units(n, layout.experts) > 1 << _CODE_BITS:
+    if count_units(n, layout.routed) > 1 << _CODE_BITS:
         return None
     return _header(layout, n) | rank_units(units)
 
@@ -110,10 +125,14 @@ def decode(lora_id: int) -> MemberCode | MixtureCode | None:
     """A mixture id -> MixtureCode, a member id -> MemberCode, anything else -> None."""
     if lora_id <= 0 or not lora_id & TAG or lora_id >> 63:
         return None
-    layout = UnionLayout((lora_id >> _FAMILY) & 0xFF, (lora_id >> _E) & 0x3F, (lora_id >> _B) & 0xFF)
+    shared = bool(lora_id >> _SHARED & 1)
+    experts, block_rank = (lora_id >> _E) & 0x3F, (lora_id >> _B) & 0xFF
+    if experts < 1 + shared or block_rank < 1:
+        return None
+    layout = UnionLayout((lora_id >> _FAMILY) & MAX_FAMILY, experts, block_rank, shared)
     n = (lora_id >> _N) & 0x7F
     if n == 0:
         index = lora_id & ((1 << _CODE_BITS) - 1)
         return MemberCode(layout, index) if index < layout.experts else None
-    return MixtureCode(layout, unrank_units(lora_id & ((1 << _CODE_BITS) - 1), n, layout.experts), n)
+    return MixtureCode(layout, unrank_units(lora_id & ((1 << _CODE_BITS) - 1), n, layout.routed), n)
 

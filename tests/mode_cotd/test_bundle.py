@@ -325,7 +325,12 @@ def test_linear_composition_of_different_ranks_is_refused_at_load(bundle, tiny_s
 def test_a_shared_adapter_round_trips_and_must_be_an_expert(bundle, tiny_student):
     assert load_bundle(bundle, student=tiny_student).shared is None
     add_expert(bundle, "all_data", tiny_adapter(tiny_student, r=8, seed=2), task="all_data")
+    with pytest.raises(ConfigError, match="composition 'addsub-only': a linear composition cannot be served over"):
+        set_shared(bundle, "all_data")  # only exact mixing adds the shared adapter exactly
+    edit_manifest(bundle, lambda m: m["compositions"].pop("addsub-only"))
     set_shared(bundle, "all_data")
+    with pytest.raises(ConfigError, match="linear composition cannot be served over the shared adapter 'all_data'"):
+        add_composition(bundle, "lin", {"addsub": 1.0}, mode="linear", task="t")
     loaded = load_bundle(bundle, student=tiny_student)
     assert loaded.shared == "all_data" and read_manifest(bundle).shared == "all_data"
     assert loaded.gate is not None  # the gate routes to addsub and gsm8k, not to the shared adapter
@@ -339,13 +344,27 @@ def test_a_shared_adapter_round_trips_and_must_be_an_expert(bundle, tiny_student
 
 
 def test_a_gate_may_not_route_to_the_shared_adapter(bundle, tiny_student):
+    edit_manifest(bundle, lambda m: m["compositions"].pop("addsub-only"))  # linear: not servable over a shared one
     set_shared(bundle, "gsm8k")
     with pytest.raises(BundleError, match="routes to the shared adapter 'gsm8k'"):
         load_bundle(bundle, student=tiny_student)
     assert load_bundle(bundle, student=tiny_student, strict=False).gate is None
 
 
+def test_a_gate_may_abstain_only_to_the_shared_adapter(bundle, tiny_student):
+    edit_manifest(bundle, lambda m: m["compositions"].pop("addsub-only"))
+    add_expert(bundle, "all_data", tiny_adapter(tiny_student, r=8, seed=2), task="all_data")
+    gate = load_bundle(bundle, student=tiny_student).gate
+    gate.config.abstain_below, gate.config.abstain_to = 0.6, "all_data"
+    set_gate(bundle, gate)
+    with pytest.raises(BundleError, match="abstains to 'all_data', which is not the bundle's shared adapter"):
+        load_bundle(bundle, student=tiny_student)
+    set_shared(bundle, "all_data")
+    assert load_bundle(bundle, student=tiny_student).gate.config.abstain_to == "all_data"
+
+
 def test_a_shared_adapter_that_does_not_load_fails_the_bundle(bundle, tiny_student):
+    edit_manifest(bundle, lambda m: m["compositions"].pop("addsub-only"))
     set_shared(bundle, "addsub")
     (bundle / "experts" / "addsub" / "adapter_model.safetensors").write_bytes(b"broken")
     with pytest.raises(BundleError, match="shared adapter 'addsub' did not load"):

@@ -67,6 +67,14 @@ def test_temperature_and_top_1():
     assert [str(k) for k in top1.mixtures(torch.randn(3, 8))] == ["addsub=1.00"] * 3
 
 
+def test_the_gate_abstains_to_the_shared_adapter_below_its_threshold():
+    # max probability 0.5: below 0.6 the prompt goes to all_data alone; at 0.5 (not below) it is routed as usual.
+    unsure = fixed_gate([0.5, 0.2, 0.15, 0.15], abstain_below=0.6, abstain_to="all_data")
+    assert unsure.mixtures(torch.randn(2, 8)) == [Mixture.one("all_data")] * 2
+    sure = fixed_gate([0.5, 0.2, 0.15, 0.15], abstain_below=0.5, abstain_to="all_data")
+    assert [str(m) for m in sure.mixtures(torch.randn(1, 8))] == ["addsub=0.30,svamp=0.70"]
+
+
 def test_round_to_grid_sums_to_one_and_stays_within_a_step():
     torch.manual_seed(0)
     w = torch.softmax(torch.randn(200, 3) * 3, dim=1)  # [B, k]
@@ -146,6 +154,11 @@ def test_mixture_key_all_rounded_away():
         ({"experts": ["a", "a"]}, "twice"),
         ({"experts": ["a,b"]}, "not a valid name"),
         ({"hidden_dim": -1}, "hidden_dim"),
+        ({"abstain_below": 0.5}, "needs 'abstain_to'"),
+        ({"abstain_below": 1.5, "abstain_to": "all_data"}, "abstain_below"),
+        ({"abstain_below": True, "abstain_to": "all_data"}, "abstain_below"),
+        ({"abstain_to": "svamp"}, "one of the routed experts"),
+        ({"abstain_to": "a,b"}, "not a valid name"),
     ],
 )
 def test_gate_config_validation(change, match):

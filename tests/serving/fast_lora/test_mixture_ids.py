@@ -12,18 +12,32 @@ from serving.fast_lora import mixture_ids
 from serving.fast_lora.mixture_ids import MemberCode, MixtureCode, UnionLayout, decode, encode, member_id
 
 
-@pytest.mark.parametrize("experts,n", [(1, 1), (3, 4), (4, 5), (10, 2)])
-def test_every_composition_round_trips_to_a_distinct_dense_code(experts, n):
-    layout = UnionLayout(family=200, experts=experts, block_rank=8)
+@pytest.mark.parametrize("experts,n,shared", [(1, 1, False), (3, 4, False), (4, 5, False), (10, 2, False),
+                                              (2, 1, True), (4, 5, True), (11, 2, True)])
+def test_every_composition_round_trips_to_a_distinct_dense_code(experts, n, shared):
+    layout = UnionLayout(family=120, experts=experts, block_rank=8, shared=shared)
+    routed = experts - shared
     codes = set()
-    for units in itertools.product(range(n + 1), repeat=experts):
+    for units in itertools.product(range(n + 1), repeat=routed):
         if sum(units) != n:
             continue
         lora_id = encode(layout, units, n)
         assert lora_id is not None and 0 < lora_id < 1 << 63
         assert decode(lora_id) == MixtureCode(layout, tuple(units), n)
         codes.add(lora_id & ((1 << 33) - 1))
-    assert codes == set(range(comb(n + experts - 1, experts - 1)))  # dense: ranks 0 .. C-1
+    assert codes == set(range(comb(n + routed - 1, routed - 1)))  # dense: ranks 0 .. C-1
+
+
+def test_a_shared_union_weighs_its_last_block_1_under_every_mixture():
+    shared, plain = UnionLayout(7, 11, 8, shared=True), UnionLayout(7, 11, 8)
+    code = decode(encode(shared, [0, 0, 13, 0, 0, 0, 0, 7, 0, 0], 20))
+    assert code.layout == shared and code.weights == (0, 0, 0.65, 0, 0, 0, 0, 0.35, 0, 0, 1.0)
+    assert encode(shared, [0] * 9 + [20], 20) != encode(plain, [0] * 9 + [20, 0], 20)
+    assert encode(shared, [20] + [0] * 10, 20) is None  # 11 weights: the shared block is not weighed
+    assert decode(member_id(shared, 10)) == MemberCode(shared, 10)  # the shared adapter, pinned like any member
+    assert member_id(shared, 3) != member_id(plain, 3)
+    with pytest.raises(ValueError):
+        UnionLayout(7, 1, 8, shared=True)  # a shared block and nothing to route
 
 
 def test_the_default_bundles_gate_mixtures_fit():
@@ -50,7 +64,7 @@ def test_other_ids_are_not_mixtures():
 
 
 def test_layout_rejects_out_of_range_fields():
-    for bad in ((256, 3, 8), (1, 0, 8), (1, 64, 8), (1, 3, 0), (1, 3, 256)):
+    for bad in ((128, 3, 8), (1, 0, 8), (1, 64, 8), (1, 3, 0), (1, 3, 256)):
         with pytest.raises(ValueError):
             UnionLayout(*bad)
 

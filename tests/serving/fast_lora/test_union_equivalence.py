@@ -3,7 +3,8 @@
 One vLLM engine with the fast path (union_check.py, in a subprocess: vLLM spawns workers): the
 default bundle's experts pinned under member ids; three top-2 mixtures, each as a mixture id
 and as a composite written by compose_exact, over three prompts, in one batch with a member
-and the base. In bfloat16 (the student's dtype, `mode-cotd serve`'s default where the CPU or GPU
+and the base; and the same mixtures over a union with a shared adapter (weight 1 under every
+mixture id) against the composites of mixture + shared adapter. In bfloat16 (the student's dtype, `mode-cotd serve`'s default where the CPU or GPU
 has bf16 arithmetic, `mode_cotd.compute_dtype`) the union scales
 the rank blocks in float32 where the composite holds wᵢsᵢBᵢ rounded to bf16, so a logit can move
 by a rounding step: generations must match token for token, or up to a near tie at the first
@@ -12,8 +13,8 @@ arithmetic): all 9 identical in float32; in bfloat16 7 identical and 2 near-tie 
 31, gaps of 0.06 and 0.125 nats, one bf16 step of a logit). On a CPU with AVX512-BF16 (2026-12-06) the
 same code gave all 9 identical in float32 and, in bfloat16, 4 flips, each at an exact tie in one of the
 two engines (gap 0.0: two tokens with the same bf16 logprob, where either is the argmax). So float32 is
-held to token-for-token identity, and in bfloat16 at most 2 flips may be near ties that were no exact
-tie in either engine.
+held to token-for-token identity, and in bfloat16 at most 2 flips per 9 generations (4 of the 18, with the
+shared union's) may be near ties that were no exact tie in either engine.
 """
 
 import json
@@ -52,16 +53,19 @@ def _union_check(dtype: str, compile_lora: bool = False) -> dict:
 def test_union_mixtures_match_their_composites(heavy_lock, dtype):
     result = _union_check(dtype)
     labels, tokens, logprobs = result["labels"], result["tokens"], result["logprobs"]
-    union = [i for i, label in enumerate(labels) if label.startswith("union-")]
-    assert len(union) == 9
+    union = [i for i, label in enumerate(labels) if label.startswith(("union-", "shared-union-"))]
+    assert len(union) == 18
     pick = lambda rows: {"seq": [tokens[i] for i in rows], "seq_logprobs": [logprobs[i] for i in rows]}
     flips = same_up_to_near_ties(pick(union), pick([i + 1 for i in union]), "seq")  # i + 1: the composite
+    plain = [tokens[i] for i in union if not labels[i].startswith("shared-")]
+    over_shared = [tokens[i] for i in union if labels[i].startswith("shared-")]  # the same mixtures and prompts
+    assert all(s != p for s, p in zip(over_shared, plain)), "the shared block changed nothing"
     print(f"\nunion vs composite ({dtype}): identical but for {len(flips)} near-tie flips {flips}")
     if dtype == "float32":
         assert flips == [], flips  # the union is exact: same tokens as the composite
     else:
         not_exact_ties = [f for f in flips if f["gap_fast"] > 0 and f["gap_plain"] > 0]
-        assert len(not_exact_ties) <= 2, flips  # rounding ties are rare: more would mean the outputs drift
+        assert len(not_exact_ties) <= 4, flips  # rounding ties are rare: more would mean the outputs drift
     base = [tokens[i] for i, label in enumerate(labels) if label == "base"]
     assert all(tokens[i] not in base for i in union), "a mixture generated exactly what the base did"
     member = [tokens[i] for i, label in enumerate(labels) if label == "member-gsm8k"]

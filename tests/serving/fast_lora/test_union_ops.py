@@ -3,7 +3,8 @@
 A step mixes ordinary adapters, rows without an adapter, rows of an expert used alone and rows
 of three different mixture ids, whose own slots hold placeholders (random here, so that reading
 them would show); the E experts of the union sit in slots of their own, out of order, under
-their member ids, with rank BLOCK padded to the slots' RANK.
+their member ids, with rank BLOCK padded to the slots' RANK; expert 1 has rank SMALL < BLOCK (a union of
+mixed ranks: its block ends in zero rows, as vLLM's reset slots hold them).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from serving.fast_lora.segments import mixture_slots, split_union_rows
 
 pytestmark = pytest.mark.vllm
 
-E, BLOCK = 3, 4
+E, BLOCK, SMALL = 3, 4, 2
 RANK = 16  # max_lora_rank; the experts use BLOCK of it
 HIDDEN = 32
 SLICES = (24, 8, 8)
@@ -61,6 +62,10 @@ def _stacked(seed: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, .
             t[slot, 0, BLOCK:] = 0
         for t in b:
             t[slot, 0, :, BLOCK:] = 0
+    for t in a:
+        t[IDS.index(X1), 0, SMALL:] = 0
+    for t in b:
+        t[IDS.index(X1), 0, :, SMALL:] = 0
     return a, b
 
 
