@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
 
 from mode_cotd.adapter import save_adapter
+from mode_cotd.atomic import write_json_atomic
 from mode_cotd.bundle import add_expert, create_bundle, load_bundle, set_gate
+from mode_cotd.data import load_task, write_jsonl
 from mode_cotd.student import student_identity
-from mode_cotd.tasks import SEEN_TASKS
+from mode_cotd.tasks import SEEN_TASKS, get_task, is_correct
 from mode_cotd.tiny import random_adapter, random_gate
 from training.recipes import residual_experts as recipe
 
@@ -24,6 +27,49 @@ def test_the_split_keeps_validation_apart_and_unseen_by_all_data_where_it_can():
     small = recipe.split_task("addsub", 210)
     assert len(small.val) == 42 and not small.val_unseen_by_shared and len(small.train) == 168
     assert recipe.split_task("aqua", 2966) == big, "seeded: the same split every run"
+
+
+def _residual_bundle(tiny_student, tmp_path):
+    """A gate bundle over the ten seen tasks, the shared adapter, and a residual bundle as the experts stage
+    leaves it (its experts as if trained: the stage trains nothing)."""
+    gate_bundle = create_bundle(tmp_path / "default", student_identity(tiny_student))
+    for i, task in enumerate(SEEN_TASKS):
+        add_expert(gate_bundle, task, random_adapter(tiny_student, r=4, seed=i), task)
+    set_gate(gate_bundle, random_gate(list(SEEN_TASKS), grid=0.05))
+    shared = tmp_path / "all_data"
+    save_adapter(random_adapter(tiny_student, r=4, seed=99), shared)
+    residual = tmp_path / "residual"
+    recipe.new_bundle(residual, shared, tiny_student)
+    for i, task in enumerate(SEEN_TASKS):
+        add_expert(residual, task, random_adapter(tiny_student, r=4, seed=100 + i), task)
+    choice = {"candidate": "x", "r": 4, "lora_alpha": 8, "lr": 1e-4, "epochs": 1}
+    recipe.experts(tmp_path / "out", residual, tiny_student, shared, choice, gate_bundle)
+    return residual
+
+
+def test_the_abstain_stage_calibrates_the_gate_on_prompts_all_data_never_saw(tiny_student, tmp_path):
+    residual, out = _residual_bundle(tiny_student, tmp_path), tmp_path / "out"
+    unseen = ("aqua", "commonsense_qa", "gsm8k")
+    write_json_atomic(out / "split.json", {t: {"val_unseen_by_shared": t in unseen} for t in SEEN_TASKS})
+    for k, task in enumerate(unseen):  # four validation examples each, and each route's outcome on them
+        examples = [e for e in load_task(task, "train") if e.rationale and is_correct(e.rationale, e.gold,
+                                                                                       get_task(task))][:4]
+        write_jsonl(out / "data" / f"{task}.val.jsonl", examples)
+        for route, right in ((recipe.SHARED, {0, 1}), ("gate", {1, 2, 3} if k else {3})):
+            write_json_atomic(out / "val" / f"{task}--{route}.json", {"examples": [
+                {"index": i, "gold": e.gold, "prediction": e.rationale if i in right else "I cannot tell."}
+                for i, e in enumerate(examples)]})
+    result = recipe.abstain(out, residual, tiny_student)  # every unit on disk: no engine starts
+    assert result["tasks"] == list(unseen) and result["n"] == 12
+    assert (result["shared_accuracy"], result["gate_accuracy"]) == (6 / 12, 7 / 12)
+    assert result["accuracy"] >= 7 / 12 and json.loads((out / "abstention.json").read_text()) == result
+    gate = load_bundle(residual, student=tiny_student).gate
+    assert (gate.config.abstain_below, gate.config.abstain_to) == (result["abstain_below"], recipe.SHARED)
+    gate.config.abstain_below = 0.5  # a calibrated gate: its units would not be the gate's own mixtures
+    set_gate(residual, gate)
+    (out / "val" / "gsm8k--gate.json").unlink()
+    with pytest.raises(SystemExit, match="abstains already"):
+        recipe.abstain(out, residual, tiny_student)
 
 
 def test_the_experts_stage_marks_the_shared_adapter_and_copies_the_gate(tiny_student, tmp_path):
