@@ -233,7 +233,8 @@ def train_step(peft_model, optimizer, examples: list, config: DistillConfig, ste
     for j in range(config.grad_accum):
         batch = micro_batch(examples, step * config.grad_accum + j, config.batch_size, config.seed)
         input_ids, attention_mask, labels = (t.to(device) for t in collate(batch, pad_id))  # [B, T] each
-        loss = peft_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss  # []
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=config.autocast == "bfloat16"):
+            loss = peft_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss  # []
         (loss / config.grad_accum).backward()
         step_loss += loss.item() / config.grad_accum
         step_tokens += int(attention_mask.sum())

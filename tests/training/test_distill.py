@@ -68,6 +68,7 @@ def test_unknown_keys_are_named():
     ({"task": TASK, "r": "16"}, "r must be"),
     ({"task": TASK, "r": 0}, "r: invalid value 0"),
     ({"task": TASK, "dtype": "float16"}, "dtype: invalid value"),
+    ({"task": TASK, "autocast": "float16"}, "autocast: invalid value"),
     ({"task": TASK, "resume": 1}, "resume must be"),
     ({"task": TASK, "target_modules": ["q_proj", 3]}, "target_modules must be"),
 ])
@@ -199,6 +200,15 @@ def test_bfloat16_on_cpu_and_all_linear(tiny_student, tmp_path):
     record = load_bundle(result.expert_dir.parents[1], student=tiny_student).experts[TASK].record
     assert record.target_modules == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                             "down_proj"])
+
+
+def test_bfloat16_autocast_trains_float32_parameters_close_to_a_float32_run(tiny_student, tmp_path):
+    plain = distill(tiny_config(tiny_student, tmp_path / "plain", max_steps=2))
+    mixed = distill(tiny_config(tiny_student, tmp_path / "mixed", max_steps=2, autocast="bfloat16"))
+    assert mixed.report["dtype"] == "float32" and mixed.report["config"]["autocast"] == "bfloat16"
+    a, b = plain.report["loss_curve"], mixed.report["loss_curve"]
+    assert a != b, "autocast changed nothing: the forward pass did not run in bf16"
+    assert all(abs(x - y) < 0.05 * x for x, y in zip(a, b)), (a, b)  # bf16 rounding, not another run
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
