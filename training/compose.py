@@ -2,8 +2,10 @@
 
     minimise  L(w) + l1 · mean_i |w_i|   over w ∈ [lower, upper]^n   (nevergrad, `budget` evaluations)
 
-L(w) is the student's mean cross-entropy over the target tokens of the k shots (prompt
-tokens masked, mode_cotd.format), with the experts mixed by the weights w:
+L(w) is the objective (training/objectives.py) of the k shots with the experts mixed by the weights w:
+by default the paper's, the student's mean cross-entropy over the target tokens (prompt tokens masked,
+mode_cotd.format); or the loss on the answer tokens only, or the error rate of greedy generations on the
+shots. The experts are mixed:
 
 - exact: ΔW = Σ w_i·s_i·B_i·A_i, one LoRA of rank R = Σ r_i (mixing.compose_exact);
 - linear: the paper's A' = Σ w_i·A_i, B' = Σ w_i·B_i (mixing.merge_linear, experts share r).
@@ -37,15 +39,14 @@ import torch
 from mode_cotd.adapter import LoraAdapter, save_adapter
 from mode_cotd.atomic import write_json_atomic
 from mode_cotd.bundle import add_composition, load_bundle
-from mode_cotd.data import load_examples, load_task, split_path, student_prompt, subsample
+from mode_cotd.data import load_examples, load_task, split_path, subsample
 from mode_cotd.errors import ConfigError, DataError
-from mode_cotd.format import completion_prompt, completion_target, tokenize_example
 from mode_cotd.mixing import compose_exact, merge_linear
 from mode_cotd.mixture import check_name
 from mode_cotd.settings import parse_settings
 from mode_cotd.student import load_student, resolve_student, student_identity
 from mode_cotd.tasks import get_task
-from training.distill import collate
+from training.objectives import OBJECTIVES, make_objective
 
 FALLBACK_SHOTS = 5
 """Shots drawn from the train file of a task that has no learn file."""
@@ -84,6 +85,9 @@ class ComposeConfig:
     """Upper bound of every weight."""
     l1: float = 0.05
     """L1 penalty: objective = loss + l1 · mean_i |w_i|."""
+    objective: str = "few_shot_loss"
+    """What the search minimises (training/objectives.py): "few_shot_loss" (the paper's, every target token),
+    "answer_loss" (the answer tokens only) or "shot_error" (1 - greedy accuracy on the shots)."""
     max_length: int = 512
     """Most tokens per shot (prompt kept whole, target cut)."""
     batch_size: int = 5
@@ -105,6 +109,7 @@ class ComposeConfig:
             "mode": self.mode in MODES, "budget": self.budget >= 1, "upper": self.lower < self.upper,
             "l1": self.l1 >= 0, "max_length": self.max_length >= 2, "batch_size": self.batch_size >= 1,
             "dtype": self.dtype in ("float32", "bfloat16"), "device": self.device in ("auto", "cpu", "cuda"),
+            "objective": self.objective in OBJECTIVES,
         }
         for name, ok in checks.items():
             if not ok:
@@ -132,28 +137,6 @@ def load_shots(config: ComposeConfig):
     if not shots:
         raise DataError(f"compose: {source} has no examples of task {config.task!r} with a rationale target")
     return shots, source
-
-
-class FewShotLoss:
-    """Mean cross-entropy over the target tokens of the shots, for the model as it is now."""
-
-    def __init__(self, model, tokenizer, shots: Sequence, max_length: int, batch_size: int, device: str):
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        pairs = [tokenize_example(tokenizer, completion_prompt(student_prompt(e)), completion_target(e.output),
-                                  max_length) for e in shots]
-        self.model = model
-        self.batches = [tuple(t.to(device) for t in collate(pairs[i:i + batch_size], pad))
-                        for i in range(0, len(pairs), batch_size)]  # each: input_ids, attention_mask, labels [B, T]
-        self.tokens = sum(int((b[2] != -100).sum()) for b in self.batches)
-
-    @torch.no_grad()
-    def __call__(self) -> float:
-        total = 0.0
-        for input_ids, attention_mask, labels in self.batches:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, T, V]
-            total += torch.nn.functional.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum").item()
-        return total / self.tokens
 
 
 # ----------------------------------------------------------------------------- mixing in place
@@ -269,11 +252,12 @@ def compose(config: ComposeConfig) -> ComposeResult:
     device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     mixer = ExactMixer(adapters) if config.mode == "exact" else LinearMixer(adapters)
     peft_model, tokenizer = mixed_student(student, mixer.initial(), config.dtype, device)
-    few_shot_loss = FewShotLoss(peft_model, tokenizer, shots, config.max_length, config.batch_size, device)
+    measure = make_objective(config.objective, peft_model, tokenizer, shots, config.max_length, config.batch_size,
+                             device)
 
     def objective(weights: list[float]) -> tuple[float, float]:
         write_lora(peft_model, mixer.tensors(weights))
-        loss = few_shot_loss()
+        loss = measure()
         return loss, loss + config.l1 * sum(abs(w) for w in weights) / len(weights)
 
     uniform_weights = [1.0 / len(experts)] * len(experts)
@@ -286,7 +270,8 @@ def compose(config: ComposeConfig) -> ComposeResult:
     digest = hashlib.sha256(json.dumps([[e.input, e.output] for e in shots]).encode()).hexdigest()
     report = {
         "task": config.task, "name": name, "mode": config.mode, "experts": experts,
-        "shots": {"source": source, "n": len(shots), "target_tokens": few_shot_loss.tokens, "sha256": digest},
+        "objective": config.objective,
+        "shots": {"source": source, "n": len(shots), "scored": measure.tokens, "sha256": digest},
         "uniform": {"weights": dict(zip(experts, uniform_weights)), "loss": uniform_loss,
                     "objective": uniform_objective},
         "found": {"weights": weights, "loss": best["loss"], "objective": best["objective"]},

@@ -18,7 +18,6 @@ from mode_cotd.tiny import random_adapter
 from training.compose import (
     ComposeConfig,
     ExactMixer,
-    FewShotLoss,
     LinearMixer,
     compose,
     load_shots,
@@ -26,6 +25,7 @@ from training.compose import (
     mixed_student,
     write_lora,
 )
+from training.objectives import TokenLoss
 
 TARGET = "strategy_qa"
 
@@ -70,14 +70,14 @@ def test_in_place_loss_equals_a_freshly_loaded_mixture(tmp_path, tiny_student, d
     mixer = ExactMixer(adapters) if mode == "exact" else LinearMixer(adapters)
     shots, _ = load_shots(_config(tmp_path, tiny_student, data_dir))
     model, tokenizer = mixed_student(tiny_student, mixer.initial(), "float32", "cpu")
-    loss = FewShotLoss(model, tokenizer, shots, 256, 2, "cpu")
+    loss = TokenLoss(model, tokenizer, shots, 256, 2, "cpu")
     weights = [1.5, -0.4, 0.9]
     write_lora(model, mixer.tensors(weights))
     in_place = loss()
 
     mixture = compose_exact(adapters, weights) if mode == "exact" else merge_linear(adapters, weights)
     fresh_model, _ = mixed_student(tiny_student, mixture, "float32", "cpu")
-    assert in_place == pytest.approx(FewShotLoss(fresh_model, tokenizer, shots, 256, 5, "cpu")(), rel=1e-5)
+    assert in_place == pytest.approx(TokenLoss(fresh_model, tokenizer, shots, 256, 5, "cpu")(), rel=1e-5)
     write_lora(model, mixer.tensors([0.0, 0.0, 0.0]))
     assert loss() != pytest.approx(in_place, rel=1e-3), "the weights must change the loss"
 
@@ -133,3 +133,15 @@ def test_bad_input_leaves_no_composition(tmp_path, tiny_student, data_dir):
         _config(root, tiny_student, data_dir, task="nope")
     assert read_manifest(root).compositions == {}
     save_adapter(random_adapter(tiny_student, r=4, seed=3), tmp_path / "unused")  # the bundle is still writable
+
+
+@pytest.mark.parametrize("objective", ["answer_loss", "shot_error"])
+def test_other_objectives_drive_the_search_and_are_reported(distilled_bundle, tiny_student, data_dir, tmp_path,
+                                                            objective):
+    result = compose(_config(distilled_bundle, tiny_student, data_dir, objective=objective, budget=3,
+                             max_length=1024, name=f"sqa_{objective}", report=str(tmp_path / "r.json")))
+    report = result.report
+    assert report["objective"] == objective and len(report["history"]) == 3
+    assert report["found"]["objective"] <= report["uniform"]["objective"]
+    if objective == "shot_error":
+        assert all(0 <= h["loss"] <= 1 for h in report["history"])

@@ -42,8 +42,9 @@ from mode_cotd.data import subsample
 from mode_cotd.settings import parse_settings
 from mode_cotd.student import resolve_student, student_identity
 from mode_cotd.tasks import SEEN_TASKS, UNSEEN_TASKS, get_task, is_correct, score
-from training.compose import ComposeConfig, ExactMixer, FewShotLoss, load_shots, mixed_student, write_lora
+from training.compose import ComposeConfig, ExactMixer, load_shots, mixed_student, write_lora
 from training.evaluate import EvalConfig, VllmGenerator, _too_long, eval_items, summarise
+from training.objectives import TokenLoss
 from training.routes import RoutePlanner, parse_route
 
 C = TypeVar("C", bound="TableConfig")
@@ -144,7 +145,7 @@ def choose_experts(bundle_root: str, out: Path) -> dict[str, str]:
     report = {}
     for task in UNSEEN_TASKS:
         shots, source = load_shots(ComposeConfig(task=task, bundle=bundle_root))
-        loss = FewShotLoss(model, tokenizer, shots, 512, 5, "cpu")
+        loss = TokenLoss(model, tokenizer, shots, 512, 5, "cpu")
         losses = {}
         for i, name in enumerate(names):
             write_lora(model, mixer.tensors([float(j == i) for j in range(len(names))]))  # expert i alone

@@ -28,8 +28,8 @@ from mode_cotd.atomic import write_json_atomic
 from mode_cotd.data import load_task, train_val_split, write_jsonl
 from mode_cotd.student import load_student, resolve_student
 from mode_cotd.tasks import SEEN_TASKS
-from training.compose import FewShotLoss
 from training.distill import DistillConfig, distill
+from training.objectives import TokenLoss
 
 SUBSAMPLE = 1000
 """Most train rationales per task (aqua, commonsense_qa and gsm8k have 3-5k; the rest fewer)."""
@@ -64,7 +64,7 @@ def validation_loss(student: Path, expert_dir: Path, examples: list, device: str
     model, tokenizer = load_student(student, dtype=dtype, device=device)
     model = PeftModel.from_pretrained(model, str(expert_dir)).to(device).eval()
     with torch.no_grad():
-        return FewShotLoss(model, tokenizer, examples, COMMON["max_length"], 16, device)()
+        return TokenLoss(model, tokenizer, examples, COMMON["max_length"], 16, device)()
 
 
 def sweep(out: Path, student: Path, device: str) -> dict:
