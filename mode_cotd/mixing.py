@@ -137,6 +137,25 @@ def merge_linear(
     return adapter_from_modules(modules, rank, float(rank), False, _common_base(adapters))
 
 
+def mix(adapters: Sequence[LoraAdapter], weights: Sequence[float], mode: str,
+        over: LoraAdapter | None = None) -> LoraAdapter:
+    """One composite adapter of `mode` ("exact" or "linear", LoraHub's convention), optionally on top of `over`
+    (a shared adapter) added exactly:
+
+        exact:   ΔW = [ΔW_over +] Σ_i w_i·s_i·B_i·A_i                       (compose_exact)
+        linear:  ΔW = [ΔW_over +] s_1·(Σ_i w_i·(s_i/s_1)·B_i)(Σ_j w_j·A_j)   (merge_linear, then compose_exact)
+
+    The adapter `over` keeps weight 1 and is never merged linearly with the others (its cross terms with
+    them would change its own ΔW)."""
+    if mode == "exact":
+        mixed = compose_exact(adapters, weights)
+    elif mode == "linear":
+        mixed = merge_linear(adapters, weights)
+    else:
+        raise ConfigError(f"mixture mode must be 'exact' or 'linear', got {mode!r}")
+    return mixed if over is None else compose_exact([over, mixed], [1.0, 1.0])
+
+
 def compress_svd(adapter: LoraAdapter, rank: int) -> tuple[LoraAdapter, float]:
     """Truncated SVD of ΔW = s·B·A per module, without forming the [out, in] matrix.
 

@@ -42,7 +42,7 @@ from typing import Protocol
 
 from mode_cotd.adapter import LoraAdapter, load_adapter, save_adapter
 from mode_cotd.errors import ModeCotdError
-from mode_cotd.mixing import compose_exact, compress_svd, merge_linear
+from mode_cotd.mixing import compress_svd, mix
 from serving.adapter_resolver import AdapterResolver
 from serving.errors import ApiError, InternalError, InvalidMixture
 from serving.mixture_union import MixtureUnion
@@ -235,15 +235,15 @@ class AdapterCache:
         return self._expert_adapters[name]
 
     def _build(self, spec: AdapterSpec, folder: Path) -> float | None:
-        """Compose (exact or linear), compress to the max rank if needed, write; return the SVD error or None."""
+        """Compose (exact or linear, mode_cotd.mixing.mix), compress to the max rank if needed, write; return the
+        SVD error or None."""
         adapters = [self._expert(name) for name in spec.mixture.experts]
         weights = list(spec.mixture.weights)
-        if spec.mode == "exact":
-            composite = compose_exact(adapters, weights)
-        elif spec.mode == "linear":
-            composite = merge_linear(adapters, weights, convention="lorahub")
-        else:
+        if spec.mode not in ("exact", "linear"):
             raise InvalidMixture(f"unknown composition mode {spec.mode!r}")
+        shared = self.resolver.shared  # exact specs carry it among their experts; a linear merge gets it on top
+        over = self._expert(shared) if shared is not None and spec.mode == "linear" else None
+        composite = mix(adapters, weights, spec.mode, over)
         svd_error = None
         if composite.r > self.max_lora_rank:
             composite, svd_error = compress_svd(composite, self.max_lora_rank)

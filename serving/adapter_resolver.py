@@ -4,11 +4,11 @@
     a mixture the union encodes     a mixture id over the union's placeholder (serving.mixture_union) "union"
     any other mixture, or "linear"  a composite, named by mode_cotd.routes.composite_folder        "composite"
 
-In a bundle with a shared adapter (`manifest.shared`), every spec is first put on top of it
-(mode_cotd.routes.with_shared: the shared adapter at weight 1, exact), so one expert, a gate
+In a bundle with a shared adapter (`manifest.shared`), every exact spec is first put on top of
+it (mode_cotd.routes.with_shared: the shared adapter at weight 1), so one expert, a gate
 mixture or an explicit one is served as student + shared + the route's experts; the shared
-adapter alone is its own expert. A linear spec is refused there: only exact mixing adds the
-shared adapter exactly.
+adapter alone is its own expert. A linear spec stays as it is: its composite is the linear
+merge of its experts plus the shared adapter, exactly (mode_cotd.mixing.mix, the adapter cache).
 
 The resolver decides; it builds nothing. A composite's folder is built, cached and evicted by
 serving.adapter_cache, which asks the resolver first.
@@ -73,8 +73,8 @@ class AdapterResolver:
         self._ids: dict[int, str] = {}
 
     def resolve(self, spec: AdapterSpec) -> Resolved:
-        """What serves `spec`; InvalidMixture for one expert that is not in the bundle, or a linear spec over a
-        shared adapter."""
+        """What serves `spec`; InvalidMixture for one expert that is not in the bundle, or a linear spec that
+        weighs the shared adapter."""
         spec = self.served_spec(spec)
         expert = spec.single_expert()
         if expert is not None:
@@ -88,12 +88,15 @@ class AdapterResolver:
         return Resolved("composite", key=self.composite_key(spec), spec=spec)
 
     def served_spec(self, spec: AdapterSpec) -> AdapterSpec:
-        """`spec` as served: on top of the shared adapter (exact) where the bundle has one."""
+        """`spec` as served: an exact one on top of the shared adapter where the bundle has one (a linear one is
+        built on top of it by the adapter cache)."""
         if self.shared is None:
             return spec
         if spec.mode != "exact":
-            raise InvalidMixture(f"a {spec.mode} mixture cannot be served over the shared adapter {self.shared!r}: "
-                                 "only exact mixing adds it exactly", param="mixture")
+            if self.shared in spec.mixture.experts:
+                raise InvalidMixture(f"a {spec.mode} mixture may not weigh the shared adapter {self.shared!r}: it "
+                                     "is added exactly on top of the merge", param="mixture")
+            return spec
         return AdapterSpec(with_shared(spec.mixture, self.shared), "exact")
 
     def pinned(self) -> list[LoraTarget]:

@@ -33,7 +33,7 @@ from mode_cotd.adapter import LoraAdapter, load_adapter, save_adapter
 from mode_cotd.bundle import Bundle
 from mode_cotd.errors import BundleError, ConfigError
 from mode_cotd.featurise import make_featuriser
-from mode_cotd.mixing import compose_exact, compress_svd, merge_linear
+from mode_cotd.mixing import compress_svd, mix
 from mode_cotd.mixture import Mixture
 from mode_cotd.routes import (
     composite_adapter,
@@ -198,12 +198,16 @@ class RoutePlanner:
     def mixture(self, mixture: Mixture, mode: str = "exact") -> LoraChoice:
         """The folder computing ``mixture`` under ``mode``: an expert's own folder for one expert at weight 1.
 
-        In a bundle with a shared adapter the mixture is served on top of it (`with_shared`); only exact mixing
-        can add it exactly, so a linear composition of such a bundle is refused."""
+        In a bundle with a shared adapter the mixture is served on top of it: an exact one as one more expert at
+        weight 1 (`with_shared`), a linear one as the merge of its experts plus the shared adapter
+        (mode_cotd.mixing.mix)."""
         if self.bundle is not None and self.bundle.shared is not None:
+            shared = self.bundle.shared
             if mode != "exact":
-                raise ConfigError(f"{self.bundle.root}: a {mode} mixture cannot be served over the shared adapter "
-                                  f"{self.bundle.shared!r}; use exact mixing")
+                if shared in mixture.experts:
+                    raise ConfigError(f"{self.bundle.root}: a {mode} mixture may not weigh the shared adapter "
+                                      f"{shared!r}: it is added exactly on top of the merge")
+                return self._cached_composite(mixture, mode)
             mixture = self.with_shared(mixture)
             if mixture.sole_expert == self.bundle.shared:
                 return self.expert(mixture.sole_expert)  # the shared adapter alone: its own folder
@@ -232,7 +236,9 @@ class RoutePlanner:
         return self._adapters[name]
 
     def _composite(self, mixture: Mixture, mode: str) -> LoraChoice:
-        folder = self.cache_dir / composite_folder(mode, mixture, self.max_rank, self._fingerprint(mixture.experts))
+        shared = self.bundle.shared if self.bundle is not None and mode != "exact" else None  # added on top
+        experts = (*mixture.experts, *([shared] if shared else []))
+        folder = self.cache_dir / composite_folder(mode, mixture, self.max_rank, self._fingerprint(experts))
         adapter = None
         if folder.is_dir():
             try:
@@ -242,10 +248,11 @@ class RoutePlanner:
         if adapter is None:
             adapters = [self._adapter(name) for name in mixture.experts]
             weights = mixture.weights
-            adapter = compose_exact(adapters, weights) if mode == "exact" else merge_linear(adapters, weights)
+            adapter = mix(adapters, weights, mode, self._adapter(shared) if shared else None)
             if adapter.r > self.max_rank:
                 adapter, error = compress_svd(adapter, self.max_rank)
                 self.compressions[folder.name] = error
             save_adapter(adapter, folder)
             adapter = load_adapter(folder)
-        return LoraChoice(composite_adapter(folder.name), folder, adapter.r, tuple(zip(mixture.experts, mixture.weights)))
+        served = tuple(zip(mixture.experts, mixture.weights)) + (((shared, 1.0),) if shared else ())
+        return LoraChoice(composite_adapter(folder.name), folder, adapter.r, served)

@@ -18,9 +18,9 @@ from mode_cotd.bundle.schema import (
     ExpertRecord,
     GateRecord,
     Manifest,
-    linear_over_shared,
     mixed_ranks,
     resolve_inside,
+    shared_in_linear,
 )
 from mode_cotd.checksums import sha256_file
 from mode_cotd.errors import BundleError, ConfigError
@@ -248,8 +248,8 @@ def load_bundle(
         if unknown:
             fault(BundleError(f"{manifest_path}: composition {name!r} names unknown experts {unknown}"))
             continue
-        mixed = mixed_ranks(record.mode, record.weights, manifest.experts) or linear_over_shared(record.mode,
-                                                                                                  manifest.shared)
+        mixed = (shared_in_linear(record.mode, record.weights, manifest.shared)
+                 or mixed_ranks(record.mode, record.weights, manifest.experts))
         if mixed:
             fault(BundleError(f"{manifest_path}: composition {name!r}: {mixed}"))
             continue

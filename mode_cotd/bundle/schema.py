@@ -273,10 +273,11 @@ def mixed_ranks(mode: str, weights: dict[str, float], experts: dict[str, ExpertR
     return None
 
 
-def linear_over_shared(mode: str, shared: str | None) -> str | None:
-    """Why a composition cannot be served in a bundle with a shared adapter (only exact mixing adds it exactly:
-    linear mixing of the shared adapter's factors with the route's would mix their cross terms), or None."""
-    if mode == "linear" and shared is not None:
-        return (f"a linear composition cannot be served over the shared adapter {shared!r} (only exact mixing adds "
-                "it exactly); use mode 'exact'")
+def shared_in_linear(mode: str, weights: dict[str, float], shared: str | None) -> str | None:
+    """Why a composition cannot be served in a bundle with a shared adapter, or None. A linear composition
+    is served as the shared adapter, exactly, plus the linear merge of its experts (mode_cotd.mixing.mix), so it
+    may not weigh the shared adapter itself (its cross terms with the others would change it)."""
+    if mode == "linear" and shared is not None and shared in weights:
+        return (f"a linear composition may not weigh the shared adapter {shared!r}: it is added exactly on top of "
+                "the merge")
     return None

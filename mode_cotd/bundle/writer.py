@@ -25,9 +25,9 @@ from mode_cotd.bundle.schema import (
     GateRecord,
     Manifest,
     StudentIdentity,
-    linear_over_shared,
     mixed_ranks,
     resolve_inside,
+    shared_in_linear,
 )
 from mode_cotd.checksums import file_checksums
 from mode_cotd.errors import BundleError, ConfigError
@@ -127,7 +127,7 @@ def set_shared(root: str | Path, name: str | None) -> None:
     if name is not None and name not in manifest.experts:
         raise ConfigError(f"shared adapter {name!r} is not an expert of the bundle {root}: {sorted(manifest.experts)}")
     for composition, record in manifest.compositions.items():
-        why = linear_over_shared(record.mode, name)
+        why = shared_in_linear(record.mode, record.weights, name)
         if why:
             raise ConfigError(f"composition {composition!r}: {why}")
     manifest.shared = name
@@ -154,7 +154,7 @@ def add_composition(
             )
     if mode not in COMPOSITION_MODES:
         raise ConfigError(f"composition {name!r}: mode must be one of {COMPOSITION_MODES}, got {mode!r}")
-    mixed = mixed_ranks(mode, weights, manifest.experts) or linear_over_shared(mode, manifest.shared)
+    mixed = shared_in_linear(mode, weights, manifest.shared) or mixed_ranks(mode, weights, manifest.experts)
     if mixed:
         raise ConfigError(f"composition {name!r}: {mixed}")
     if not isinstance(task, str) or not task:

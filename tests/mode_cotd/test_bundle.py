@@ -325,12 +325,13 @@ def test_linear_composition_of_different_ranks_is_refused_at_load(bundle, tiny_s
 def test_a_shared_adapter_round_trips_and_must_be_an_expert(bundle, tiny_student):
     assert load_bundle(bundle, student=tiny_student).shared is None
     add_expert(bundle, "all_data", tiny_adapter(tiny_student, r=8, seed=2), task="all_data")
-    with pytest.raises(ConfigError, match="composition 'addsub-only': a linear composition cannot be served over"):
-        set_shared(bundle, "all_data")  # only exact mixing adds the shared adapter exactly
-    edit_manifest(bundle, lambda m: m["compositions"].pop("addsub-only"))
+    with pytest.raises(ConfigError, match="composition 'addsub-only': a linear composition may not weigh the "
+                                          "shared adapter 'addsub'"):
+        set_shared(bundle, "addsub")  # the linear addsub-only weighs it: it is added on top of the merge instead
     set_shared(bundle, "all_data")
-    with pytest.raises(ConfigError, match="linear composition cannot be served over the shared adapter 'all_data'"):
-        add_composition(bundle, "lin", {"addsub": 1.0}, mode="linear", task="t")
+    with pytest.raises(ConfigError, match="linear composition may not weigh the shared adapter 'all_data'"):
+        add_composition(bundle, "lin", {"addsub": 1.0, "all_data": 0.5}, mode="linear", task="t")
+    add_composition(bundle, "lin", {"addsub": 1.0}, mode="linear", task="t")  # served on top of all_data
     loaded = load_bundle(bundle, student=tiny_student)
     assert loaded.shared == "all_data" and read_manifest(bundle).shared == "all_data"
     assert loaded.gate is not None  # the gate routes to addsub and gsm8k, not to the shared adapter
@@ -344,7 +345,6 @@ def test_a_shared_adapter_round_trips_and_must_be_an_expert(bundle, tiny_student
 
 
 def test_a_gate_may_not_route_to_the_shared_adapter(bundle, tiny_student):
-    edit_manifest(bundle, lambda m: m["compositions"].pop("addsub-only"))  # linear: not servable over a shared one
     set_shared(bundle, "gsm8k")
     with pytest.raises(BundleError, match="routes to the shared adapter 'gsm8k'"):
         load_bundle(bundle, student=tiny_student)
@@ -352,7 +352,6 @@ def test_a_gate_may_not_route_to_the_shared_adapter(bundle, tiny_student):
 
 
 def test_a_gate_may_abstain_only_to_the_shared_adapter(bundle, tiny_student):
-    edit_manifest(bundle, lambda m: m["compositions"].pop("addsub-only"))
     add_expert(bundle, "all_data", tiny_adapter(tiny_student, r=8, seed=2), task="all_data")
     gate = load_bundle(bundle, student=tiny_student).gate
     gate.config.abstain_below, gate.config.abstain_to = 0.6, "all_data"
@@ -364,7 +363,7 @@ def test_a_gate_may_abstain_only_to_the_shared_adapter(bundle, tiny_student):
 
 
 def test_a_shared_adapter_that_does_not_load_fails_the_bundle(bundle, tiny_student):
-    edit_manifest(bundle, lambda m: m["compositions"].pop("addsub-only"))
+    edit_manifest(bundle, lambda m: m["compositions"].pop("addsub-only"))  # linear, weighs addsub
     set_shared(bundle, "addsub")
     (bundle / "experts" / "addsub" / "adapter_model.safetensors").write_bytes(b"broken")
     with pytest.raises(BundleError, match="shared adapter 'addsub' did not load"):

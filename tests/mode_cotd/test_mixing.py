@@ -9,7 +9,7 @@ import torch
 
 from mode_cotd.adapter import LoraAdapter, adapter_from_modules
 from mode_cotd.errors import BundleError, ConfigError
-from mode_cotd.mixing import compose_exact, compress_svd, delta_weight, merge_linear, reference_delta
+from mode_cotd.mixing import compose_exact, compress_svd, delta_weight, merge_linear, mix, reference_delta
 
 SHAPES = {"q_proj": (16, 16), "k_proj": (16, 8), "v_proj": (16, 8), "o_proj": (16, 16)}  # name -> (in, out)
 
@@ -128,6 +128,25 @@ def test_merge_linear_formulas_against_reference():
     # With two experts the merge is only an approximation of the mixture.
     path = "base_model.model.model.layers.0.self_attn.v_proj"
     assert (applied(lorahub, path, x) - reference_delta(experts, w, path, x)).abs().max() > 1e-3
+
+
+def test_mix_adds_the_shared_adapter_exactly_on_top_of_either_mode():
+    shared = random_adapter(["q_proj", "v_proj", "o_proj"], r=8, alpha=16, seed=7)
+    experts = [random_adapter(["q_proj", "v_proj"], r=4, alpha=8, seed=1),
+               random_adapter(["v_proj", "o_proj"], r=4, alpha=6, seed=2)]
+    w = [0.7, -0.4]
+    x = torch.randn(5, 16, dtype=torch.float64)
+    for mode in ("exact", "linear"):
+        plain, over = mix(experts, w, mode), mix(experts, w, mode, over=shared)
+        for path in shared.modules():
+            own = applied(plain, path, x) if path in plain.modules() else 0  # the mode's own ΔW, plain reference
+            torch.testing.assert_close(applied(over, path, x), applied(shared, path, x) + own, rtol=1e-5,
+                                       atol=1e-5)
+    for path in experts[0].modules():
+        torch.testing.assert_close(applied(mix(experts, w, "exact"), path, x), reference_delta(experts, w, path, x),
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="'exact' or 'linear'"):
+        mix(experts, w, "ties")
 
 
 def test_merge_linear_needs_equal_ranks(experts):

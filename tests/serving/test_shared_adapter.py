@@ -107,29 +107,45 @@ def test_models_list_the_shared_adapter_under_each_route(shared_bundle, tiny_stu
     assert SHARED in models["mode-cotd"]["mode_cotd"]["candidates"]
 
 
-def test_a_linear_composition_cannot_be_served_over_a_shared_adapter(shared_bundle, tiny_student, tmp_path):
+def test_a_linear_composition_is_its_merge_plus_the_shared_adapter(shared_bundle, tiny_student, tmp_path):
     import json
     import shutil
 
-    with pytest.raises(ConfigError, match="composition 'paper_mix'.*linear.*shared adapter 'common'"):
-        add_composition(shared_bundle, "paper_mix", {"alpha": 0.6, "beta": 0.4}, "linear", "task_paper")
+    from mode_cotd.mixing import merge_linear
+
     root = tmp_path / "linear"
     shutil.copytree(shared_bundle, root)
+    add_composition(root, "paper_mix", {"alpha": 0.6, "beta": 0.4}, "linear", "task_paper")
+    s = _served(root, tiny_student, tmp_path)
+    response = completion(s, model="mode-cotd:paper_mix")
+    assert response.status_code == 200, response.text
+    lora = s.engine.requests[-1][3]
+    assert lora.name.startswith("composite-linear-")  # the union serves exact mixtures only
+    alpha, beta, common = (load_adapter(root / "experts" / n) for n in ("alpha", "beta", SHARED))
+    merged = merge_linear([alpha, beta], [0.6, 0.4])
+    for path, expected in _deltas(merged).items():  # ΔW = ΔW_common + the paper's merge, module by module
+        torch.testing.assert_close(_deltas(load_adapter(lora.path))[path], expected + _deltas(common)[path],
+                                   rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="may not weigh the shared adapter 'common'"):
+        add_composition(root, "bad", {"alpha": 0.6, SHARED: 0.4}, "linear", "task_paper")
     manifest = json.loads((root / "manifest.json").read_text())  # written by hand, past the writer's check
-    manifest["compositions"]["paper_mix"] = {**manifest["compositions"]["two"], "mode": "linear"}
+    manifest["compositions"]["bad"] = {**manifest["compositions"]["paper_mix"], "weights": {"alpha": 0.6,
+                                                                                           SHARED: 0.4}}
     (root / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match="paper_mix.*linear.*shared adapter 'common'"):
-        Served(root, tiny_student, tmp_path)
+    with pytest.raises(BundleError, match="'bad'.*may not weigh the shared adapter 'common'"):
+        Served(root, tiny_student, tmp_path / "again")
 
 
-def test_an_explicit_linear_spec_is_refused_and_the_server_keeps_serving(shared_bundle, tiny_student, tmp_path):
+def test_a_linear_spec_that_weighs_the_shared_adapter_is_refused(shared_bundle, tiny_student, tmp_path):
     from mode_cotd.mixture import Mixture
     from serving.errors import InvalidMixture
     from serving.protocol import AdapterSpec
 
     s = _served(shared_bundle, tiny_student, tmp_path)
-    with pytest.raises(InvalidMixture, match="linear mixture cannot be served over the shared adapter"):
-        s.service.cache.resolver.resolve(AdapterSpec(Mixture(("alpha", "beta"), (0.5, 0.5)), "linear"))
+    with pytest.raises(InvalidMixture, match="may not weigh the shared adapter"):
+        s.service.cache.resolver.resolve(AdapterSpec(Mixture(("alpha", SHARED), (0.5, 0.5)), "linear"))
+    assert s.service.cache.resolver.resolve(AdapterSpec(Mixture(("alpha", "beta"), (0.5, 0.5)), "linear")).outcome \
+        == "composite"
     assert_openai_error(completion(s, model="mode-cotd", mixture={"nope": 1.0}), 400)
     assert completion(s, model="mode-cotd:alpha").status_code == 200
 

@@ -13,7 +13,7 @@ import torch
 from mode_cotd.adapter import load_adapter
 from mode_cotd.bundle import add_composition, add_expert, create_bundle, load_bundle, set_gate, set_shared
 from mode_cotd.errors import ConfigError
-from mode_cotd.mixing import compose_exact
+from mode_cotd.mixing import compose_exact, merge_linear
 from mode_cotd.settings import settings_from_dict
 from mode_cotd.student import student_identity
 from mode_cotd.tasks import score
@@ -190,6 +190,7 @@ def shared_bundle(tmp_path_factory, tiny_student) -> Path:
     set_shared(root, "all_data")
     set_gate(root, random_gate(["addsub", "gsm8k"], grid=0.25))
     add_composition(root, "svamp", {"addsub": 0.75, "gsm8k": 0.25}, "exact", "svamp")
+    add_composition(root, "svamp-linear", {"addsub": 0.75, "gsm8k": 0.25}, "linear", "svamp")
     return root
 
 
@@ -223,5 +224,8 @@ def test_every_adapter_route_of_a_shared_bundle_runs_on_top_of_the_shared_adapte
         assert dict(choice.experts)["all_data"] == 1.0 and len(choice.experts) >= 2
 
     assert planner.plan(RouteSpec("base"), ["p"], ["x"]) == [None], "the bare student stays bare"
-    with pytest.raises(ConfigError, match="cannot be served over the shared adapter"):
-        add_composition(shared_bundle, "svamp-linear", {"addsub": 0.75, "gsm8k": 0.25}, "linear", "svamp")
+    (linear,) = planner.plan(parse_route("composition:svamp-linear"), ["p"], ["svamp"])
+    assert dict(linear.experts) == {"addsub": 0.75, "gsm8k": 0.25, "all_data": 1.0}
+    _same_delta(linear.path, compose_exact([shared, merge_linear([addsub, gsm8k], [0.75, 0.25])], [1.0, 1.0]))
+    with pytest.raises(ConfigError, match="may not weigh the shared adapter"):
+        add_composition(shared_bundle, "bad", {"addsub": 0.75, "all_data": 0.25}, "linear", "svamp")
