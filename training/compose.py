@@ -15,6 +15,10 @@ shape, and each candidate only overwrites its LoRA tensors in place. For exact m
 cat(A_i) never changes and B = cat(w_i·s_i·B_i) is the fixed cat(s_i·B_i) with each expert's
 block of columns scaled by its w_i; for linear mixing A' and B' are both rewritten.
 
+In a bundle with a shared adapter (`manifest.shared`) the search runs over the other experts with the
+shared adapter merged into the student, as every route of such a bundle is served on top of it; the
+recorded weights leave it out.
+
 Shots: the task's 5-shot file learn/<task>.jsonl by default. A task without one
 (coin_flip) uses FALLBACK_SHOTS examples of its train file drawn with FALLBACK_SEED, the same
 five every run. The search starts from uniform weights 1/n; the report compares the loss of
@@ -46,6 +50,7 @@ from mode_cotd.mixture import check_name
 from mode_cotd.settings import parse_settings
 from mode_cotd.student import load_student, resolve_student, student_identity
 from mode_cotd.tasks import get_task
+from training.distill import merge_shared_adapter
 from training.objectives import OBJECTIVES, make_objective
 
 FALLBACK_SHOTS = 5
@@ -184,11 +189,15 @@ def write_lora(peft_model, tensors: dict[str, tuple[torch.Tensor | None, torch.T
             module.lora_B[adapter].weight.copy_(b)
 
 
-def mixed_student(student: Path, initial: LoraAdapter, dtype: str, device: str):
-    """(PeftModel, tokenizer): the frozen student with one adapter of ``initial``'s shape, in eval mode."""
+def mixed_student(student: Path, initial: LoraAdapter, dtype: str, device: str, shared: Path | None = None):
+    """(PeftModel, tokenizer): the frozen student with one adapter of ``initial``'s shape, in eval mode; with
+    ``shared`` (a LoRA folder) merged into the student's weights first, as a bundle's shared adapter is served
+    under every route (training.distill.merge_shared_adapter)."""
     from peft import PeftModel
 
     model, tokenizer = load_student(student, dtype=dtype, device=device)
+    if shared is not None:
+        merge_shared_adapter(model, shared)
     with tempfile.TemporaryDirectory(prefix="mode-cotd-compose-") as tmp:
         save_adapter(initial, Path(tmp) / "adapter")
         peft_model = PeftModel.from_pretrained(model, str(Path(tmp) / "adapter"), is_trainable=False)
@@ -240,10 +249,14 @@ def compose(config: ComposeConfig) -> ComposeResult:
     name = config.name or config.task
     student = resolve_student(config.student)
     bundle = load_bundle(config.bundle, student=student, strict=True)
-    experts = list(bundle.experts) if config.experts is None else list(config.experts)
+    shared = bundle.shared  # under every route, at weight 1: merged into the student, never weighed
+    experts = [e for e in bundle.experts if e != shared] if config.experts is None else list(config.experts)
     unknown = sorted(set(experts) - set(bundle.experts))
     if unknown or not experts:
         raise ConfigError(f"compose: experts {unknown or experts} not usable; the bundle has {sorted(bundle.experts)}")
+    if shared in experts:
+        raise ConfigError(f"compose: {shared!r} is the bundle's shared adapter, under every route at weight 1; "
+                          "it cannot be weighed")
     adapters = [bundle.experts[e].load() for e in experts]
     if config.mode == "linear" and len({a.r for a in adapters}) != 1:
         raise ConfigError(f"compose: linear mixing needs experts of one rank, got {[a.r for a in adapters]}")
@@ -251,7 +264,8 @@ def compose(config: ComposeConfig) -> ComposeResult:
 
     device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     mixer = ExactMixer(adapters) if config.mode == "exact" else LinearMixer(adapters)
-    peft_model, tokenizer = mixed_student(student, mixer.initial(), config.dtype, device)
+    peft_model, tokenizer = mixed_student(student, mixer.initial(), config.dtype, device,
+                                          bundle.experts[shared].path if shared is not None else None)
     measure = make_objective(config.objective, peft_model, tokenizer, shots, config.max_length, config.batch_size,
                              device)
 
@@ -269,7 +283,7 @@ def compose(config: ComposeConfig) -> ComposeResult:
 
     digest = hashlib.sha256(json.dumps([[e.input, e.output] for e in shots]).encode()).hexdigest()
     report = {
-        "task": config.task, "name": name, "mode": config.mode, "experts": experts,
+        "task": config.task, "name": name, "mode": config.mode, "experts": experts, "shared": shared,
         "objective": config.objective,
         "shots": {"source": source, "n": len(shots), "scored": measure.tokens, "sha256": digest},
         "uniform": {"weights": dict(zip(experts, uniform_weights)), "loss": uniform_loss,

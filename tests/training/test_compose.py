@@ -145,3 +145,27 @@ def test_other_objectives_drive_the_search_and_are_reported(distilled_bundle, ti
     assert report["found"]["objective"] <= report["uniform"]["objective"]
     if objective == "shot_error":
         assert all(0 <= h["loss"] <= 1 for h in report["history"])
+
+
+def test_over_a_shared_adapter_the_search_weighs_the_others_on_top_of_it(distilled_bundle, tiny_student, data_dir,
+                                                                         tmp_path):
+    import shutil
+
+    from mode_cotd.bundle import add_expert, set_shared
+    from mode_cotd.mixing import mix
+
+    root = tmp_path / "shared"
+    shutil.copytree(distilled_bundle, root)
+    add_expert(root, "all_data", random_adapter(tiny_student, r=4, seed=9, std=0.3), "all_data")
+    set_shared(root, "all_data")
+    result = compose(_config(root, tiny_student, data_dir, budget=3, name="sqa_over", report=str(tmp_path / "r.json")))
+    report = result.report
+    assert report["shared"] == "all_data" and "all_data" not in result.weights
+    bundle = load_bundle(root, student=tiny_student, strict=True)
+    adapters = [bundle.experts[e].load() for e in report["experts"]]
+    served = mix(adapters, [result.weights[e] for e in report["experts"]], "exact", bundle.experts["all_data"].load())
+    model, tokenizer = mixed_student(tiny_student, served, "float32", "cpu")  # what serving computes
+    shots, _ = load_shots(_config(root, tiny_student, data_dir))
+    assert report["found"]["loss"] == pytest.approx(TokenLoss(model, tokenizer, shots, 256, 5, "cpu")(), rel=1e-4)
+    with pytest.raises(ConfigError, match="shared adapter"):
+        compose(_config(root, tiny_student, data_dir, budget=1, experts=["all_data", TARGET]))
