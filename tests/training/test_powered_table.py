@@ -16,8 +16,11 @@ from training.recipes.powered_table import PoweredConfig, assemble, markdown, un
 def test_units_follow_the_columns_and_skip_missing_bundles():
     config = PoweredConfig()
     got = units(config, {"default", "all_data"})
-    assert {u.label for u in got} == {"all_data", "base", "gate"}
-    assert len(got) == 3 * (len(SEEN_TASKS) + len(UNSEEN_TASKS))
+    assert {u.label for u in got} == {"all_data", "base", "gate", "seen comp., default exact",
+                                      "seen comp., default linear"}
+    assert len(got) == 3 * (len(SEEN_TASKS) + len(UNSEEN_TASKS)) + 2 * len(SEEN_TASKS)
+    seen = [u for u in got if u.label == "seen comp., default linear"]
+    assert [u.route for u in seen] == [f"composition:{t}-seen-linear" for t in SEEN_TASKS]
     residual = [u for u in units(config, {"residual"}) if u.label == "shared+own residual"]
     assert [u.task for u in residual] == list(SEEN_TASKS)
     assert json.loads(residual[0].route.split(":", 1)[1]) == {"all_data": 1.0, residual[0].task: 1.0}

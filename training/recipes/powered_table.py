@@ -18,9 +18,13 @@ Columns (`COLUMNS`: bundle, route, tasks), in the order they run:
     gate                  the default bundle's gate: top-2 mixtures of the ten task experts, every task
     shared+own residual   student + all_data + the task's own residual expert (bundles/residual), seen tasks
     shared+gate residual  student + all_data + the gate's top-2 mixture of residual experts, every task
+    seen comp., <bundle> <mode>
+                          the seen task's few-shot composition of all the bundle's experts
+                          (training/recipes/seen_compositions.py): residual (on top of all_data) or default
+                          experts, exact or linear mixing; seen tasks
 
-A column whose bundle is missing is left for a later run (the residual experts are trained by
-training/recipes/residual_experts.py).
+A column whose bundle is missing, or a unit whose composition is not recorded yet, is left for a later run
+(the residual experts are trained by training/recipes/residual_experts.py).
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ COLUMNS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "gate": ("default", "gate", ALL),
     "shared+own residual": ("residual", 'mixture:{{"all_data": 1.0, "{task}": 1.0}}', SEEN_TASKS),
     "shared+gate residual": ("residual", "gate", ALL),
+    **{f"seen comp., {key} {mode}": (key, f"composition:{{task}}-seen-{mode}", SEEN_TASKS)
+       for key in ("residual", "default") for mode in ("exact", "linear")},
 }
 """Column -> (bundle key, route with {task} filled per unit, the tasks it is evaluated on)."""
 REFERENCES = ("all_data", "base")
@@ -86,7 +92,9 @@ def run(config: PoweredConfig) -> None:
                if Path(path, "manifest.json").is_file()}
     if "residual" in bundles and len(bundles["residual"].experts) < len(SEEN_TASKS) + 1:
         del bundles["residual"]  # still being trained
-    run_units(units(config, set(bundles)), bundles, config, student)
+    ready = [u for u in units(config, set(bundles)) if not u.route.startswith("composition:")
+             or u.route.removeprefix("composition:") in bundles[u.bundle].compositions]
+    run_units(ready, bundles, config, student)
 
 
 def assemble(config: PoweredConfig) -> dict:
