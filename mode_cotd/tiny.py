@@ -125,15 +125,17 @@ def random_adapter(
     return adapter_from_modules(modules, r=r, lora_alpha=lora_alpha)
 
 
-def random_gate(experts: tuple[str, ...] | list[str], grid: float, top_k: int = 2, seed: int = 0, std: float = 2.0):
-    """A random linear top-k gate over ``experts`` (64 features): for tests, whose routing spreads over experts.
+def random_gate(experts: tuple[str, ...] | list[str], grid: float, top_k: int = 2, seed: int = 0, std: float = 2.0,
+                feature_dim: int = 64):
+    """A random linear top-k gate over ``experts`` (``feature_dim`` features: the student's hidden size for the
+    embedding-mean featuriser): for tests and benchmarks, whose routing spreads over experts.
 
     ``std`` is the standard deviation of every weight and bias; large, so that prompts route differently.
     """
     import torch
 
     torch.manual_seed(seed)
-    gate = Gate(GateConfig(experts=list(experts), feature_dim=64, hidden_dim=0, top_k=top_k, grid=grid))
+    gate = Gate(GateConfig(experts=list(experts), feature_dim=feature_dim, hidden_dim=0, top_k=top_k, grid=grid))
     with torch.no_grad():
         for p in gate.parameters():
             p.normal_(0, std)
