@@ -80,6 +80,9 @@ class EvalConfig:
     """vLLM sequences per batch."""
     gpu_memory_utilization: float = 0.3
     """Fraction of accelerator memory (host memory on vLLM's CPU backend) vLLM may take."""
+    kv_cache_memory_bytes: int | None = None
+    """An explicit KV cache size (overrides gpu_memory_utilization for the cache): on vLLM's CPU backend a
+    memory fraction is refused when other processes (a training job) hold the rest."""
     enforce_eager: bool = False
     """Skip vLLM's graph capture/compilation (faster start, slower steps)."""
     out_dir: str | None = None
@@ -100,7 +103,8 @@ class EvalConfig:
                   "max_lora_rank": self.max_lora_rank is None or self.max_lora_rank >= 1,
                   "max_num_batched_tokens": self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
                   "step_timeout_s": self.step_timeout_s is None or self.step_timeout_s >= 1,
-                  "max_num_seqs": self.max_num_seqs >= 1, "gpu_memory_utilization": 0 < self.gpu_memory_utilization <= 1}
+                  "max_num_seqs": self.max_num_seqs >= 1, "gpu_memory_utilization": 0 < self.gpu_memory_utilization <= 1,
+                  "kv_cache_memory_bytes": self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes >= 1}
         for name, ok in checks.items():
             if not ok:
                 raise ConfigError(f"eval: {name}: invalid value {getattr(self, name)!r}")
@@ -154,6 +158,8 @@ class VllmGenerator:
                        "max_cpu_loras": max(1, adapters)} if adapters else {}
         if config.max_num_batched_tokens is not None:
             extra["max_num_batched_tokens"] = config.max_num_batched_tokens
+        if config.kv_cache_memory_bytes is not None:
+            extra["kv_cache_memory_bytes"] = config.kv_cache_memory_bytes
         self.llm = LLM(model=str(student), tokenizer=str(student), dtype=resolve_dtype(config.dtype, student),
                        max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
                        gpu_memory_utilization=config.gpu_memory_utilization, enforce_eager=config.enforce_eager,

@@ -84,7 +84,7 @@ def run_task(task: str, bundle_dir: Path, residual_out: Path, student: Path, out
         spans[name] = len(prompts)
         prompts += [completion_prompt(student_prompt(e)) for e in rows]
         choices += planner.plan(parse_route(f"expert:{name}"), prompts[-len(rows):], [task] * len(rows))
-    engine = EvalConfig(bundle=None, dtype="float32", max_loras=8, gpu_memory_utilization=0.2)  # beside training
+    engine = EvalConfig(bundle=None, dtype="float32", max_loras=8, kv_cache_memory_bytes=1 << 30)  # beside training
     generator = VllmGenerator(student, engine,
                               max(c.rank for c in choices), len(candidates))
     try:
