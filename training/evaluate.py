@@ -237,12 +237,12 @@ class EvalResult:
     """Where eval.json, eval.md and predictions.jsonl were written."""
 
 
-def _too_long(student: Path, items: Sequence[EvalItem], max_model_len: int) -> set[int]:
+def too_long(student: Path, prompts: Sequence[str], max_model_len: int) -> set[int]:
     """Indices of prompts that leave no room for one generated token within max_model_len."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(student))
-    lengths = [len(ids) for ids in tokenizer([i.prompt for i in items], add_special_tokens=True)["input_ids"]]
+    lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
     return {i for i, n in enumerate(lengths) if n >= max_model_len}
 
 
@@ -257,7 +257,7 @@ def evaluate(config: EvalConfig, generator: Generator | None = None) -> EvalResu
                            max_rank=config.max_lora_rank or RoutePlanner.max_rank)
     tasks = list(config.tasks or TASKS)
     items = eval_items(tasks, config.data_dir, config.max_examples, config.seed)
-    skipped = _too_long(student, items, config.max_model_len)
+    skipped = too_long(student, [i.prompt for i in items], config.max_model_len)
     kept = [i for i in range(len(items)) if i not in skipped]
     routes = [parse_route(r) for r in config.routes]
     plans = {r.label: planner.plan(r, [items[i].prompt for i in kept], [items[i].task for i in kept]) for r in routes}

@@ -95,3 +95,34 @@ def test_the_experts_stage_marks_the_shared_adapter_and_copies_the_gate(tiny_stu
         for i, task in enumerate(SEEN_TASKS):
             add_expert(other, task, random_adapter(tiny_student, r=4, seed=200 + i), task)
         recipe.experts(tmp_path / "out", other, tiny_student, shared, choice, empty)
+
+
+def test_validation_prompts_too_long_for_the_context_score_wrong_and_never_reach_vllm(tiny_student, data_dir,
+                                                                                      tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    seen_prompts = []
+
+    class FakeGenerator:
+        def __init__(self, *args):
+            pass
+
+        def __call__(self, prompts, choices):
+            seen_prompts.extend(prompts)
+            return [" --> 1 END"] * len(prompts)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(recipe, "VllmGenerator", FakeGenerator)
+    shared = tmp_path / "all_data"
+    save_adapter(random_adapter(tiny_student, r=4, seed=99), shared)
+    bundle, out = tmp_path / "bundle", tmp_path / "out"
+    recipe.new_bundle(bundle, shared, tiny_student)
+    examples = load_task("gsm8k", "train", data_dir)[:3]
+    examples[1] = replace(examples[1], input=examples[1].input + " word" * 3000)
+    write_jsonl(out / "data" / "gsm8k.val.jsonl", examples)
+    recipe.val_accuracy(out, bundle, tiny_student, {"gsm8k--all_data": ("gsm8k", "expert:all_data")})
+    unit = json.loads((out / "val" / "gsm8k--all_data.json").read_text())
+    assert unit["n"] == 3 and unit["too_long"] == 1 and len(seen_prompts) == 2
+    assert unit["examples"][1]["prediction"] == ""

@@ -43,7 +43,7 @@ from mode_cotd.settings import parse_settings
 from mode_cotd.student import resolve_student, student_identity
 from mode_cotd.tasks import SEEN_TASKS, UNSEEN_TASKS, get_task, is_correct, score
 from training.compose import ComposeConfig, ExactMixer, load_shots, mixed_student, write_lora
-from training.evaluate import EvalConfig, VllmGenerator, _too_long, eval_items, summarise
+from training.evaluate import EvalConfig, VllmGenerator, eval_items, summarise, too_long
 from training.objectives import TokenLoss
 from training.routes import RoutePlanner, parse_route
 
@@ -192,11 +192,11 @@ def run_units(units: Sequence[Unit], bundles: dict[str, Bundle], config: TableCo
     plans = {}
     for unit in pending:
         items = test_items(unit.task, config)
-        too_long = _too_long(student, items, config.max_model_len)
-        kept = [i for i in range(len(items)) if i not in too_long]
+        skipped = too_long(student, [i.prompt for i in items], config.max_model_len)
+        kept = [i for i in range(len(items)) if i not in skipped]
         plan = planners[unit.bundle].plan(parse_route(unit.route), [items[i].prompt for i in kept],
                                           [unit.task] * len(kept))
-        plans[unit] = (items, too_long, kept, plan)
+        plans[unit] = (items, skipped, kept, plan)
     rank = {u: max((c.rank for c in p[3] if c is not None), default=0) for u, p in plans.items()}
     eval_config = EvalConfig(bundle=None, max_new_tokens=config.max_new_tokens, max_model_len=config.max_model_len,
                              dtype=config.dtype, max_num_seqs=config.max_num_seqs, max_loras=config.max_loras,
@@ -226,10 +226,10 @@ def restrict_units(out: Path, config: TableConfig) -> None:
             raise ValueError(f"{path}: its examples do not include the kept subset; delete it to rerun the unit")
         examples = [by_index[i] for i in wanted]
         result = score([e["prediction"] for e in examples], [e["gold"] for e in examples], record["task"])
-        too_long = len(_too_long(student, items, config.max_model_len))
+        n_too_long = len(too_long(student, [i.prompt for i in items], config.max_model_len))
         settings = {**record["settings"], "keep_examples": config.keep_examples,
                     "restricted_from": len(record["examples"])}
-        write_json_atomic(path, {**record, **result, "too_long": too_long, "settings": settings, "examples": examples})
+        write_json_atomic(path, {**record, **result, "too_long": n_too_long, "settings": settings, "examples": examples})
         print(f"[table] {path.name}: restricted to the {len(wanted)} kept examples", flush=True)
 
 
@@ -265,12 +265,12 @@ def _run_chunk(chunk: list[Unit], plans: dict, generator, out: Path, config: Tab
     seconds = time.perf_counter() - t0
     offset = 0
     for unit in chunk:
-        items, too_long, kept, plan = plans[unit]
+        items, skipped, kept, plan = plans[unit]
         mine = dict(zip(kept, texts[offset:offset + len(kept)]))
         offset += len(kept)
         predictions = [mine.get(i, "") for i in range(len(items))]
         choice_of = dict(zip(kept, plan))
-        summary = summarise(items, predictions, too_long)["tasks"][unit.task]
+        summary = summarise(items, predictions, skipped)["tasks"][unit.task]
         record = {
             "route": unit.route, "bundle": unit.bundle, "label": unit.label, "task": unit.task,
             "correct_flags": [int(is_correct(predictions[i], it.gold, get_task(unit.task).answer_kind))

@@ -61,7 +61,7 @@ from mode_cotd.student import resolve_student, student_identity
 from mode_cotd.tasks import SEEN_TASKS, get_task, is_correct
 from training.abstention import calibrate_abstention
 from training.distill import DistillConfig, distill
-from training.evaluate import EvalConfig, EvalItem, VllmGenerator, summarise
+from training.evaluate import EvalConfig, EvalItem, VllmGenerator, summarise, too_long
 from training.gate import featurise
 from training.routes import RoutePlanner, parse_route
 
@@ -178,18 +178,23 @@ def val_accuracy(out: Path, bundle: Path, student: Path, units: dict[str, tuple[
         spans[slug] = (len(prompts), items, route)
         prompts += [i.prompt for i in items]
         choices += planner.plan(parse_route(route), [i.prompt for i in items], [task] * len(items))
+    engine = EvalConfig(bundle=None, dtype="float32", max_loras=8)
+    skipped = too_long(student, prompts, engine.max_model_len)
+    kept = [i for i in range(len(prompts)) if i not in skipped]
     max_rank = max((c.rank for c in choices if c is not None), default=1)
-    generator = VllmGenerator(student, EvalConfig(bundle=None, dtype="float32", max_loras=8),
-                              max_rank, len({c.name for c in choices if c is not None}))
+    generator = VllmGenerator(student, engine, max_rank, len({c.name for c in choices if c is not None}))
     try:
         started = time.perf_counter()
-        texts = generator(prompts, choices)
+        texts = [""] * len(prompts)  # a prompt too long for the context scores as wrong (summarise's too_long)
+        for i, text in zip(kept, generator([prompts[i] for i in kept], [choices[i] for i in kept])):
+            texts[i] = text
         print(f"[val] {len(prompts)} prompts in {time.perf_counter() - started:.0f} s", flush=True)
     finally:
         generator.close()
     for slug, (offset, items, route) in spans.items():
         predictions = texts[offset:offset + len(items)]
-        summary = summarise(items, predictions, set())["tasks"][items[0].task]
+        long_ones = {i for i in range(len(items)) if offset + i in skipped}
+        summary = summarise(items, predictions, long_ones)["tasks"][items[0].task]
         write_json_atomic(out / "val" / f"{slug}.json", {
             "task": items[0].task, "route": route, **summary,
             "examples": [{"index": it.index, "gold": it.gold, "prediction": p} for it, p in zip(items, predictions)]})
