@@ -32,3 +32,5 @@ def test_a_unit_scores_every_other_expert_and_the_summary_picks_an_objective(hea
     assert json.loads((out / "units" / "addsub.json").read_text()) == unit
     result = study.summary(out)
     assert result["best"] in OBJECTIVES and result["tasks"] == ["addsub"]
+    table = (out / "table.md").read_text()
+    assert "| addsub | 3 |" in table and "| **mean** (1 tasks) |" in table

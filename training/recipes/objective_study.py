@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from mode_cotd.atomic import write_json_atomic
+from mode_cotd.atomic import write_json_atomic, write_text_atomic
 from mode_cotd.bundle import load_bundle
 from mode_cotd.data import load_examples, student_prompt
 from mode_cotd.format import completion_prompt
@@ -132,7 +132,23 @@ def summary(out: Path) -> dict:
                                           else -2, -table[o]["mean_regret"]))
     result = {"tasks": [u["task"] for u in units], "objectives": table, "best": best}
     write_json_atomic(out / "summary.json", result)
+    write_text_atomic(out / "table.md", markdown(units, table))
     return result
+
+
+def markdown(units: list[dict], table: dict) -> str:
+    """Per task: each objective's Spearman ρ with held-out accuracy and its regret (points); then the means."""
+    def rho(value):
+        return "–" if value is None else f"{value:+.2f}"
+
+    head = " | ".join(f"{o}: ρ, regret" for o in OBJECTIVES)
+    lines = [f"| task | held-out prompts | {head} |", "|---|---|" + "---|" * len(OBJECTIVES)]
+    for u in units:
+        cells = [f"{rho(u['agreement'][o]['spearman'])}, {100 * u['agreement'][o]['regret']:.1f}" for o in OBJECTIVES]
+        lines.append(f"| {u['task']} | {u['held_out']} | " + " | ".join(cells) + " |")
+    means = [f"{rho(table[o]['mean_spearman'])}, {100 * table[o]['mean_regret']:.1f}" for o in OBJECTIVES]
+    lines.append(f"| **mean** ({len(units)} tasks) | | " + " | ".join(means) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
