@@ -73,27 +73,18 @@ def test_the_abstain_stage_calibrates_the_gate_on_prompts_all_data_never_saw(tin
 
 
 def test_the_experts_stage_marks_the_shared_adapter_and_copies_the_gate(tiny_student, tmp_path):
-    gate_bundle = create_bundle(tmp_path / "default", student_identity(tiny_student))
-    for i, task in enumerate(SEEN_TASKS):
-        add_expert(gate_bundle, task, random_adapter(tiny_student, r=4, seed=i), task)
-    set_gate(gate_bundle, random_gate(list(SEEN_TASKS), grid=0.05))
-    shared = tmp_path / "all_data"
-    save_adapter(random_adapter(tiny_student, r=4, seed=99), shared)
-    residual = tmp_path / "residual"
-    recipe.new_bundle(residual, shared, tiny_student)
-    for i, task in enumerate(SEEN_TASKS):  # as if trained: the stage then trains nothing
-        add_expert(residual, task, random_adapter(tiny_student, r=4, seed=100 + i), task)
-    choice = {"candidate": "x", "r": 4, "lora_alpha": 8, "lr": 1e-4, "epochs": 1}
-    recipe.experts(tmp_path / "out", residual, tiny_student, shared, choice, gate_bundle)
+    residual = _residual_bundle(tiny_student, tmp_path)
     loaded = load_bundle(residual, student=tiny_student)
     assert loaded.shared == recipe.SHARED and loaded.gate is not None
     assert sorted(loaded.gate.config.experts) == sorted(SEEN_TASKS)
+    shared = tmp_path / "all_data"
     with pytest.raises(SystemExit, match="no gate over the ten seen tasks"):
         empty = create_bundle(tmp_path / "nogate", student_identity(tiny_student))
         other = tmp_path / "residual2"
         recipe.new_bundle(other, shared, tiny_student)
         for i, task in enumerate(SEEN_TASKS):
             add_expert(other, task, random_adapter(tiny_student, r=4, seed=200 + i), task)
+        choice = {"candidate": "x", "r": 4, "lora_alpha": 8, "lr": 1e-4, "epochs": 1}
         recipe.experts(tmp_path / "out", other, tiny_student, shared, choice, empty)
 
 
