@@ -25,6 +25,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from mode_cotd.bundle import shared_in_linear
 from mode_cotd.errors import ConfigError
 from mode_cotd.routes import composite_adapter, composite_folder, expert_adapter, with_shared
 from serving.errors import InternalError, InvalidMixture
@@ -93,9 +94,9 @@ class AdapterResolver:
         if self.shared is None:
             return spec
         if spec.mode != "exact":
-            if self.shared in spec.mixture.experts:
-                raise InvalidMixture(f"a {spec.mode} mixture may not weigh the shared adapter {self.shared!r}: it "
-                                     "is added exactly on top of the merge", param="mixture")
+            why = shared_in_linear(spec.mode, spec.mixture.as_dict(), self.shared)
+            if why:
+                raise InvalidMixture(why, param="mixture")
             return spec
         return AdapterSpec(with_shared(spec.mixture, self.shared), "exact")
 

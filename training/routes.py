@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mode_cotd.adapter import LoraAdapter, load_adapter, save_adapter
-from mode_cotd.bundle import Bundle
+from mode_cotd.bundle import Bundle, shared_in_linear
 from mode_cotd.errors import BundleError, ConfigError
 from mode_cotd.featurise import make_featuriser
 from mode_cotd.mixing import compress_svd, mix
@@ -204,9 +204,9 @@ class RoutePlanner:
         if self.bundle is not None and self.bundle.shared is not None:
             shared = self.bundle.shared
             if mode != "exact":
-                if shared in mixture.experts:
-                    raise ConfigError(f"{self.bundle.root}: a {mode} mixture may not weigh the shared adapter "
-                                      f"{shared!r}: it is added exactly on top of the merge")
+                why = shared_in_linear(mode, mixture.as_dict(), shared)
+                if why:
+                    raise ConfigError(f"{self.bundle.root}: {why}")
                 return self._cached_composite(mixture, mode)
             mixture = self.with_shared(mixture)
             if mixture.sole_expert == self.bundle.shared:

@@ -28,6 +28,7 @@ from mode_cotd.bundle.schema import (
     Manifest,
     StudentIdentity,
     resolve_inside,
+    shared_in_linear,
 )
 from mode_cotd.bundle.writer import add_composition, add_expert, create_bundle, set_gate, set_shared
 
@@ -51,5 +52,6 @@ __all__ = [
     "resolve_inside",
     "set_gate",
     "set_shared",
+    "shared_in_linear",
     "verify_folder",
 ]
