@@ -34,6 +34,11 @@ def completion_target(output_text: str) -> str:
     return " " + output_text
 
 
+def pad_id(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its eos (padding is masked out)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def tokenize_example(tokenizer, prompt: str, target: str, max_length: int) -> tuple[list[int], list[int]]:
     """``(input_ids, labels)`` for one example, both of the same length <= ``max_length``.
 

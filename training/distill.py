@@ -32,7 +32,7 @@ from mode_cotd.bundle import MANIFEST, add_expert, create_bundle, read_manifest
 from mode_cotd.checksums import file_checksums
 from mode_cotd.data import load_examples, read_jsonl, split_path, subsample
 from mode_cotd.errors import BundleError, ConfigError, DataError
-from mode_cotd.format import IGNORE_INDEX, completion_prompt, completion_target, tokenize_example
+from mode_cotd.format import IGNORE_INDEX, completion_prompt, completion_target, pad_id, tokenize_example
 from mode_cotd.student import load_student, resolve_student, student_identity
 from training import checkpoint
 from training.distill_config import DistillConfig, parse_args
@@ -281,13 +281,13 @@ def distill(config: DistillConfig) -> DistillResult:
         state = checkpoint.load_checkpoint(latest, parameters, optimizer, fingerprint)
     resumed_from = state.step
     end_step = min(total_steps, config.stop_after_steps or total_steps)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     bar = tqdm(total=total_steps, initial=state.step, desc=f"distill {name}", disable=not config.progress,
                dynamic_ncols=True)
     while state.step < end_step:
         started = time.perf_counter()
         step_loss, step_tokens = train_step(peft_model, optimizer, examples, config, state.step, total_steps,
-                                            pad_id, device)
+                                            pad, device)
         state.step += 1
         state.loss_curve.append(step_loss)
         state.tokens += step_tokens

@@ -33,7 +33,7 @@ from mode_cotd.bundle import load_bundle, read_manifest, set_gate
 from mode_cotd.data import load_task, student_prompt, subsample
 from mode_cotd.errors import ConfigError
 from mode_cotd.featurise import make_featuriser
-from mode_cotd.format import completion_prompt, completion_target, tokenize_example
+from mode_cotd.format import completion_prompt, completion_target, pad_id, tokenize_example
 from mode_cotd.mixing import compose_exact
 from mode_cotd.settings import parse_settings
 from mode_cotd.student import resolve_student
@@ -148,7 +148,7 @@ def finetune_gate(config: GateE2EConfig) -> dict:
 
     train, val = _examples(tasks, config)
     featuriser = make_featuriser(gate.config.featuriser, student)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
 
     def encode(pairs):
         prompts = [completion_prompt(student_prompt(e)) for e, _ in pairs]

@@ -22,7 +22,7 @@ import torch
 
 from mode_cotd.data import student_prompt
 from mode_cotd.errors import DataError
-from mode_cotd.format import completion_prompt, completion_target, tokenize_example
+from mode_cotd.format import completion_prompt, completion_target, pad_id, tokenize_example
 from mode_cotd.tasks import END, TARGET_SEPARATOR, get_task, is_correct, parse_target
 from training.distill import collate
 
@@ -51,7 +51,7 @@ class TokenLoss:
 
     def __init__(self, model, tokenizer, shots: Sequence, max_length: int, batch_size: int, device: str,
                  answer_only: bool = False):
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad = pad_id(tokenizer)
         pairs = _pairs(tokenizer, shots, max_length, answer_only)
         self.model = model
         self.batches = [tuple(t.to(device) for t in collate(pairs[i:i + batch_size], pad))
@@ -74,7 +74,7 @@ class ShotError:
     def __init__(self, model, tokenizer, shots: Sequence, device: str, max_new_tokens: int = MAX_NEW_TOKENS):
         self.model, self.tokenizer, self.max_new_tokens = model, tokenizer, max_new_tokens
         self.golds = [(e.gold, get_task(e.task)) for e in shots]
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad = pad_id(tokenizer)
         rows = [list(tokenizer(completion_prompt(student_prompt(e)), add_special_tokens=True)["input_ids"])
                 for e in shots]
         width = max(len(r) for r in rows)
