@@ -18,7 +18,10 @@ weight 1 (ΔW = ΔW_shared + Σᵢ wᵢ ΔWᵢ). `target` takes the mixture as t
 included (mode_cotd.routes.with_shared), and encodes it only when the shared weight is exactly 1.
 
 Eligible bundles: LoRA only on linear modules (no embedding or lm_head LoRA, which the union
-path does not apply), at most 63 experts, each of rank at most the engine's max LoRA rank. The
+path does not apply), at most 1,023 experts, each of rank at most the engine's max LoRA rank. A union
+of up to 16 routed experts (on the grid 1/20) takes dense mixture ids, any weight vector on the grid;
+a larger one sparse ids, the mixtures of one or two routed experts (the gate's top-2), the others
+served as composites (serving.fast_lora.mixture_ids). The
 union's block rank b is the largest expert rank: vLLM zeroes a slot before it loads an adapter
 into it (`reset_lora`), so a smaller expert's rows past its rank are zero and its block computes
 exactly its own sᵢBᵢAᵢ (an r8 all_data under r16 residuals costs 8 zero rows per token, nothing else).
@@ -78,22 +81,26 @@ class MixtureUnion:
                 or not 1 <= grid_units <= mixture_ids.MAX_UNITS:
             logger.info("mixture union off: %d experts, grid of %d units", len(names), grid_units)
             return None
-        adapters = {name: load_adapter(experts[name]) for name in names}
-        why = _ineligible(adapters, max_lora_rank)
+        ranks, why, first = {}, None, None
+        for name in names:  # one at a time: a union of a thousand experts is never in memory at once
+            adapter = load_adapter(experts[name])
+            ranks[name] = adapter.r
+            why = why or _ineligible(name, adapter, max_lora_rank)
+            first = first or adapter
         if why:
             logger.warning("mixture union off, mixtures are served as composites: %s", why)
             return None
-        rank = max(a.r for a in adapters.values())  # b: smaller experts' blocks end in zero rows
+        rank = max(ranks.values())  # b: smaller experts' blocks end in zero rows
         digest = hashlib.sha256()
         for name in names:
             digest.update(name.encode("utf-8") + b"\0")
             for file, sha in file_checksums(experts[name]).items():
                 digest.update(f"{file}={sha}\n".encode())
-        layout = UnionLayout(family=digest.digest()[0] & mixture_ids.MAX_FAMILY, experts=len(names),
-                             block_rank=rank, shared=shared is not None)
+        layout = UnionLayout.sized(digest.digest()[0] & mixture_ids.MAX_FAMILY, len(names), rank,
+                                   shared is not None, grid_units)
         members = tuple(LoraTarget(expert_adapter(name), mixture_ids.member_id(layout, i), str(experts[name]))
                         for i, name in enumerate(names))
-        placeholder = _write_placeholder(Path(cache_dir), adapters[names[0]])
+        placeholder = _write_placeholder(Path(cache_dir), first)
         return cls(layout, names, members, placeholder, grid_units, shared)
 
     def member(self, expert: str) -> LoraTarget | None:
@@ -117,16 +124,13 @@ class MixtureUnion:
         return LoraTarget(mixture_adapter(spec.mixture), lora_id, str(self.placeholder))
 
 
-def _ineligible(adapters: dict[str, LoraAdapter], max_lora_rank: int) -> str | None:
-    """Why these experts cannot form a union, or None."""
-    ranks = {name: a.r for name, a in adapters.items()}
-    over = {name: r for name, r in ranks.items() if r > min(max_lora_rank, mixture_ids.MAX_BLOCK_RANK)}
-    if over:
-        return f"expert ranks {over} are over the engine's max LoRA rank {max_lora_rank}"
-    for name, adapter in adapters.items():
-        bad = sorted(set(adapter.target_modules) & set(UNSUPPORTED_MODULES))
-        if bad:
-            return f"expert {name!r} has LoRA on {bad}, which the union does not apply"
+def _ineligible(name: str, adapter: LoraAdapter, max_lora_rank: int) -> str | None:
+    """Why this expert cannot be in a union, or None."""
+    if adapter.r > min(max_lora_rank, mixture_ids.MAX_BLOCK_RANK):
+        return f"expert {name!r} has rank {adapter.r}, over the engine's max LoRA rank {max_lora_rank}"
+    bad = sorted(set(adapter.target_modules) & set(UNSUPPORTED_MODULES))
+    if bad:
+        return f"expert {name!r} has LoRA on {bad}, which the union does not apply"
     return None
 
 

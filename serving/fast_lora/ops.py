@@ -151,55 +151,75 @@ def _float32_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torc
             offset += n
 
 
-def union_weights(lora_a: torch.Tensor, lora_b: torch.Tensor, member_slots: Sequence[int], block_rank: int,
+def expert_blocks(lora_a: torch.Tensor, lora_b: torch.Tensor, slots: Sequence[int], block_rank: int,
                   a_dtype: torch.dtype, b_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The union of the member slots' adapters: (A `[E·b, H]`, B `[N, E·b]`), rounded to a_dtype / b_dtype, held in
+    """The blocks of the experts in `slots`: (A `[K, b, H]`, B `[K, N, b]`), rounded to a_dtype / b_dtype, held in
     ACCUMULATE.
 
-    lora_a `[S, 1, R, H]`, lora_b `[S, 1, N, R]`; block e is slot member_slots[e]'s first b rows of A (columns
-    of B), the expert's rank (rows past it are vLLM's zero padding). B already holds sₑBₑ (vLLM folds the
-    scaling in when it loads an adapter). New contiguous tensors: callers cache them.
+    lora_a `[S, 1, R, H]`, lora_b `[S, 1, N, R]`; expert k is slot slots[k]'s first b rows of A (columns of B),
+    the expert's rank (rows past it are vLLM's zero padding). B already holds sₖBₖ (vLLM folds the scaling in
+    when it loads an adapter). One gather per tensor.
     """
-    slots = torch.tensor(list(member_slots), dtype=torch.long)
+    index = torch.tensor(list(slots), dtype=torch.long)
     s, h, n = lora_a.shape[0], lora_a.shape[-1], lora_b.shape[-2]
-    a = lora_a.reshape(s, -1, h)[:, :block_rank].index_select(0, slots)  # [E, b, H]
-    b = lora_b.reshape(s, n, -1)[:, :, :block_rank].index_select(0, slots)  # [E, N, b]
-    a_union = _acc(a.reshape(-1, h), a_dtype).contiguous()  # [E·b, H]
-    b_union = _acc(b.permute(1, 0, 2).reshape(n, -1), b_dtype).contiguous()  # [N, E·b]
-    return a_union, b_union
+    a = lora_a.reshape(s, -1, h)[:, :block_rank].index_select(0, index)  # [K, b, H]
+    b = lora_b.reshape(s, n, -1)[:, :, :block_rank].index_select(0, index)  # [K, N, b]
+    return _acc(a, a_dtype), _acc(b, b_dtype)
 
 
-def union_lora_linear(y: torch.Tensor, x: torch.Tensor, unions: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                      union: UnionRows, scale: float, output_slices: Sequence[int],
-                      buffer_dtype: torch.dtype = torch.float32) -> None:
-    """Mixture rows through the union: y[r, oᵢ:oᵢ+nᵢ] += (hᵢ ⊙ repeat_interleave(w[r], b)) @ B∪ᵢᵀ.
+def union_weights(lora_a: torch.Tensor, lora_b: torch.Tensor, member_slots: Sequence[int], block_rank: int,
+                  a_dtype: torch.dtype, b_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The union of the member slots' adapters: (A `[E·b, H]`, B `[N, E·b]`), block e = slot member_slots[e]'s
+    expert_blocks, held in ACCUMULATE. New contiguous tensors: callers cache them."""
+    a, b = expert_blocks(lora_a, lora_b, member_slots, block_rank, a_dtype, b_dtype)  # [E, b, H], [E, N, b]
+    return a.reshape(-1, a.shape[-1]).contiguous(), b.permute(1, 0, 2).reshape(b.shape[1], -1).contiguous()
 
-    hᵢ = (scale · x[r] @ A∪ᵢᵀ) in buffer_dtype, (A∪ᵢ `[E·b, H]`, B∪ᵢ `[N, E·b]`) = unions[i], slice i's union
-    (union_weights: A = cat(Aₑ), B = cat(sₑBₑ), expert e in rank block e·b … e·b+b-1), w `[t, E]` the rows'
-    mixture weights (union.weights), restricted to the blocks of the experts in use (union.experts). So a
-    row gets Σₑ w[r, e] · sₑ Bₑ Aₑ x[r]: its mixture, exactly, whatever the number of distinct mixtures in
-    the step. The block-scaled h is rounded to y.dtype before
-    the expand, as vLLM's ops round their shrink buffer. y `[T, Σnᵢ]`, x `[T, H]`.
+
+def union_lora_linear(y: torch.Tensor, x: torch.Tensor, union: UnionRows,
+                      blocks: Sequence[tuple[torch.Tensor, torch.Tensor]] | None,
+                      pairs: Sequence[tuple[torch.Tensor, torch.Tensor]] | None, scale: float,
+                      output_slices: Sequence[int], buffer_dtype: torch.dtype = torch.float32) -> None:
+    """Mixture rows: y[r, oᵢ:oᵢ+nᵢ] += Σₑ w[r, e] · ((scale · x[r] @ Aₑᵢᵀ) in buffer_dtype, rounded to y.dtype) @ Bₑᵢᵀ.
+
+    Every row gets its mixture Σₑ w[r, e] · sₑBₑAₑ x[r], exactly, whatever the number of distinct mixtures or
+    experts in the step, in two parts (serving.fast_lora.segments.UnionRows):
+    - union.blocks, K experts used by many rows: blocks[i] = (A `[K·b, H]`, B `[N, K·b]`) of slice i, the
+      experts' blocks side by side; h = x[rows] @ Aᵀ `[t, K·b]`, block k scaled by w[:, k], then h @ Bᵀ;
+    - union.pairs, G experts used by few rows: pairs[i] = (A `[G, b, H]`, B `[G, N, b]`); each (row, expert)
+      pair multiplies its row by its expert's block alone (two bmm over the G experts), scaled by its weight.
+    h is rounded to y.dtype before the expand, as vLLM's ops round their shrink buffer; the per-expert
+    products are summed in ACCUMULATE and rounded to y.dtype once. y `[T, Σnᵢ]`, x `[T, H]`.
     """
     width = sum(output_slices)
-    xg = _acc(_take(x, union.rows), buffer_dtype)  # [t, H]
-    scales = union.weights.repeat_interleave(union.block_rank, dim=1)  # [t, K·b]
-    if union.experts is not None:  # only the blocks of the experts in use: rank K·b instead of E·b
-        b = union.block_rank
-        cols = (union.experts[:, None] * b + torch.arange(b)).flatten()  # [K·b]
-        unions = [(a_u.index_select(0, cols), b_u.index_select(1, cols)) for a_u, b_u in unions]
-    if scale != 1.0:
-        scales = scales * scale
-    direct = y.dtype == torch.float32  # nothing to round: add each slice straight into y
-    out = None if direct else torch.empty(union.count, width, dtype=torch.promote_types(y.dtype, ACCUMULATE))
-    offset = 0
-    for (a_union, b_union), n in zip(unions, output_slices):
-        h = (xg @ a_union.t()).mul_(scales)  # [t, E·b]
-        if direct:
-            _add_product(y[:, offset : offset + n], union.rows, h, b_union)
-        else:
-            out[:, offset : offset + n] = _acc(h, y.dtype) @ b_union.t()  # [t, n]
-        offset += n
+    direct = y.dtype == torch.float32  # nothing to round: add every product straight into y
+    out = None if direct else torch.zeros(union.count, width, dtype=torch.promote_types(y.dtype, ACCUMULATE))
+    if union.blocks is not None:
+        xg = _acc(_take(x, union.rows), buffer_dtype)  # [t, H]
+        scales = union.blocks.weights.repeat_interleave(union.block_rank, dim=1)  # [t, K·b]
+        if scale != 1.0:
+            scales = scales * scale
+        offset = 0
+        for (a_union, b_union), n in zip(blocks, output_slices):
+            h = (xg @ a_union.t()).mul_(scales)  # [t, K·b]
+            if direct:
+                _add_product(y[:, offset : offset + n], union.rows, h, b_union)
+            else:
+                out[:, offset : offset + n] = _acc(h, y.dtype) @ b_union.t()  # [t, n]
+            offset += n
+    if union.pairs is not None:
+        p = union.pairs
+        g = p.experts.numel()
+        xp = _acc(x.index_select(0, p.rows), buffer_dtype).view(g, p.width, -1)  # [G, w, H]
+        scales = (p.weights * scale).view(g, p.width, 1)  # [G, w, 1]; padding: 0
+        offset = 0
+        for (a, b), n in zip(pairs, output_slices):
+            h = torch.bmm(xp, a.transpose(1, 2)).mul_(scales)  # [G, w, b]
+            products = torch.bmm(_acc(h, y.dtype), b.transpose(1, 2)).view(-1, n)  # [G·w, n]
+            if direct:
+                y[:, offset : offset + n].index_add_(0, p.rows, products)
+            else:
+                out[:, offset : offset + n].index_add_(0, p.into, products)
+            offset += n
     if out is not None:
         _put(y[:, :width], union.rows, out.to(y.dtype), add=True)
 

@@ -16,6 +16,7 @@ of the largest.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -98,24 +99,71 @@ def batch_groups(groups: list[Group], total_rows: int) -> Batched | None:
 
 
 @dataclass(frozen=True)
-class UnionRows:
-    """The rows of a step that use mixture ids (serving.fast_lora.mixture_ids), served by their union's members."""
+class BlockRows:
+    """Experts that many of a step's mixture rows use: block-scaled over all mixture rows at once.
 
-    member_slots: tuple[int, ...]
-    """Slot of each expert of the union, in the union's order (E slots)."""
+    Cost per layer: count × K·b (every mixture row against every one of these blocks)."""
+
+    experts: torch.Tensor
+    """[K] int64: the experts' blocks in the union, increasing."""
+    slots: tuple[int, ...]
+    """The K experts' slots, in the same order."""
+    weights: torch.Tensor
+    """[count, K] float32: each mixture row's weight per expert (zero where the row does not use it)."""
+    complete: bool
+    """K = E: every expert of the union (its blocks in union order, no selection)."""
+
+
+@dataclass(frozen=True)
+class PairRows:
+    """Experts that few of a step's mixture rows use: one (row, expert) pair per non-zero weight, the pairs of
+    each expert padded to `width` and multiplied in one batched matmul pair (position p = g·width + j: the j-th
+    row of expert g). Cost per layer: G·width, whatever the number of rows that use no such expert."""
+
+    experts: torch.Tensor
+    """[G] int64: the experts' blocks in the union, increasing."""
+    slots: tuple[int, ...]
+    """The G experts' slots, in the same order."""
+    rows: torch.Tensor
+    """[G·width] int64: the step row of each position, read from x and added to in y (padding: the first
+    mixture row, at weight 0, so it adds exactly 0)."""
+    into: torch.Tensor
+    """[G·width] int64: the same row's index among the step's mixture rows (0 … count-1)."""
+    weights: torch.Tensor
+    """[G·width] float32: the pair's weight (0 for padding)."""
+    width: int
+    """Pairs per expert after padding (the most rows any of these experts has)."""
+
+
+PAIR_FACTOR = 4
+"""An expert used by fewer than 1/PAIR_FACTOR of the step's mixture rows is served by pairs..."""
+MIN_PAIR_EXPERTS = 4
+"""... when at least this many experts are (below that, one block-scaled matmul pair costs less than two)."""
+
+
+@dataclass(frozen=True)
+class UnionRows:
+    """The rows of a step that use mixture ids (serving.fast_lora.mixture_ids), served by their union's members.
+
+    Only the experts some row uses are read: `blocks` (used by many rows) and `pairs` (used by few). The cost
+    of a step grows with the rows and the pairs, not with the union's size or the number of distinct mixtures.
+    """
+
     rows: Rows
     """Which rows use a mixture id."""
     count: int
     """How many rows."""
-    weights: torch.Tensor
-    """[count, K] float32: each row's weight per expert in use (`experts`)."""
-    experts: torch.Tensor | None
-    """[K] int64: the experts any row of the step uses (weight ≠ 0), None for all E. The ops multiply by these
-    experts' blocks only: a step whose mixtures all draw on 2 of 10 experts pays for rank 2·b, not 10·b."""
+    blocks: BlockRows | None
+    """The widely used experts, block-scaled (None: none)."""
+    pairs: PairRows | None
+    """The narrowly used experts, by pairs (None: none)."""
     block_rank: int
-    """b: the experts' rank; the union is their first b rows of A (columns of B), concatenated."""
+    """b: the experts' rank; an expert's block is the first b rows of its slot's A (columns of B)."""
     layout: mixture_ids.UnionLayout
     """The union (its family tells unions with the same E and b apart)."""
+    members: tuple[int, ...] | None
+    """A dense union's E member slots, in union order, when all are in slots (its weights can then be assembled
+    once and kept); None for a sparse union, whose blocks are read from the slots of the experts in use."""
 
 
 def mixture_slots(lora_index_to_id: list[int | None]) -> dict[int, mixture_ids.MixtureCode]:
@@ -129,8 +177,8 @@ def split_union_rows(indices: torch.Tensor, lora_index_to_id: list[int | None],
     """(the rows whose slot holds a mixture id, served by the union; `indices` with those rows set to -1).
 
     indices: [T] int64 slot per row (-1 = no LoRA); mixtures: mixture_slots(lora_index_to_id). Raises
-    RuntimeError when a step has mixture ids but an expert of their union is not in a slot, or mixture
-    ids of different unions.
+    RuntimeError when a step has mixture ids but an expert they use is not in a slot, or mixture ids of
+    different unions.
     """
     if not mixtures:
         return None, indices
@@ -142,28 +190,71 @@ def split_union_rows(indices: torch.Tensor, lora_index_to_id: list[int | None],
     present = which >= 0
     if not bool(present.any()):
         return None, indices
-    layouts = {codes[i].layout for i in torch.unique(which[present]).tolist()}
+    in_step = torch.unique(which[present]).tolist()  # [M] mixtures of the step, increasing
+    layouts = {codes[i].layout for i in in_step}
     if len(layouts) > 1:
         raise RuntimeError(f"one step mixes mixture ids of {len(layouts)} different unions: {sorted(map(str, layouts))}")
     layout = layouts.pop()
-    slot_of = {lora_id: slot for slot, lora_id in enumerate(lora_index_to_id) if lora_id is not None}
-    members = [mixture_ids.member_id(layout, e) for e in range(layout.experts)]
-    missing = [e for e, m in enumerate(members) if m not in slot_of]
+    used = sorted({block for i in in_step for block, _ in codes[i].blocks})  # [K] the step's experts
+    column = {block: k for k, block in enumerate(used)}
+    per_mixture = torch.zeros(len(codes), len(used))  # [all mixtures, K]; mixtures not in the step stay zero
+    for i in in_step:
+        for block, weight in codes[i].blocks:
+            per_mixture[i, column[block]] = weight
+    slot_of = _slot_of(tuple(lora_index_to_id))
+    slots = [slot_of.get(mixture_ids.member_id(layout, e)) for e in used]
+    missing = [e for e, slot in zip(used, slots) if slot is None]
     if missing:
         raise RuntimeError(f"mixture ids of union {layout} are in the step but its experts {missing} are not in "
                            "a slot: load and pin every member of the union first")
-    zeros = (0.0,) * layout.experts  # for mixture ids of other unions, in slots but not in this step
-    per_mixture = torch.tensor([c.weights if c.layout == layout else zeros for c in codes],
-                               dtype=torch.float32)  # [M, E]
     (group,) = group_rows(torch.where(present, 0, -1))
-    weights = per_mixture[which[present]]  # [count, E]
-    used = weights.ne(0).any(0).nonzero().flatten()  # [K]
-    experts = None if used.numel() == layout.experts else used
-    if experts is not None:
-        weights = weights.index_select(1, experts)  # [count, K]
-    union = UnionRows(tuple(slot_of[m] for m in members), group.rows, group.count, weights, experts,
-                      layout.block_rank, layout)
+    weights = per_mixture[which[present]]  # [count, K]
+    narrow = weights.ne(0).sum(0) * PAIR_FACTOR < group.count  # [K]
+    if int(narrow.sum()) < MIN_PAIR_EXPERTS:
+        narrow.zero_()
+    experts = torch.tensor(used, dtype=torch.long)
+    blocks = pairs = None
+    if not bool(narrow.all()):
+        wide = (~narrow).nonzero().flatten()  # [K_D]
+        blocks = BlockRows(experts[wide], tuple(slots[k] for k in wide.tolist()), weights.index_select(1, wide),
+                           complete=len(wide) == layout.experts)
+    if bool(narrow.any()):
+        few = narrow.nonzero().flatten()  # [G]
+        pairs = _pairs(weights.index_select(1, few), _row_numbers(group.rows), experts[few],
+                       tuple(slots[k] for k in few.tolist()))
+    members = None
+    if not layout.sparse:
+        members = tuple(slot_of.get(mixture_ids.member_id(layout, e), -1) for e in range(layout.experts))
+        members = None if -1 in members else members
+    union = UnionRows(group.rows, group.count, blocks, pairs, layout.block_rank, layout, members)
     return union, torch.where(present, -1, indices)
+
+
+@functools.lru_cache(maxsize=8)
+def _slot_of(lora_index_to_id: tuple[int | None, ...]) -> dict[int, int]:
+    """LoRA id -> slot (cached: the slot table changes only when adapters are loaded or evicted)."""
+    return {lora_id: slot for slot, lora_id in enumerate(lora_index_to_id) if lora_id is not None}
+
+
+def _row_numbers(rows: Rows) -> torch.Tensor:
+    """rows as an index tensor [count] int64."""
+    return torch.arange(rows.start, rows.stop) if isinstance(rows, slice) else rows
+
+
+def _pairs(weights: torch.Tensor, row_numbers: torch.Tensor, experts: torch.Tensor,
+           slots: tuple[int, ...]) -> PairRows:
+    """The pair layout of weights [count, G] (mixture row i is step row row_numbers[i])."""
+    g = weights.shape[1]
+    expert, row = weights.t().nonzero(as_tuple=True)  # [P] each, by expert, then row
+    per_expert = torch.bincount(expert, minlength=g)  # [G]
+    width = int(per_expert.max())
+    position = torch.arange(expert.numel()) - (torch.cumsum(per_expert, 0) - per_expert)[expert]  # [P]
+    flat = expert * width + position  # [P]
+    into = torch.zeros(g * width, dtype=torch.long)
+    pair_weights = torch.zeros(g * width)
+    into[flat] = row
+    pair_weights[flat] = weights[row, expert]
+    return PairRows(experts, slots, row_numbers[into], into, pair_weights, width)
 
 
 def without_mixture_slots(indices: torch.Tensor, mixtures: dict[int, mixture_ids.MixtureCode]) -> torch.Tensor:

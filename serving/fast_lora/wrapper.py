@@ -10,9 +10,11 @@ Anything not overridden (full-linear classifier heads, MoE LoRA) is vLLM's CPU c
 Mixture ids (serving.fast_lora.mixture_ids) are served through the union of their experts,
 each pinned in a slot under its member id: `update_metadata` moves their rows out of the slot
 groups into one `UnionRows` group with per-row expert weights, and `add_lora_linear` applies
-them as block scales between shrink and expand (ops.union_lora_linear): one matmul pair for
-every mixture in the step. The union's weights are assembled from the member slots once per
-layer and kept (`union_cache`) while the members stay in the same slots. A mixture id's own
+them (ops.union_lora_linear): experts many rows use as block scales between one shrink and one
+expand, experts few rows use by (row, expert) pairs in one batched matmul pair. Only the experts
+the step uses are read. A dense union's weights (at most 63 experts) are assembled from the member
+slots once per layer and kept (`union_cache`) while the members stay in the same slots; a sparse
+union's (up to 1,023) are gathered per step, only the blocks in use. A mixture id's own
 slot holds a placeholder adapter that is never read, so
 mixture rows get no embedding or lm_head LoRA: the union must have none (the serving side
 builds it from the experts' linear modules only).
@@ -31,6 +33,7 @@ from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 from serving.fast_lora import compiled_ops
 from serving.fast_lora.ops import (
+    expert_blocks,
     grouped_expand,
     grouped_lora_linear,
     grouped_lora_logits,
@@ -135,27 +138,44 @@ class PunicaWrapperGrouped(PunicaWrapperCPU):
                           buffer_dtype: torch.dtype = torch.float32) -> None:
         grouped_lora_linear(y, x, lora_a_stacked, lora_b_stacked, self.token_groups, scale, output_slices,
                             buffer_dtype, self.token_batched)
-        if self.union_rows is not None:
-            unions = [self._union(a, b, buffer_dtype, y.dtype) for a, b in zip(lora_a_stacked, lora_b_stacked)]
-            union_lora_linear(y, x, unions, self.union_rows, scale, output_slices, buffer_dtype)
+        u = self.union_rows
+        if u is None:
+            return
+        blocks = pairs = None
+        if u.blocks is not None:
+            blocks = [self._blocks(a, b, buffer_dtype, y.dtype) for a, b in zip(lora_a_stacked, lora_b_stacked)]
+        if u.pairs is not None:
+            pairs = [expert_blocks(a, b, u.pairs.slots, u.block_rank, buffer_dtype, y.dtype)
+                     for a, b in zip(lora_a_stacked, lora_b_stacked)]
+        union_lora_linear(y, x, u, blocks, pairs, scale, output_slices, buffer_dtype)
 
-    def _union(self, lora_a: torch.Tensor, lora_b: torch.Tensor, a_dtype: torch.dtype,
-               b_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The union of this layer slice's member slots, assembled once and cached.
+    def _blocks(self, lora_a: torch.Tensor, lora_b: torch.Tensor, a_dtype: torch.dtype,
+                b_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A `[K·b, H]`, B `[N, K·b]`) of the step's widely used experts in this layer slice.
 
-        A member id always names the same expert (its union's family is a digest of the experts), so a
-        slot keeps the same weights while it holds the same member: the key is the layer's weight
-        tensors and the member slots. A new arrangement of members clears the cache.
+        A dense union is assembled once from all its member slots and cached; the step's experts are then
+        its whole (all used) or a selection of its blocks. A member id always names the same expert (its
+        union's family is a digest of the experts), so a slot keeps the same weights while it holds the same
+        member: the key is the layer's weight tensors and the member slots. A new arrangement of members
+        clears the cache. A sparse union (too large to copy) or one with members out of their slots: the blocks in
+        use are gathered from their slots.
         """
         u = self.union_rows
-        key = (lora_a.data_ptr(), lora_b.data_ptr(), u.member_slots, u.layout, a_dtype, b_dtype)
+        used = u.blocks
+        if u.members is None:
+            return union_weights(lora_a, lora_b, used.slots, u.block_rank, a_dtype, b_dtype)
+        key = (lora_a.data_ptr(), lora_b.data_ptr(), u.members, u.layout, a_dtype, b_dtype)
         cached = self.union_cache.get(key)
         if cached is None:
             if any(k[2:4] != key[2:4] for k in self.union_cache):
                 self.union_cache.clear()
-            cached = self.union_cache[key] = union_weights(lora_a, lora_b, u.member_slots, u.block_rank, a_dtype,
+            cached = self.union_cache[key] = union_weights(lora_a, lora_b, u.members, u.block_rank, a_dtype,
                                                            b_dtype)
-        return cached
+        if used.complete:
+            return cached
+        b = u.block_rank
+        cols = (used.experts[:, None] * b + torch.arange(b)).flatten()  # [K·b]
+        return cached[0].index_select(0, cols), cached[1].index_select(1, cols)
 
     def _linear_only(self, op: str) -> None:
         """Mixture rows need the union's block scales, which only add_lora_linear applies."""

@@ -23,8 +23,9 @@ def test_every_composition_round_trips_to_a_distinct_dense_code(experts, n, shar
             continue
         lora_id = encode(layout, units, n)
         assert lora_id is not None and 0 < lora_id < 1 << 63
-        assert decode(lora_id) == MixtureCode(layout, tuple(units), n)
-        codes.add(lora_id & ((1 << 33) - 1))
+        code = decode(lora_id)
+        assert isinstance(code, MixtureCode) and (code.layout, code.units, code.n) == (layout, tuple(units), n)
+        codes.add(lora_id & ((1 << 32) - 1))
     assert codes == set(range(comb(n + routed - 1, routed - 1)))  # dense: ranks 0 .. C-1
 
 
@@ -55,7 +56,7 @@ def test_weights_that_cannot_be_encoded_give_none(units, n):
 
 
 def test_too_many_weight_vectors_for_the_code_bits_give_none():
-    assert encode(UnionLayout(1, 40, 8), [100] + [0] * 39, 100) is None  # C(139, 39) > 2**33
+    assert encode(UnionLayout(1, 40, 8), [100] + [0] * 39, 100) is None  # C(139, 39) > 2**32
 
 
 def test_other_ids_are_not_mixtures():
@@ -64,9 +65,44 @@ def test_other_ids_are_not_mixtures():
 
 
 def test_layout_rejects_out_of_range_fields():
-    for bad in ((128, 3, 8), (1, 0, 8), (1, 64, 8), (1, 3, 0), (1, 3, 256)):
+    for bad in ((128, 3, 8), (1, 0, 8), (1, 64, 8), (1, 3, 0), (1, 3, 256), (1, 1024, 8, False, True)):
         with pytest.raises(ValueError):
             UnionLayout(*bad)
+
+
+def test_unions_too_large_for_dense_codes_take_the_sparse_form():
+    assert not UnionLayout.sized(1, 63, 8, grid_units=2).sparse and UnionLayout.sized(1, 64, 8, grid_units=2).sparse
+    assert not UnionLayout.sized(1, 16, 8).sparse and UnionLayout.sized(1, 17, 8).sparse  # grid 1/20: 2**32 codes
+    assert not UnionLayout.sized(1, 17, 8, shared=True).sparse
+    assert UnionLayout.sized(1, 1023, 16, shared=True).routed == 1022
+
+
+@pytest.mark.parametrize("experts,shared", [(3, False), (5, True), (1000, False), (1023, True)])
+def test_sparse_ids_round_trip_every_mixture_of_one_or_two_experts(experts, shared):
+    layout = UnionLayout(3, experts, 16, shared, sparse=True)
+    routed, n = experts - shared, 20
+    picks = sorted({0, 1, routed // 2, routed - 1})
+    seen = set()
+    for i, j in itertools.combinations_with_replacement(picks, 2):
+        for u in ([n] if i == j else range(1, n)):
+            units = [0] * routed
+            units[i] += u
+            units[j] += n - u
+            lora_id = encode(layout, units, n)
+            code = decode(lora_id)
+            assert isinstance(code, MixtureCode) and code.layout == layout and code.units == tuple(units)
+            assert code.blocks == tuple((k, w / n) for k, w in enumerate(units) if w) + (
+                ((experts - 1, 1.0),) if shared else ())
+            seen.add(lora_id)
+    assert len(seen) == len(picks) + comb(len(picks), 2) * (n - 1)  # distinct ids
+    assert [decode(member_id(layout, i)) for i in picks] == [MemberCode(layout, i) for i in picks]
+
+
+def test_sparse_ids_carry_at_most_two_experts():
+    layout = UnionLayout.sized(3, 100, 8)
+    assert encode(layout, [1, 1, 1] + [0] * 97, 3) is None  # three experts: a composite
+    assert decode(encode(layout, [0] * 99 + [7], 7)).blocks == ((99, 1.0),)
+    assert encode(layout, [0] * 100, 5) is None
 
 
 def test_families_keep_unions_apart():

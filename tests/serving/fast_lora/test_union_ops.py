@@ -106,20 +106,21 @@ def test_mixture_rows_get_their_mixture_of_the_union(step, dtype, scale):
 def test_union_rows_carry_each_rows_weights():
     wrapper, _ = _wrapper("decode")
     union = wrapper.union_rows
-    assert union.member_slots == (4, 7, 2) and union.block_rank == BLOCK and union.count == 5
+    assert union.members == (4, 7, 2) and union.block_rank == BLOCK and union.count == 5
     assert torch.equal(union.rows, torch.tensor([0, 2, 4, 6, 8]))
     expected = torch.tensor([MIX[M1], MIX[M2], MIX[M3], MIX[M2], MIX[M1]], dtype=torch.float32)
-    torch.testing.assert_close(union.weights, expected)
+    torch.testing.assert_close(union.blocks.weights, expected)
     assert all(g.slot not in (IDS.index(M1), IDS.index(M2), IDS.index(M3)) for g in wrapper.token_groups)
-    assert union.experts is None  # the step uses all three experts
+    assert union.blocks.complete and union.blocks.slots == (4, 7, 2) and union.pairs is None  # all three used
 
 
 def test_a_step_that_uses_some_experts_multiplies_by_their_blocks_only():
     wrapper, _ = _wrapper("some_experts")
-    assert torch.equal(wrapper.union_rows.experts, torch.tensor([0, 1]))
-    torch.testing.assert_close(wrapper.union_rows.weights, torch.tensor([[0.5, 0.5]] * 3))
+    blocks = wrapper.union_rows.blocks
+    assert torch.equal(blocks.experts, torch.tensor([0, 1])) and not blocks.complete
+    torch.testing.assert_close(blocks.weights, torch.tensor([[0.5, 0.5]] * 3))
     wrapper, _ = _wrapper("one_expert_mixture")
-    assert torch.equal(wrapper.union_rows.experts, torch.tensor([2]))
+    assert torch.equal(wrapper.union_rows.blocks.experts, torch.tensor([2]))
 
 
 def test_a_mixture_without_all_its_experts_in_slots_is_an_error():
