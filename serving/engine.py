@@ -20,6 +20,8 @@ from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from mode_cotd.compute_dtype import resolve_dtype
 from mode_cotd.errors import ConfigError
 from mode_cotd.lora_rank import supported_lora_rank
@@ -28,6 +30,7 @@ from serving.fast_lora import plugin as fast_lora
 from serving.lora_admission import LoraAdmission
 from serving.protocol import GenerationDelta, LoraTarget, SamplingSettings, TokenLogprob
 from serving.settings import EngineSettings
+from serving.slot_memory import check_slot_memory, slot_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +171,7 @@ class VllmEngine:
         if pinned:
             _check_union_wrapper(self.settings.fast_lora)
         args = engine_args(self.student, self.settings, self.max_lora_rank, self.max_model_len, len(pinned))
+        self._check_slot_memory(args.max_loras, len(pinned), args.dtype)
         llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         try:
             await self._pin(llm, pinned)
@@ -176,6 +180,15 @@ class VllmEngine:
             raise
         self.admission = LoraAdmission(self.settings.max_loras, [t.lora_id for t in pinned])
         self._llm = llm
+
+    def _check_slot_memory(self, slots: int, pinned: int, dtype: str) -> None:
+        """Refuse, before vLLM allocates them, LoRA slots that host memory cannot hold (the CPU platform: there the
+        slots are host memory; on a GPU vLLM's own memory profile covers them)."""
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            check_slot_memory(slots, pinned, slot_bytes(self.student, self.max_lora_rank, dtype),
+                              psutil.virtual_memory().available)
 
     @staticmethod
     async def _pin(llm: Any, pinned: Sequence[LoraTarget]) -> None:
