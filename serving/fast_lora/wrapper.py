@@ -153,16 +153,16 @@ class PunicaWrapperGrouped(PunicaWrapperCPU):
                 b_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(A `[K·b, H]`, B `[N, K·b]`) of the step's widely used experts in this layer slice.
 
-        A dense union is assembled once from all its member slots and cached; the step's experts are then
-        its whole (all used) or a selection of its blocks. A member id always names the same expert (its
-        union's family is a digest of the experts), so a slot keeps the same weights while it holds the same
-        member: the key is the layer's weight tensors and the member slots. A new arrangement of members
-        clears the cache. A sparse union (too large to copy) or one with members out of their slots: the blocks in
-        use are gathered from their slots.
+        A step that uses every expert of a dense union gets the union assembled once from the member slots and
+        cached: a member id always names the same expert (its union's family is a digest of the experts), so a
+        slot keeps the same weights while it holds the same member; the key is the layer's weight tensors and
+        the member slots, and a new arrangement of members clears the cache. Otherwise (some experts, or a
+        sparse union, too large to copy) the blocks in use are gathered from their slots: per layer, K blocks
+        copied whole from their slots (2.4x faster here than selecting the columns of a cached union's B).
         """
         u = self.union_rows
         used = u.blocks
-        if u.members is None:
+        if u.members is None or not used.complete:
             return union_weights(lora_a, lora_b, used.slots, u.block_rank, a_dtype, b_dtype)
         key = (lora_a.data_ptr(), lora_b.data_ptr(), u.members, u.layout, a_dtype, b_dtype)
         cached = self.union_cache.get(key)
@@ -171,11 +171,7 @@ class PunicaWrapperGrouped(PunicaWrapperCPU):
                 self.union_cache.clear()
             cached = self.union_cache[key] = union_weights(lora_a, lora_b, u.members, u.block_rank, a_dtype,
                                                            b_dtype)
-        if used.complete:
-            return cached
-        b = u.block_rank
-        cols = (used.experts[:, None] * b + torch.arange(b)).flatten()  # [K·b]
-        return cached[0].index_select(0, cols), cached[1].index_select(1, cols)
+        return cached
 
     def _linear_only(self, op: str) -> None:
         """Mixture rows need the union's block scales, which only add_lora_linear applies."""
