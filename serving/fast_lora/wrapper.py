@@ -12,9 +12,10 @@ each pinned in a slot under its member id: `update_metadata` moves their rows ou
 groups into one `UnionRows` group with per-row expert weights, and `add_lora_linear` applies
 them (ops.union_lora_linear): experts many rows use as block scales between one shrink and one
 expand, experts few rows use by (row, expert) pairs in one batched matmul pair. Only the experts
-the step uses are read. A dense union's weights (at most 63 experts) are assembled from the member
-slots once per layer and kept (`union_cache`) while the members stay in the same slots; a sparse
-union's (up to 1,023) are gathered per step, only the blocks in use. A mixture id's own
+the step uses are read. A step that uses every expert of a dense union (at most 63) gets the
+union assembled from the member slots once per layer and kept (`union_cache`) while the members
+stay in the same slots; otherwise (some experts, or a sparse union of up to 1,023) the blocks in
+use are gathered from their slots per step. A mixture id's own
 slot holds a placeholder adapter that is never read, so
 mixture rows get no embedding or lm_head LoRA: the union must have none (the serving side
 builds it from the experts' linear modules only).
