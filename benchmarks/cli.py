@@ -32,18 +32,21 @@ FLAGS = {
     "--dtype": "dtype", "--expert": "expert", "--mixture-popularity": "mixture_popularity",
     "--mixture-k": "mixture_k", "--mixture-grid": "mixture_grid", "--scaling-in-flight": "scaling_in_flight",
     "--hit-rate-requests": "hit_rate_requests", "--cross-check": "cross_check", "--compile": "compile",
-    "--student": "student", "--bundle": "bundle", "--seed": "seed",
+    "--student": "student", "--bundle": "bundle", "--seed": "seed", "--experts-table": "experts_table",
+    "--experts-in-flight": "experts_in_flight", "--experts-rank": "experts_rank", "--experts-cache": "experts_cache",
 }
 """Flag -> the BenchConfig field it sets over the preset (help: the field's docstring)."""
 
 
 def _ints(text: str) -> tuple[int, ...]:
+    if text.strip() == "none":
+        return ()
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected positive integers (or none), got {text!r}")
     return values
 
 

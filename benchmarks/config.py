@@ -8,6 +8,7 @@ most fields (its help is the field's docstring), checked as any settings (mode_c
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from mode_cotd.paths import REPO_ROOT
 from mode_cotd.settings import settings_from_dict
@@ -54,6 +55,15 @@ class BenchConfig:
     """Requests per scaling row."""
     scaling_output_tokens: int = 8
     """Output tokens per scaling request."""
+    experts_table: tuple[int, ...] = (10, 100, 1000)
+    """Union sizes of the many-experts table, one server each on a bundle of that many synthetic experts
+    (benchmarks/experts_table.py); () skips it."""
+    experts_in_flight: tuple[int, ...] = (1, 16, 64)
+    """Distinct explicit top-2 mixtures in flight, one column of the many-experts table each."""
+    experts_rank: int = 8
+    """Rank of the many-experts table's synthetic experts."""
+    experts_cache: str = str(Path.home() / ".cache" / "mode-cotd" / "bench")
+    """Folder of the synthetic bundles, built once and reused (a thousand rank-8 experts take ~9 GB)."""
     hit_rate_popularity: str = "zipf:1.1"
     """Popularity of the composite-cache hit-rate workload (over all experts, k, grid)."""
     hit_rate_requests: int = 256
@@ -94,7 +104,7 @@ PRESETS: dict[str, BenchConfig] = {
         output_tokens=16, concurrencies=(8,), requests_per_level=8, warmup_requests=2, peft_requests=3,
         scaling_in_flight=(1, 4, 16), scaling_concurrency=16, scaling_requests=16, scaling_output_tokens=4,
         hit_rate_requests=64, hit_rate_output_tokens=1, poisson_rates=(), new_vs_cached_pairs=4,
-        compile=False),  # a compiled engine starts ~2 min later: the quick run would pass 10 minutes
+        experts_table=(), compile=False),  # a compiled engine starts ~2 min later: the quick run would pass 10 minutes
 }
 """Named configurations; `mode-cotd bench --quick` runs "quick"."""
 

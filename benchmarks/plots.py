@@ -80,6 +80,31 @@ def scaling(results: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
+def many_experts(results: dict[str, Any], path: Path) -> Path | None:
+    rows = (results.get("experts_table") or {}).get("rows") or []
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    experts = [r["experts"] for r in rows]
+    ax.plot(experts, [r["gate"]["output_throughput_tok_s"] or 0 for r in rows], marker="o", label="gate (top-2)")
+    for i, m in enumerate(rows[0]["mixtures"]):
+        ax.plot(experts, [r["mixtures"][i]["output_throughput_tok_s"] or 0 for r in rows], marker=".",
+                label=f"{m['in_flight']} mixtures in flight")
+    ax.plot(experts, [r["student"]["output_throughput_tok_s"] or 0 for r in rows], linestyle="--", color="grey",
+            label="student route")
+    ax.set_xscale("log")
+    ax.set_xlabel("experts in the union")
+    ax.set_ylabel("output tokens / s")
+    ax.set_title("mode-cotd, many experts on one student")
+    ax.legend(fontsize=8)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_all(results: dict[str, Any], output: Path) -> list[Path]:
     """Every plot as a PNG in `output`; none (and a note in results) when matplotlib is missing."""
     try:
@@ -89,5 +114,5 @@ def write_all(results: dict[str, Any], output: Path) -> list[Path]:
         return []
     made = [throughput_vs_concurrency(results, output / "throughput_vs_concurrency.png"),
             latency_percentiles(results, output / "latency_percentiles.png"),
-            scaling(results, output / "scaling.png")]
+            scaling(results, output / "scaling.png"), many_experts(results, output / "many_experts.png")]
     return [p for p in made if p is not None]

@@ -23,6 +23,12 @@ def throughput(results: dict[str, Any], key: str) -> float | None:
     return None if level is None else level.get("output_throughput_tok_s")
 
 
+MIXTURES_VS_STUDENT = 0.85
+"""Target of every scaling row against the student route."""
+MANY_EXPERTS_GATE = 0.8
+"""Target of the gate route's throughput with the many-experts table's largest union against its smallest."""
+
+
 def add_ratios(results: dict[str, Any]) -> dict[str, Any]:
     """`ratios.<name>` (a number or null) and `targets.<name>` (value, target, met, what it compares)."""
     results["ratios"], results["targets"] = {}, {}
@@ -49,7 +55,8 @@ def add_ratios(results: dict[str, Any]) -> dict[str, Any]:
         values = [v for v in per_row.values() if v is not None]
         spread = max(values) / min(values) if values and min(values) > 0 else None
         results["targets"]["mixtures_vs_student"] = {
-            "value": per_row, "target": 0.8, "met": bool(values) and len(values) == len(per_row) and min(values) >= 0.8,
+            "value": per_row, "target": MIXTURES_VS_STUDENT,
+            "met": bool(values) and len(values) == len(per_row) and min(values) >= MIXTURES_VS_STUDENT,
             "compares": "scaling row output tok/s / the same load on the student route, per mixtures in flight"}
         results["targets"]["mixtures_spread"] = {
             "value": spread, "target": 1.1, "target_is": "upper bound", "met": None if spread is None else spread <= 1.1,
@@ -59,6 +66,13 @@ def add_ratios(results: dict[str, Any]) -> dict[str, Any]:
         "value": new_vs_cached, "target": 1.2, "target_is": "upper bound",
         "met": None if new_vs_cached is None else new_vs_cached <= 1.2,
         "compares": "TTFT p50 of a never-seen mixture / of the same mixture right after (one request at a time)"}
+    rows = results.get("experts_table", {}).get("rows") or []
+    if len(rows) > 1:
+        largest = rows[-1]["experts"]
+        value = (results["experts_table"].get("gate_vs_smallest") or {}).get(str(largest))
+        results["targets"]["gate_many_experts"] = {
+            "value": value, "target": MANY_EXPERTS_GATE, "met": None if value is None else value >= MANY_EXPERTS_GATE,
+            "compares": f"gate route output tok/s with {largest} experts / with {rows[0]['experts']}"}
     return results
 
 
@@ -127,6 +141,7 @@ def markdown(results: dict[str, Any], command: str | None = None) -> str:
                                _f(row["ttft_ms"]["p50"], 0), _f(row["tpot_ms"]["p50"]), _f(row["new_composites"], 0),
                                f"{_f(row['build_ms']['p50'])} / {_f(row['build_ms']['p99'])}",
                                _f(row["new_mixture_ttft_ms"]["p50"], 0), row["failed"]]))
+    lines += _experts_table(results.get("experts_table") or {})
     build = scaling.get("composite_build_ms")
     if build:
         lines += ["", (f"New-composite build time over the whole mode-cotd session ({build['n']} builds, server "
@@ -178,6 +193,27 @@ def markdown(results: dict[str, Any], command: str | None = None) -> str:
     if results.get("errors"):
         lines += ["", "## Errors", ""] + [f"- {k}: {str(v)[:300]}" for k, v in results["errors"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _experts_table(table: dict[str, Any]) -> list[str]:
+    """The many-experts table's markdown (none without rows)."""
+    rows = table.get("rows") or []
+    if not rows:
+        return []
+    in_flight = [m["in_flight"] for m in rows[0]["mixtures"]]
+    lines = ["", "## Many experts: one server per union size (synthetic experts, top-2 gate)", "",
+             _row(["experts", "start s", "resident GiB", "student tok/s", "gate tok/s (/ student)",
+                   *(f"{m} mixtures in flight tok/s (/ student)" for m in in_flight), "union requests",
+                   "composites built", "gate / smallest union"]),
+             _row(["---"] * (8 + len(in_flight)))]
+    for r in rows:
+        lines.append(_row([r["experts"], _f(r["startup_s"], 0), _f(r["rss_gib"], 2),
+                           _f(r["student"]["output_throughput_tok_s"]),
+                           f"{_f(r['gate']['output_throughput_tok_s'])} ({_f(r['gate_vs_student'], 3)})",
+                           *(f"{_f(m['output_throughput_tok_s'])} ({_f(m['vs_student'], 3)})" for m in r["mixtures"]),
+                           _f(r["union_requests"], 0), _f(r["composite_builds"], 0),
+                           _f((table.get("gate_vs_smallest") or {}).get(str(r["experts"])), 3)]))
+    return lines
 
 
 def write(results: dict[str, Any], output: Path, command: str | None = None) -> tuple[Path, Path]:

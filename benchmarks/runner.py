@@ -22,6 +22,8 @@ from typing import Any
 from benchmarks import loadgen, peft_baseline, prom, servers, vllm_bench
 from benchmarks.config import BenchConfig
 from benchmarks.environment import describe
+from benchmarks.experts_table import add_ratios as experts_ratios
+from benchmarks.experts_table import cached_bundle, experts_row
 from benchmarks.prompts import Prompt, load_prompts, write_jsonl
 from benchmarks.scaling import (
     hit_rate_phase,
@@ -167,6 +169,8 @@ class Runner:
         if "g" in wanted:
             with self.phase("g"):
                 self.peft_scenario()
+        if config.experts_table:
+            self.many_experts()
         self.results["phases_s"]["total"] = round(time.monotonic() - started, 1)
         return self.results
 
@@ -227,6 +231,18 @@ class Runner:
             self.results["scaling"]["session_cache"]["union_requests"] = prom.total(
                 session, "mode_cotd_mixture_union_requests_total")
         self.results["scaling"]["simulated_hit_rate"] = simulated_hit_rates(self.experts, config)
+
+    def many_experts(self) -> None:
+        """The many-experts table (benchmarks/experts_table.py): one server per union size, smallest first."""
+        config, table = self.config, self.results.setdefault("experts_table", {"rows": []})
+        for count in sorted(config.experts_table):
+            with self.phase(f"experts-{count}"):
+                bundle = cached_bundle(Path(config.experts_cache).expanduser(), self.student, count,
+                                       config.experts_rank, self.echo)
+                table["rows"].append(experts_row(count, bundle, self.student if config.student else None, config,
+                                                 self.prompts, self.student_name, self.logs, self.save_records,
+                                                 self.echo))
+        table["gate_vs_smallest"] = experts_ratios(table["rows"])
 
     def cross_check(self, base_url: str) -> None:
         config = self.config

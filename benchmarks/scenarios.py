@@ -54,7 +54,7 @@ class RatioSpec:
 
 
 RATIOS: dict[str, RatioSpec] = {
-    "gate_vs_expert": RatioSpec("e", "d", 0.85),
+    "gate_vs_expert": RatioSpec("e", "d", 0.9),
     "expert_vs_vllm_lora": RatioSpec("d", "b", 0.9),
     "student_vs_vllm_base": RatioSpec("c", "a", 0.9),
     "gate_vs_peft": RatioSpec("e", "g", 10.0),

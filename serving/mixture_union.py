@@ -29,6 +29,7 @@ exactly its own sᵢBᵢAᵢ (an r8 all_data under r16 residuals costs 8 zero ro
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -71,9 +72,10 @@ class MixtureUnion:
 
     @classmethod
     def for_experts(cls, experts: dict[str, Path], cache_dir: Path, grid_units: int,
-                    max_lora_rank: int, shared: str | None = None) -> MixtureUnion | None:
+                    max_lora_rank: int, shared: str | None = None, sparse: bool | None = None) -> MixtureUnion | None:
         """The union of `experts` (`shared`, one of them, last), writing the placeholder if needed; None (logged)
-        when they are not eligible."""
+        when they are not eligible. `sparse`: the mixture ids' form (None: by the union's size,
+        UnionLayout.sized; True: sparse ids even for a small union, False: dense ids, where they fit)."""
         if shared is not None and shared not in experts:
             raise ValueError(f"the shared adapter {shared!r} is not one of the experts {sorted(experts)}")
         names = tuple(sorted(n for n in experts if n != shared)) + ((shared,) if shared is not None else ())
@@ -98,6 +100,8 @@ class MixtureUnion:
                 digest.update(f"{file}={sha}\n".encode())
         layout = UnionLayout.sized(digest.digest()[0] & mixture_ids.MAX_FAMILY, len(names), rank,
                                    shared is not None, grid_units)
+        if sparse is not None and sparse != layout.sparse:
+            layout = dataclasses.replace(layout, sparse=sparse)  # ValueError: too many experts for dense ids
         members = tuple(LoraTarget(expert_adapter(name), mixture_ids.member_id(layout, i), str(experts[name]))
                         for i, name in enumerate(names))
         placeholder = _write_placeholder(Path(cache_dir), first)

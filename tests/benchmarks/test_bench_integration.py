@@ -1,5 +1,6 @@
 """A tiny `mode-cotd bench` against a real `mode-cotd serve` (tiny student, tiny bundle): c–f, scaling, hit
-rate and the `vllm bench serve` cross-check, then the report. About 2 minutes on 2 CPU cores."""
+rate, the `vllm bench serve` cross-check and the many-experts table (servers on 2 and 70 synthetic experts: a
+dense and a sparse union), then the report. About 5 minutes on 2 CPU cores."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def test_a_tiny_bench_against_a_real_server(tiny_student, bench_bundle, tmp_path
         expert="alpha", mixture_k=2, mixture_grid=0.05, scaling_in_flight=(1, 3), scaling_concurrency=3,
         scaling_requests=6, scaling_output_tokens=2, hit_rate_requests=12, hit_rate_concurrency=4,
         hit_rate_output_tokens=1, simulated_hit_rate_requests=500, poisson_rates=(4.0,), student=str(tiny_student),
-        bundle=str(bench_bundle), serve_args=SERVE_ARGS)
+        bundle=str(bench_bundle), serve_args=SERVE_ARGS, experts_table=(2, 70), experts_in_flight=(1, 3),
+        experts_rank=4, experts_cache=str(tmp_path / "synthetic"))
     prompts = [Prompt("t", f"Q: what is {i} plus {i}?\nA:") for i in range(12)]
     results = Runner(config, tmp_path, prompts=prompts).run()
     assert results["errors"] == {}, results["errors"]
@@ -56,11 +58,24 @@ def test_a_tiny_bench_against_a_real_server(tiny_student, bench_bundle, tmp_path
     assert "error" not in cross["vllm_bench_serve"], cross
     assert cross["vllm_bench_serve"]["completed"] == 6 and cross["vllm_bench_serve"]["output_tokens"] == 30
 
+    # the many-experts table: a dense union of 2 and a sparse one of 70, every mixture through the union
+    table = results["experts_table"]
+    assert [r["experts"] for r in table["rows"]] == [2, 70]
+    for row in table["rows"]:
+        assert row["startup_s"] > 0 and row["rss_gib"] > 0.1 and row["composite_builds"] == 0, row
+        assert row["gate"]["completed"] == 6 and row["gate"]["failed"] == 0, row["gate"]
+        assert [m["in_flight"] for m in row["mixtures"]] == [1, 3] and all(m["failed"] == 0 for m in row["mixtures"])
+        assert row["union_requests"] >= (1 + 6) + (3 + 6), row  # each mixture row: its builds and its requests
+        assert row["student"]["failed"] == 0 and row["gate_vs_student"] > 0
+    assert table["gate_vs_smallest"]["2"] == 1.0 and table["gate_vs_smallest"]["70"] > 0
+
     report.add_ratios(results)
+    assert results["targets"]["gate_many_experts"]["value"] == table["gate_vs_smallest"]["70"]
     assert results["ratios"]["gate_vs_expert"] is not None and results["ratios"]["gate_vs_student"] is not None
     assert results["ratios"]["student_vs_vllm_base"] is None  # a was not run
     assert results["targets"]["composite_build_p50_ms"]["value"] == 0.0  # nothing built
     assert set(results["targets"]["mixtures_vs_student"]["value"]) == {"1", "3"}
-    assert len(plots.write_all(results, tmp_path)) == 3
+    assert sorted(p.name for p in plots.write_all(results, tmp_path)) == [
+        "latency_percentiles.png", "many_experts.png", "scaling.png", "throughput_vs_concurrency.png"]
     report.write(results, tmp_path, "test")
     print(json.dumps({"phases_s": results["phases_s"], "ratios": results["ratios"]}))

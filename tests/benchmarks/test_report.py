@@ -18,7 +18,7 @@ def _level(tok_s: float) -> dict:
 
 
 def fake_results() -> dict:
-    throughput = {"a": 160.0, "b": 40.0, "c": 150.0, "d": 38.0, "e": 34.0, "f": 20.0}
+    throughput = {"a": 160.0, "b": 40.0, "c": 150.0, "d": 37.0, "e": 34.0, "f": 20.0}
     scenarios = {k: {"title": k, "levels": {"1": _level(v / 2), "8": _level(v)}} for k, v in throughput.items()}
     scenarios["g"] = {"title": "g", "levels": {"1": _level(3.0)}}
     return {
@@ -49,8 +49,8 @@ def test_ratios_compare_the_ratio_concurrency_and_the_baselines_only_level():
     r = results["ratios"]
     assert set(r) == {"gate_vs_expert", "expert_vs_vllm_lora", "student_vs_vllm_base", "gate_vs_peft",
                       "gate_vs_student"}
-    assert math.isclose(r["gate_vs_expert"], 34 / 38)
-    assert math.isclose(r["expert_vs_vllm_lora"], 38 / 40)
+    assert math.isclose(r["gate_vs_expert"], 34 / 37)
+    assert math.isclose(r["expert_vs_vllm_lora"], 37 / 40)
     assert math.isclose(r["student_vs_vllm_base"], 150 / 160)
     assert math.isclose(r["gate_vs_peft"], 34 / 3)
     assert math.isclose(r["gate_vs_student"], 34 / 150)
@@ -77,10 +77,31 @@ def test_markdown_json_and_plots_are_written(tmp_path):
     assert {p.name for p in made} == {"throughput_vs_concurrency.png", "latency_percentiles.png", "scaling.png"}
     assert all(p.stat().st_size > 1000 and p.read_bytes()[:4] == b"\x89PNG" for p in made)
     data = json.loads(json_path.read_text())
-    assert math.isclose(data["ratios"]["gate_vs_expert"], 34 / 38)
+    assert math.isclose(data["ratios"]["gate_vs_expert"], 34 / 37)
     md = md_path.read_text()
     assert "Command: `mode-cotd bench --quick`" in md
     for heading in ("## Scenarios", "## Ratios and targets", "## Scaling", "## Composite cache hit rate",
                     "## Cross-check", "## Open loop"):
         assert heading in md
     assert md.count("\n| a |") == 2 and "| gate_vs_peft |" in md
+
+
+def _experts_row(count: int, gate: float) -> dict:
+    mixtures = [{"in_flight": m, "output_throughput_tok_s": gate - m / 10, "vs_student": (gate - m / 10) / 100}
+                for m in (1, 16)]
+    return {"experts": count, "rank": 8, "startup_s": 40.0 + count / 10, "rss_gib": 3.0 + count / 500,
+            "student": {"output_throughput_tok_s": 100.0}, "gate": {"output_throughput_tok_s": gate},
+            "gate_vs_student": gate / 100, "mixtures": mixtures, "union_requests": 48.0, "composite_builds": 0.0}
+
+
+def test_the_many_experts_table_compares_the_largest_union_with_the_smallest():
+    from benchmarks.experts_table import add_ratios as experts_ratios
+
+    rows = [_experts_row(10, 90.0), _experts_row(100, 85.0), _experts_row(1000, 70.0)]
+    results = {"scenarios": {}, "experts_table": {"rows": rows, "gate_vs_smallest": experts_ratios(rows)}}
+    report.add_ratios(results)
+    target = results["targets"]["gate_many_experts"]
+    assert math.isclose(target["value"], 70 / 90) and target["met"] is False and target["target"] == 0.8
+    text = report.markdown(results)
+    assert "## Many experts" in text and "| 1000 | 140 | 5.00 | 100.0 | 70.0 (0.700) |" in text
+    assert "16 mixtures in flight tok/s (/ student)" in text

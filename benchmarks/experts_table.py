@@ -1,0 +1,132 @@
+"""The many-experts table: one `mode-cotd serve` per union size, its start time, memory and throughput.
+
+For each E in `config.experts_table` (10, 100, 1,000 in a full run):
+  - a bundle of E synthetic experts of the student's shape (benchmarks/synthetic_bundle.py: rank
+    `config.experts_rank`, every linear module, a random top-2 gate over them), built once under
+    `config.experts_cache` and reused by later runs;
+  - `mode-cotd serve` on it: start-up time (process start to ready), and the resident memory of its whole
+    process tree once ready (Ray, the Serve replicas, vLLM's engine core and worker);
+  - on that server: the student route (no adapter), the gate route (scenario e's load) and, for each M in
+    `config.experts_in_flight`, M distinct explicit top-2 mixtures over the E experts in flight (the
+    scaling rows' load), each as output tok/s and as a ratio to the student route on the same server.
+
+Every mixture sums to 1 on the grid, so the union serves them all through mixture ids; the table records
+how many requests it did (`union_requests`) and how many composites were built (should be 0).
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from benchmarks import loadgen, prom, servers
+from benchmarks.config import BenchConfig
+from benchmarks.prompts import Prompt
+from benchmarks.scaling import scaling_baseline, scaling_row
+from benchmarks.scenarios import SCENARIOS, request_specs
+from benchmarks.stats import summarise
+from benchmarks.synthetic_bundle import synthetic_bundle
+from benchmarks.workloads import FreshMixtures, grid_weights
+from mode_cotd.atomic import atomic_dir
+
+Echo = Callable[[str], None]
+
+
+def expert_names(count: int) -> list[str]:
+    """The synthetic experts' names, sortable: expert-0000 …"""
+    return [f"expert-{i:04d}" for i in range(count)]
+
+
+def cached_bundle(cache: Path, student: Path, count: int, rank: int, echo: Echo = print) -> Path:
+    """The bundle of `count` synthetic experts of rank `rank` under `cache`, built (atomically) when missing."""
+    folder = Path(cache) / f"synthetic-{count}-r{rank}"
+    if (folder / "manifest.json").is_file():
+        return folder
+    echo(f"[bench] building {folder} ({count} experts, rank {rank})")
+    with atomic_dir(folder) as staging:
+        synthetic_bundle(staging, student, expert_names(count), rank)
+    return folder
+
+
+def distinct_mixtures(experts: Sequence[str], k: int, grid: float, n: int, seed: int) -> list[dict[str, float]]:
+    """n distinct mixtures of k experts on the grid, drawn uniformly (no pool: a thousand experts have millions)."""
+    rng, weights, seen, out = random.Random(seed), grid_weights(k, grid), set(), []
+    while len(out) < n:
+        names = sorted(rng.sample(list(experts), k))
+        mixture = dict(zip(names, rng.choice(weights), strict=True))
+        key = tuple(sorted(mixture.items()))
+        if key not in seen:
+            seen.add(key)
+            out.append(mixture)
+    return out
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of a process and all its descendants (processes that end meanwhile are skipped)."""
+    total = 0
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    for process in processes:
+        try:
+            total += process.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def experts_row(count: int, bundle: Path, student: Path | None, config: BenchConfig, prompts: Sequence[Prompt],
+                student_name: str, logs: Path, save: Callable, echo: Echo = print) -> dict[str, Any]:
+    """One row of the table: serve `bundle` (E = count experts), measure, stop."""
+    row: dict[str, Any] = {"experts": count, "rank": config.experts_rank}
+    with tempfile.TemporaryDirectory(prefix="mode-cotd-bench-composites-") as composites:
+        spec = servers.mode_cotd_spec(Path(composites), bundle, student,
+                                      ["--engine-dtype", config.dtype, *config.serve_args])
+        spec.name = f"mode-cotd-{count}-experts"
+        with servers.running(spec, logs) as srv:
+            row["startup_s"] = round(srv.startup_s, 1)
+            row["rss_gib"] = round(tree_rss_bytes(srv.process.pid) / 2**30, 2)
+            echo(f"[bench] {count} experts: ready in {srv.startup_s:.0f} s, {row['rss_gib']} GiB resident")
+            first = prom.scrape(srv.base_url)
+            row["student"] = scaling_baseline(srv.base_url, student_name, prompts, config,
+                                              lambda name, r: save(f"experts-{count}-{name}", r))
+            n = max(config.requests_per_level, config.ratio_concurrency)
+            specs = request_specs(SCENARIOS["e"], [prompts[i % len(prompts)] for i in range(n)],
+                                  config.output_tokens, student_name, "")
+            loadgen.run(srv.base_url, specs[: config.warmup_requests], concurrency=1)
+            records = loadgen.run(srv.base_url, specs, concurrency=config.ratio_concurrency)
+            save(f"experts-{count}-gate", records)
+            row["gate"] = {"concurrency": config.ratio_concurrency, **summarise(records)}
+            fresh = FreshMixtures(distinct_mixtures(expert_names(count), config.mixture_k, config.mixture_grid,
+                                                    sum(config.experts_in_flight), config.seed + count))
+            row["mixtures"] = [scaling_row(srv.base_url, m, prompts, config, fresh,
+                                           lambda name, r: save(f"experts-{count}-{name}", r))
+                               for m in config.experts_in_flight]
+            session = prom.delta(first, prom.scrape(srv.base_url))
+            row["union_requests"] = prom.total(session, "mode_cotd_mixture_union_requests_total")
+            row["composite_builds"] = prom.total(session, "mode_cotd_composite_builds_total")
+    base = row["student"]["output_throughput_tok_s"]
+    row["gate_vs_student"] = _ratio(row["gate"]["output_throughput_tok_s"], base)
+    for m in row["mixtures"]:
+        m["vs_student"] = _ratio(m["output_throughput_tok_s"], base)
+    return row
+
+
+def add_ratios(table: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each row's gate throughput over the smallest union's (the target: >= 0.8 at 1,000 experts against 10)."""
+    if not table or not table[0].get("gate"):
+        return {}
+    smallest = table[0]["gate"]["output_throughput_tok_s"]
+    return {str(r["experts"]): _ratio((r.get("gate") or {}).get("output_throughput_tok_s"), smallest)
+            for r in table}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
