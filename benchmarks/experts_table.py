@@ -4,11 +4,14 @@ For each E in `config.experts_table` (10, 100, 1,000 in a full run):
   - a bundle of E synthetic experts of the student's shape (benchmarks/synthetic_bundle.py: rank
     `config.experts_rank`, every linear module, a random top-2 gate over them), built once under
     `config.experts_cache` and reused by later runs;
-  - `mode-cotd serve` on it: start-up time (process start to ready), and the resident memory of its whole
-    process tree once ready (Ray, the Serve replicas, vLLM's engine core and worker);
+  - `mode-cotd serve` on it, its LoRA slots sized at the experts' rank: start-up time (process start to
+    ready), and the resident memory of its whole process tree once ready (Ray, the Serve replicas, vLLM's
+    engine core and worker);
   - on that server: the student route (no adapter), the gate route (scenario e's load) and, for each M in
     `config.experts_in_flight`, M distinct explicit top-2 mixtures over the E experts in flight (the
-    scaling rows' load), each as output tok/s and as a ratio to the student route on the same server.
+    scaling rows' load), each as output tok/s and as a ratio to the student route on the same server;
+  - the resident memory each expert added over the smallest union, against one LoRA slot's estimated size
+    (serving/slot_memory.py: every pinned expert holds a slot of `max_lora_rank`).
 
 Every mixture sums to 1 on the grid, so the union serves them all through mixture ids; the table records
 how many requests it did (`union_requests`) and how many composites were built (should be 0).
@@ -33,6 +36,8 @@ from benchmarks.stats import summarise
 from benchmarks.synthetic_bundle import synthetic_bundle
 from benchmarks.workloads import FreshMixtures, grid_weights
 from mode_cotd.atomic import atomic_dir
+from mode_cotd.student import resolve_student
+from serving.slot_memory import slot_bytes
 
 Echo = Callable[[str], None]
 
@@ -85,10 +90,15 @@ def tree_rss_bytes(pid: int) -> int:
 def experts_row(count: int, bundle: Path, student: Path | None, config: BenchConfig, prompts: Sequence[Prompt],
                 student_name: str, logs: Path, save: Callable, echo: Echo = print) -> dict[str, Any]:
     """One row of the table: serve `bundle` (E = count experts), measure, stop."""
-    row: dict[str, Any] = {"experts": count, "rank": config.experts_rank}
+    per_slot = slot_bytes(student or resolve_student(None), config.experts_rank, config.dtype)
+    row: dict[str, Any] = {"experts": count, "rank": config.experts_rank,
+                           "slot_mib": None if per_slot is None else round(per_slot / 2**20, 2)}
     with tempfile.TemporaryDirectory(prefix="mode-cotd-bench-composites-") as composites:
+        # slots sized at the experts' own rank: every mixture of the table is served through the union, and a
+        # thousand slots at the default k·r would need twice the memory (serving/slot_memory.py)
         spec = servers.mode_cotd_spec(Path(composites), bundle, student,
-                                      ["--engine-dtype", config.dtype, *config.serve_args])
+                                      ["--engine-dtype", config.dtype, "--engine-max-lora-rank",
+                                       str(config.experts_rank), *config.serve_args])
         spec.name = f"mode-cotd-{count}-experts"
         with servers.running(spec, logs) as srv:
             row["startup_s"] = round(srv.startup_s, 1)
@@ -120,10 +130,16 @@ def experts_row(count: int, bundle: Path, student: Path | None, config: BenchCon
 
 
 def add_ratios(table: list[dict[str, Any]]) -> dict[str, Any]:
-    """Each row's gate throughput over the smallest union's (the target: >= 0.8 at 1,000 experts against 10)."""
+    """Each row's gate throughput over the smallest union's (the target: >= 0.8 at 1,000 experts against 10), and
+    its resident memory per expert added since the smallest union (`rss_per_added_expert_mib`, against the slot
+    estimate `slot_mib`)."""
     if not table or not table[0].get("gate"):
         return {}
-    smallest = table[0]["gate"]["output_throughput_tok_s"]
+    first = table[0]
+    for r in table[1:]:
+        added = r["experts"] - first["experts"]
+        r["rss_per_added_expert_mib"] = round((r["rss_gib"] - first["rss_gib"]) * 1024 / added, 2) if added else None
+    smallest = first["gate"]["output_throughput_tok_s"]
     return {str(r["experts"]): _ratio((r.get("gate") or {}).get("output_throughput_tok_s"), smallest)
             for r in table}
 
