@@ -29,7 +29,8 @@ def _step(wrapper, weights, x_by_in, y_by_module, logits_w, hidden, logits) -> N
     wrapper.add_lora_logits(logits, hidden, *logits_w, 1.0)
 
 
-def _time(fn, repeat: int) -> float:
+def ms_per_call(fn, repeat: int) -> float:
+    """Milliseconds per call of fn, over `repeat` calls after one warm-up call."""
     fn()
     started = time.perf_counter()
     for _ in range(repeat):
@@ -75,7 +76,7 @@ def _measure(n: int, t: int, rank: int, repeat: int) -> dict[str, float]:
     for label, cls in (("vllm", PunicaWrapperCPU), ("grouped", PunicaWrapperGrouped)):
         wrapper = cls(max(t, 256), t, "cpu")
         wrapper.update_metadata(mapping, [*range(1, n + 1), None], slots + 1, VOCAB)
-        row[label] = _time(lambda w=wrapper: _step(w, weights, x_by_in, y_by_module, logits_w, hidden, logits), repeat)
+        row[label] = ms_per_call(lambda w=wrapper: _step(w, weights, x_by_in, y_by_module, logits_w, hidden, logits), repeat)
     base_w = {name: torch.randn(sum(outs), inp, dtype=dt) for name, (inp, outs) in MODULES.items()}
     head = torch.randn(VOCAB, HIDDEN, dtype=dt)
 
@@ -85,7 +86,7 @@ def _measure(n: int, t: int, rank: int, repeat: int) -> dict[str, float]:
                 torch.nn.functional.linear(x_by_in[inp], base_w[name])
         torch.nn.functional.linear(hidden, head)
 
-    row["base_gemms"] = _time(base_step, 1)
+    row["base_gemms"] = ms_per_call(base_step, 1)
     return row
 
 if __name__ == "__main__":

@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import argparse
 import random
-import time
 
 import torch
 
-LAYERS, HIDDEN, KV, INTER = 30, 576, 192, 1536
-MODULES = {"qkv": (HIDDEN, (HIDDEN, KV, KV)), "o": (HIDDEN, (HIDDEN,)), "gate_up": (HIDDEN, (INTER, INTER)),
-           "down": (INTER, (HIDDEN,))}
-"""name: (input size, output slices) of SmolLM2-135M's LoRA-wrapped linear layers."""
+from benchmarks.fast_lora_ops import HIDDEN, INTER, LAYERS, MODULES, ms_per_call
+
 DISTINCT_LAYERS = 2
 GRID = 20
 
@@ -57,11 +54,7 @@ def _measure(experts: int, mixtures: int, tokens: int, rank: int, repeat: int) -
             for name, (a, b, outs) in layers[layer % DISTINCT_LAYERS].items():
                 wrapper.add_lora_linear(y_by_module[name], x_by_in[MODULES[name][0]], a, b, 1.0, outs)
 
-    step()
-    started = time.perf_counter()
-    for _ in range(repeat):
-        step()
-    return (time.perf_counter() - started) / repeat * 1000
+    return ms_per_call(step, repeat)
 
 
 def main() -> None:
