@@ -1,10 +1,12 @@
 """A mixture through the union gives the same greedy generations as its exact composite, on the default student.
 
 One vLLM engine with the fast path (union_check.py, in a subprocess: vLLM spawns workers): the
-default bundle's experts pinned under member ids; three top-2 mixtures, each as a mixture id
-and as a composite written by compose_exact, over three prompts, in one batch with a member
-and the base; and the same mixtures over a union with a shared adapter (weight 1 under every
-mixture id) against the composites of mixture + shared adapter. In bfloat16 (the student's dtype, `mode-cotd serve`'s default where the CPU or GPU
+default bundle's experts pinned under member ids; five mixtures (three of 2 experts, one of 3, one
+of 8), each as a mixture id and as a composite written by compose_exact, over three prompts, in one
+batch with a member and the base; the same mixtures over a union with a shared adapter (weight 1
+under every mixture id) against the composites of mixture + shared adapter (all but the 8-expert one,
+whose composite would pass the engine's max LoRA rank); and the 2-expert
+mixtures as sparse mixture ids (the form of unions over 16 routed experts) against their composites. In bfloat16 (the student's dtype, `mode-cotd serve`'s default where the CPU or GPU
 has bf16 arithmetic, `mode_cotd.compute_dtype`) the union scales
 the rank blocks in float32 where the composite holds wᵢsᵢBᵢ rounded to bf16, so a logit can move
 by a rounding step: generations must match token for token, or up to a near tie at the first
@@ -53,19 +55,20 @@ def _union_check(dtype: str, compile_lora: bool = False) -> dict:
 def test_union_mixtures_match_their_composites(heavy_lock, dtype):
     result = _union_check(dtype)
     labels, tokens, logprobs = result["labels"], result["tokens"], result["logprobs"]
-    union = [i for i, label in enumerate(labels) if label.startswith(("union-", "shared-union-"))]
-    assert len(union) == 18
+    union = [i for i, label in enumerate(labels) if label.startswith(("union-", "shared-union-", "sparse-union-"))]
+    assert len(union) == 5 * 3 + 4 * 3 + 3 * 3  # dense, over a shared adapter, sparse ids; 3 prompts each
     pick = lambda rows: {"seq": [tokens[i] for i in rows], "seq_logprobs": [logprobs[i] for i in rows]}
     flips = same_up_to_near_ties(pick(union), pick([i + 1 for i in union]), "seq")  # i + 1: the composite
-    plain = [tokens[i] for i in union if not labels[i].startswith("shared-")]
-    over_shared = [tokens[i] for i in union if labels[i].startswith("shared-")]  # the same mixtures and prompts
+    plain = [tokens[i] for i in union if labels[i].startswith("union-")]
+    over_shared = [tokens[i] for i in union if labels[i].startswith("shared-")]  # the first 4 mixtures, same prompts
     assert all(s != p for s, p in zip(over_shared, plain)), "the shared block changed nothing"
     print(f"\nunion vs composite ({dtype}): identical but for {len(flips)} near-tie flips {flips}")
     if dtype == "float32":
         assert flips == [], flips  # the union is exact: same tokens as the composite
     else:
         not_exact_ties = [f for f in flips if f["gap_fast"] > 0 and f["gap_plain"] > 0]
-        assert len(not_exact_ties) <= 4, flips  # rounding ties are rare: more would mean the outputs drift
+        # rounding ties are rare (4 of 18 when written): more would mean the outputs drift
+        assert len(not_exact_ties) <= len(union) * 4 // 18, flips
     base = [tokens[i] for i, label in enumerate(labels) if label == "base"]
     assert all(tokens[i] not in base for i in union), "a mixture generated exactly what the base did"
     member = [tokens[i] for i, label in enumerate(labels) if label == "member-gsm8k"]
