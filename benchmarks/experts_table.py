@@ -5,12 +5,13 @@ For each E in `config.experts_table` (10, 100, 1,000 in a full run):
     `config.experts_rank`, every linear module, a random top-2 gate over them), built once under
     `config.experts_cache` and reused by later runs;
   - `mode-cotd serve` on it, its LoRA slots sized at the experts' rank: start-up time (process start to
-    ready), and the resident memory of its whole process tree once ready (Ray, the Serve replicas, vLLM's
+    ready), and the memory of its whole process tree once ready (the sum of the processes' proportional set
+    sizes) (Ray, the Serve replicas, vLLM's
     engine core and worker);
   - on that server: the student route (no adapter), the gate route (scenario e's load) and, for each M in
     `config.experts_in_flight`, M distinct explicit top-2 mixtures over the E experts in flight (the
     scaling rows' load), each as output tok/s and as a ratio to the student route on the same server;
-  - the resident memory each expert added over the smallest union, against one LoRA slot's estimated size
+  - the memory each expert added over the smallest union, against one LoRA slot's estimated size
     (serving/slot_memory.py: every pinned expert holds a slot of `max_lora_rank`).
 
 Every mixture sums to 1 on the grid, so the union serves them all through mixture ids; the table records
@@ -71,8 +72,10 @@ def distinct_mixtures(experts: Sequence[str], k: int, grid: float, n: int, seed:
     return out
 
 
-def tree_rss_bytes(pid: int) -> int:
-    """Resident memory of a process and all its descendants (processes that end meanwhile are skipped)."""
+def tree_pss_bytes(pid: int) -> int:
+    """Memory of a process and all its descendants, as their proportional set sizes (shared pages, such as the
+    libraries every Ray worker maps, divided among the processes that share them, so the sum counts them once;
+    processes that end meanwhile are skipped)."""
     total = 0
     try:
         root = psutil.Process(pid)
@@ -81,8 +84,8 @@ def tree_rss_bytes(pid: int) -> int:
         return 0
     for process in processes:
         try:
-            total += process.memory_info().rss
-        except psutil.NoSuchProcess:
+            total += process.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return total
 
@@ -102,8 +105,8 @@ def experts_row(count: int, bundle: Path, student: Path | None, config: BenchCon
         spec.name = f"mode-cotd-{count}-experts"
         with servers.running(spec, logs) as srv:
             row["startup_s"] = round(srv.startup_s, 1)
-            row["rss_gib"] = round(tree_rss_bytes(srv.process.pid) / 2**30, 2)
-            echo(f"[bench] {count} experts: ready in {srv.startup_s:.0f} s, {row['rss_gib']} GiB resident")
+            row["pss_gib"] = round(tree_pss_bytes(srv.process.pid) / 2**30, 2)
+            echo(f"[bench] {count} experts: ready in {srv.startup_s:.0f} s, {row['pss_gib']} GiB (PSS of its processes)")
             first = prom.scrape(srv.base_url)
             row["student"] = scaling_baseline(srv.base_url, student_name, prompts, config,
                                               lambda name, r: save(f"experts-{count}-{name}", r))
@@ -131,14 +134,14 @@ def experts_row(count: int, bundle: Path, student: Path | None, config: BenchCon
 
 def add_ratios(table: list[dict[str, Any]]) -> dict[str, Any]:
     """Each row's gate throughput over the smallest union's (the target: >= 0.8 at 1,000 experts against 10), and
-    its resident memory per expert added since the smallest union (`rss_per_added_expert_mib`, against the slot
+    its memory (PSS) per expert added since the smallest union (`pss_per_added_expert_mib`, against the slot
     estimate `slot_mib`)."""
     if not table or not table[0].get("gate"):
         return {}
     first = table[0]
     for r in table[1:]:
         added = r["experts"] - first["experts"]
-        r["rss_per_added_expert_mib"] = round((r["rss_gib"] - first["rss_gib"]) * 1024 / added, 2) if added else None
+        r["pss_per_added_expert_mib"] = round((r["pss_gib"] - first["pss_gib"]) * 1024 / added, 2) if added else None
     smallest = first["gate"]["output_throughput_tok_s"]
     return {str(r["experts"]): _ratio((r.get("gate") or {}).get("output_throughput_tok_s"), smallest)
             for r in table}

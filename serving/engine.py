@@ -30,7 +30,7 @@ from serving.fast_lora import plugin as fast_lora
 from serving.lora_admission import LoraAdmission
 from serving.protocol import GenerationDelta, LoraTarget, SamplingSettings, TokenLogprob
 from serving.settings import EngineSettings
-from serving.slot_memory import check_slot_memory, slot_bytes
+from serving.slot_memory import adapter_bytes, check_slot_memory, slot_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -183,12 +183,14 @@ class VllmEngine:
 
     def _check_slot_memory(self, slots: int, pinned: int, dtype: str) -> None:
         """Refuse, before vLLM allocates them, LoRA slots that host memory cannot hold (the CPU platform: there the
-        slots are host memory; on a GPU vLLM's own memory profile covers them)."""
+        slots and vLLM's host copies of the pinned experts are host memory; on a GPU vLLM's own memory profile covers
+        the slots)."""
         from vllm.platforms import current_platform
 
         if current_platform.is_cpu():
             check_slot_memory(slots, pinned, slot_bytes(self.student, self.max_lora_rank, dtype),
-                              psutil.virtual_memory().available)
+                              psutil.virtual_memory().available,
+                              adapter_bytes(self.student, self.max_lora_rank, dtype) or 0)
 
     @staticmethod
     async def _pin(llm: Any, pinned: Sequence[LoraTarget]) -> None:

@@ -62,7 +62,7 @@ def test_a_tiny_bench_against_a_real_server(tiny_student, bench_bundle, tmp_path
     table = results["experts_table"]
     assert [r["experts"] for r in table["rows"]] == [2, 70]
     for row in table["rows"]:
-        assert row["startup_s"] > 0 and row["rss_gib"] > 0.1 and row["composite_builds"] == 0, row
+        assert row["startup_s"] > 0 and row["pss_gib"] > 0.1 and row["composite_builds"] == 0, row
         assert row["gate"]["completed"] == 6 and row["gate"]["failed"] == 0, row["gate"]
         assert [m["in_flight"] for m in row["mixtures"]] == [1, 3] and all(m["failed"] == 0 for m in row["mixtures"])
         assert row["union_requests"] >= (1 + 6) + (3 + 6), row  # each mixture row: its builds and its requests

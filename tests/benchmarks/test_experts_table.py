@@ -9,7 +9,7 @@ import time
 
 import psutil
 
-from benchmarks.experts_table import cached_bundle, distinct_mixtures, expert_names, tree_rss_bytes
+from benchmarks.experts_table import cached_bundle, distinct_mixtures, expert_names, tree_pss_bytes
 from mode_cotd.bundle import load_bundle
 
 
@@ -34,16 +34,16 @@ def test_mixtures_are_distinct_top_k_on_the_grid_and_seeded():
     assert distinct_mixtures(experts, 2, 0.05, 64, seed=3) == mixtures != distinct_mixtures(experts, 2, 0.05, 64, 4)
 
 
-def test_resident_memory_counts_the_children():
+def test_the_memory_of_a_process_tree_counts_the_children():
     child = subprocess.Popen([sys.executable, "-c", "b = bytearray(200 * 2**20); import time; time.sleep(30)"])
     try:
         deadline = time.monotonic() + 20
-        while tree_rss_bytes(child.pid) < 150 * 2**20:  # the child has touched its 200 MiB
+        while tree_pss_bytes(child.pid) < 150 * 2**20:  # the child has touched its 200 MiB
             assert time.monotonic() < deadline
             time.sleep(0.2)
-        own = psutil.Process().memory_info().rss
-        assert tree_rss_bytes(os.getpid()) - own >= 150 * 2**20
+        own = psutil.Process().memory_full_info().pss
+        assert tree_pss_bytes(os.getpid()) - own >= 150 * 2**20
     finally:
         child.kill()
         child.wait()
-    assert tree_rss_bytes(child.pid) == 0  # gone: nothing to count
+    assert tree_pss_bytes(child.pid) == 0  # gone: nothing to count

@@ -89,7 +89,7 @@ def test_markdown_json_and_plots_are_written(tmp_path):
 def _experts_row(count: int, gate: float) -> dict:
     mixtures = [{"in_flight": m, "output_throughput_tok_s": gate - m / 10, "vs_student": (gate - m / 10) / 100}
                 for m in (1, 16)]
-    return {"experts": count, "rank": 8, "slot_mib": 11.0, "startup_s": 40.0 + count / 10, "rss_gib": 3.0 + count / 500,
+    return {"experts": count, "rank": 8, "slot_mib": 11.0, "startup_s": 40.0 + count / 10, "pss_gib": 3.0 + count / 500,
             "student": {"output_throughput_tok_s": 100.0}, "gate": {"output_throughput_tok_s": gate},
             "gate_vs_student": gate / 100, "mixtures": mixtures, "union_requests": 48.0, "composite_builds": 0.0}
 
