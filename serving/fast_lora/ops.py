@@ -35,6 +35,16 @@ def _weight(stacked: torch.Tensor, slot: int) -> torch.Tensor:
     return stacked[slot, 0] if stacked.dim() == 4 else stacked[slot]  # one indexing op
 
 
+def _a(stacked: torch.Tensor, g: Group) -> torch.Tensor:
+    """Group g's A `[r, H]`: its slot's first g.rank rows (all R when None; the rest are zero)."""
+    return _weight(stacked, g.slot)[: g.rank]
+
+
+def _b(stacked: torch.Tensor, g: Group) -> torch.Tensor:
+    """Group g's B `[N, r]`: its slot's first g.rank columns (all R when None; the rest are zero)."""
+    return _weight(stacked, g.slot)[:, : g.rank]
+
+
 _EXACT = (torch.float32, torch.float64)
 """Dtypes that ACCUMULATE holds exactly: rounding to them and back is the identity."""
 
@@ -82,8 +92,8 @@ def grouped_shrink(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, group
     y `[T, ≥R]` (float32 buffer), x `[T, H]`, lora_a `[S, 1, R, H]`.
     """
     for g in groups:
-        a = _weight(lora_a, g.slot)  # [R, H]
-        h = _mm(_take(x, g.rows), a, y.dtype)  # [t, R]
+        a = _a(lora_a, g)  # [r, H]
+        h = _mm(_take(x, g.rows), a, y.dtype)  # [t, r]
         if scale != 1.0:
             h.mul_(scale)
         _put(y[:, : a.shape[0]], g.rows, h.to(y.dtype), add=True)
@@ -97,7 +107,7 @@ def grouped_expand(y: torch.Tensor, x: torch.Tensor, lora_b: torch.Tensor, group
     The clamp on n matches vLLM's torch ops, where an adapter's vocab may be padded differently from y.
     """
     for g in groups:
-        b = _weight(lora_b, g.slot)  # [N, R]
+        b = _b(lora_b, g)  # [N, r]
         n = min(b.shape[0], y.shape[1] - offset)
         out = _mm(_take(x, g.rows)[:, : b.shape[1]], b[:n], y.dtype)  # [t, n]
         _put(y[:, offset : offset + n], g.rows, out.to(y.dtype), add)
@@ -125,10 +135,10 @@ def grouped_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch
         out = torch.empty(g.count, width, dtype=torch.promote_types(y.dtype, ACCUMULATE))  # [t, N]
         offset = 0
         for a_stacked, b_stacked, n in zip(lora_a, lora_b, output_slices):
-            h = xg @ _acc(_weight(a_stacked, g.slot), buffer_dtype).t()  # [t, R]
+            h = xg @ _acc(_a(a_stacked, g), buffer_dtype).t()  # [t, r]
             if scale != 1.0:
                 h.mul_(scale)
-            out[:, offset : offset + n] = _mm(h, _weight(b_stacked, g.slot), y.dtype)  # [t, n]
+            out[:, offset : offset + n] = _mm(h, _b(b_stacked, g), y.dtype)  # [t, n]
             offset += n
         _put(y[:, :width], g.rows, out.to(y.dtype), add=True)
 
@@ -144,10 +154,10 @@ def _float32_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torc
         xg = _take(x, g.rows)  # [t, H]
         offset = 0
         for a_stacked, b_stacked, n in zip(lora_a, lora_b, output_slices):
-            h = xg @ _weight(a_stacked, g.slot).t()  # [t, R]
+            h = xg @ _a(a_stacked, g).t()  # [t, r]
             if scale != 1.0:
                 h.mul_(scale)
-            _add_product(y[:, offset : offset + n], g.rows, h, _weight(b_stacked, g.slot))  # B [n, R]
+            _add_product(y[:, offset : offset + n], g.rows, h, _b(b_stacked, g))  # B [n, r]
             offset += n
 
 
@@ -233,11 +243,14 @@ def _batched_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torc
     out = torch.empty(g * w, width, dtype=torch.promote_types(y.dtype, ACCUMULATE))  # [G·w, N]
     offset = 0
     for a_stacked, b_stacked, n in zip(lora_a, lora_b, output_slices):
-        a = _acc(a_stacked.index_select(0, bt.slots), buffer_dtype).view(g, -1, xp.shape[-1])  # [G, R, H]
-        h = torch.bmm(xp, a.transpose(1, 2))  # [G, w, R]
+        s, h_in = a_stacked.shape[0], a_stacked.shape[-1]
+        a_slots = a_stacked.reshape(s, -1, h_in)[:, : bt.rank]  # [S, r, H]: the groups' non-zero rows only
+        b_slots = b_stacked.reshape(s, n, -1)[:, :, : bt.rank]  # [S, n, r]
+        a = _acc(a_slots.index_select(0, bt.slots), buffer_dtype)  # [G, r, H]
+        h = torch.bmm(xp, a.transpose(1, 2))  # [G, w, r]
         if scale != 1.0:
             h.mul_(scale)
-        b = _acc(b_stacked.index_select(0, bt.slots), y.dtype).view(g, n, -1)  # [G, n, R]
+        b = _acc(b_slots.index_select(0, bt.slots), y.dtype)  # [G, n, r]
         out[:, offset : offset + n] = torch.bmm(_acc(h, y.dtype), b.transpose(1, 2)).view(g * w, n)  # [G·w, n]
         offset += n
     delta = torch.zeros(y.shape[0] + 1, width, dtype=y.dtype)  # [T+1, N]; row T takes the padding

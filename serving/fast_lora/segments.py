@@ -37,10 +37,14 @@ class Group:
     """Which rows use the slot."""
     count: int
     """How many rows."""
+    rank: int | None = None
+    """Rows of the slot's A (columns of B) that can be non-zero, when fewer than the slots' size: a union member's
+    block rank (its id says it; vLLM zeroes the rest of the slot). The ops skip the rest. None: all of them."""
 
 
-def group_rows(indices: torch.Tensor) -> list[Group]:
-    """One Group per slot present in `indices` ([T] int64, -1 = no LoRA), in slot order; -1 rows are left out."""
+def group_rows(indices: torch.Tensor, ranks: dict[int, int] | None = None) -> list[Group]:
+    """One Group per slot present in `indices` ([T] int64, -1 = no LoRA), in slot order; -1 rows are left out.
+    `ranks`: slot -> its Group.rank (member_ranks), for the slots that have one."""
     if indices.numel() == 0:
         return []
     order = torch.sort(indices, stable=True)  # stable: each slot's rows stay in increasing order
@@ -53,8 +57,14 @@ def group_rows(indices: torch.Tensor) -> list[Group]:
         rows = order.indices[start : start + count]  # [count] increasing
         first, last = int(rows[0]), int(rows[-1])
         contiguous = last - first + 1 == count
-        groups.append(Group(slot, slice(first, last + 1) if contiguous else rows, count))
+        groups.append(Group(slot, slice(first, last + 1) if contiguous else rows, count, (ranks or {}).get(slot)))
     return groups
+
+
+def member_ranks(lora_index_to_id: list[int | None]) -> dict[int, int]:
+    """Slot -> block rank, for the slots that hold a union member id (serving.fast_lora.mixture_ids)."""
+    return {slot: code.layout.block_rank for slot, lora_id in enumerate(lora_index_to_id)
+            if lora_id is not None and isinstance(code := mixture_ids.decode(lora_id), mixture_ids.MemberCode)}
 
 
 @dataclass(frozen=True)
@@ -75,6 +85,9 @@ class Batched:
     """Rows per group after padding (the largest group's count)."""
     rows: int
     """T, the rows of the step the layout was made for."""
+    rank: int | None = None
+    """The most rows of A any group's slot can have non-zero (None: all): the largest Group.rank, when every
+    group has one."""
 
 
 BATCH_MAX_PADDING = 2.0
@@ -95,7 +108,9 @@ def batch_groups(groups: list[Group], total_rows: int) -> Batched | None:
         gather[i, : g.count] = rows
         scatter[i, : g.count] = rows
     slots = torch.tensor([g.slot for g in groups], dtype=torch.long)
-    return Batched(slots, gather.view(-1), scatter.view(-1), width, total_rows)
+    ranks = [g.rank for g in groups]
+    rank = None if None in ranks else max(ranks)
+    return Batched(slots, gather.view(-1), scatter.view(-1), width, total_rows, rank)
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ from serving.fast_lora.segments import (
     UnionRows,
     batch_groups,
     group_rows,
+    member_ranks,
     mixture_slots,
     split_union_rows,
     without_mixture_slots,
@@ -80,7 +81,7 @@ class PunicaWrapperGrouped(PunicaWrapperCPU):
         super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
         mixtures = mixture_slots(lora_index_to_id)
         self.union_rows, indices = split_union_rows(self.token_lora_indices, lora_index_to_id, mixtures)
-        self.token_groups = group_rows(indices)
+        self.token_groups = group_rows(indices, member_ranks(lora_index_to_id))
         self.token_batched = batch_groups(self.token_groups, indices.numel())
         self.sampler_groups = group_rows(without_mixture_slots(self.sampler_indices, mixtures))
 

@@ -38,6 +38,7 @@ STEPS = {  # per-token LoRA ids (0: none), per-request ids (sampled rows)
     "some_experts": ([M1, 11, M1, 0, M1], [M1, 11, M1, 0, M1]),  # M1 uses experts 0 and 1 only
     "one_expert_mixture": ([M3, 12, M3], [M3, 12, M3]),  # M3 is expert 2 at weight 1
     "no_mixture": ([11, 12, 0, 11], [11, 12, 0, 11]),
+    "members_only": ([X0, X1, X2, X0, 0, X1], [X0, X1, X2, X0, 0, X1]),  # batched over the members' BLOCK rows
 }
 
 
@@ -100,7 +101,7 @@ def test_mixture_rows_get_their_mixture_of_the_union(step, dtype, scale):
     expected = _expected(y0, x, a, b, STEPS[step][0], scale).to(dtype)
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 3e-2}
     torch.testing.assert_close(y, expected, **tol)
-    assert (wrapper.union_rows is None) == (step == "no_mixture")
+    assert (wrapper.union_rows is None) == (step in ("no_mixture", "members_only"))
 
 
 def test_union_rows_carry_each_rows_weights():
@@ -112,6 +113,15 @@ def test_union_rows_carry_each_rows_weights():
     torch.testing.assert_close(union.blocks.weights, expected)
     assert all(g.slot not in (IDS.index(M1), IDS.index(M2), IDS.index(M3)) for g in wrapper.token_groups)
     assert union.blocks.complete and union.blocks.slots == (4, 7, 2) and union.pairs is None  # all three used
+
+
+def test_member_slots_are_multiplied_by_their_block_rank_only():
+    wrapper, _ = _wrapper("members_only")
+    assert {g.slot: g.rank for g in wrapper.token_groups} == {IDS.index(X0): BLOCK, IDS.index(X1): BLOCK,
+                                                              IDS.index(X2): BLOCK}
+    assert wrapper.token_batched is not None and wrapper.token_batched.rank == BLOCK
+    wrapper, _ = _wrapper("decode")  # an ordinary adapter among the groups: the batch keeps every row
+    assert wrapper.token_batched.rank is None and {g.rank for g in wrapper.token_groups} == {None, BLOCK}
 
 
 def test_a_step_that_uses_some_experts_multiplies_by_their_blocks_only():
