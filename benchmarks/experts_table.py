@@ -8,11 +8,12 @@ For each E in `config.experts_table` (10, 100, 1,000 in a full run):
     ready), and the memory of its whole process tree once ready (the sum of the processes' proportional set
     sizes) (Ray, the Serve replicas, vLLM's
     engine core and worker);
-  - on that server: the student route (no adapter), the gate route (scenario e's load) and, for each M in
-    `config.experts_in_flight`, M distinct explicit top-2 mixtures over the E experts in flight (the
-    scaling rows' load), each as output tok/s and as a ratio to the student route on the same server;
-  - the memory each expert added over the smallest union, against one LoRA slot's estimated size
-    (serving/slot_memory.py: every pinned expert holds a slot of `max_lora_rank`).
+  - on that server, all under the scaling rows' load (`scaling_concurrency`, `scaling_requests`,
+    `scaling_output_tokens`): the student route (no adapter), the gate route and, for each M in
+    `config.experts_in_flight`, M distinct explicit top-2 mixtures over the E experts in flight, each as
+    output tok/s and as a ratio to the student route on the same server;
+  - the memory each expert added over the smallest union, against its estimate (serving/slot_memory.py: every
+    pinned expert holds a slot of `max_lora_rank`, and vLLM keeps a host copy of its tensors).
 
 Every mixture sums to 1 on the grid, so the union serves them all through mixture ids; the table records
 how many requests it did (`union_requests`) and how many composites were built (should be 0).
@@ -38,7 +39,7 @@ from benchmarks.synthetic_bundle import synthetic_bundle
 from benchmarks.workloads import FreshMixtures, grid_weights
 from mode_cotd.atomic import atomic_dir
 from mode_cotd.student import resolve_student
-from serving.slot_memory import slot_bytes
+from serving.slot_memory import adapter_bytes, slot_bytes
 
 Echo = Callable[[str], None]
 
@@ -93,9 +94,11 @@ def tree_pss_bytes(pid: int) -> int:
 def experts_row(count: int, bundle: Path, student: Path | None, config: BenchConfig, prompts: Sequence[Prompt],
                 student_name: str, logs: Path, save: Callable, echo: Echo = print) -> dict[str, Any]:
     """One row of the table: serve `bundle` (E = count experts), measure, stop."""
-    per_slot = slot_bytes(student or resolve_student(None), config.experts_rank, config.dtype)
+    folder = student or resolve_student(None)
+    per_slot, copy = (f(folder, config.experts_rank, config.dtype) for f in (slot_bytes, adapter_bytes))
     row: dict[str, Any] = {"experts": count, "rank": config.experts_rank,
-                           "slot_mib": None if per_slot is None else round(per_slot / 2**20, 2)}
+                           "slot_mib": None if per_slot is None else round(per_slot / 2**20, 2),
+                           "host_copy_mib": None if copy is None else round(copy / 2**20, 2)}
     with tempfile.TemporaryDirectory(prefix="mode-cotd-bench-composites-") as composites:
         # slots sized at the experts' own rank: every mixture of the table is served through the union, and a
         # thousand slots at the default k·r would need twice the memory (serving/slot_memory.py)
@@ -110,13 +113,14 @@ def experts_row(count: int, bundle: Path, student: Path | None, config: BenchCon
             first = prom.scrape(srv.base_url)
             row["student"] = scaling_baseline(srv.base_url, student_name, prompts, config,
                                               lambda name, r: save(f"experts-{count}-{name}", r))
-            n = max(config.requests_per_level, config.ratio_concurrency)
+            # the gate route under the student baseline's load (the scaling rows'), so the two compare
+            n = config.scaling_requests
             specs = request_specs(SCENARIOS["e"], [prompts[i % len(prompts)] for i in range(n)],
-                                  config.output_tokens, student_name, "")
+                                  config.scaling_output_tokens, student_name, "")
             loadgen.run(srv.base_url, specs[: config.warmup_requests], concurrency=1)
-            records = loadgen.run(srv.base_url, specs, concurrency=config.ratio_concurrency)
+            records = loadgen.run(srv.base_url, specs, concurrency=config.scaling_concurrency)
             save(f"experts-{count}-gate", records)
-            row["gate"] = {"concurrency": config.ratio_concurrency, **summarise(records)}
+            row["gate"] = {"concurrency": config.scaling_concurrency, **summarise(records)}
             fresh = FreshMixtures(distinct_mixtures(expert_names(count), config.mixture_k, config.mixture_grid,
                                                     sum(config.experts_in_flight), config.seed + count))
             row["mixtures"] = [scaling_row(srv.base_url, m, prompts, config, fresh,

@@ -202,14 +202,15 @@ def _experts_table(table: dict[str, Any]) -> list[str]:
         return []
     in_flight = [m["in_flight"] for m in rows[0]["mixtures"]]
     lines = ["", "## Many experts: one server per union size (synthetic experts, top-2 gate)", "",
-             _row(["experts", "start s", "memory GiB (PSS)", "MiB per added expert (one slot)", "student tok/s",
+             _row(["experts", "start s", "memory GiB (PSS)", "MiB per added expert (slot + host copy, estimated)", "student tok/s",
                    "gate tok/s (/ student)",
                    *(f"{m} mixtures in flight tok/s (/ student)" for m in in_flight), "union requests",
                    "composites built", "gate / smallest union"]),
              _row(["---"] * (9 + len(in_flight)))]
     for r in rows:
         lines.append(_row([r["experts"], _f(r["startup_s"], 0), _f(r["pss_gib"], 2),
-                           f"{_f(r.get('pss_per_added_expert_mib'))} ({_f(r.get('slot_mib'))})",
+                           (f"{_f(r.get('pss_per_added_expert_mib'))} ({_f(r.get('slot_mib'))} + "
+                           f"{_f(r.get('host_copy_mib'))})"),
                            _f(r["student"]["output_throughput_tok_s"]),
                            f"{_f(r['gate']['output_throughput_tok_s'])} ({_f(r['gate_vs_student'], 3)})",
                            *(f"{_f(m['output_throughput_tok_s'])} ({_f(m['vs_student'], 3)})" for m in r["mixtures"]),
