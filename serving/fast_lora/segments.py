@@ -62,7 +62,13 @@ def group_rows(indices: torch.Tensor, ranks: dict[int, int] | None = None) -> li
 
 
 def member_ranks(lora_index_to_id: list[int | None]) -> dict[int, int]:
-    """Slot -> block rank, for the slots that hold a union member id (serving.fast_lora.mixture_ids)."""
+    """Slot -> block rank, for the slots that hold a union member id (serving.fast_lora.mixture_ids); read-only."""
+    return _member_ranks(tuple(lora_index_to_id))
+
+
+@functools.lru_cache(maxsize=8)
+def _member_ranks(lora_index_to_id: tuple[int | None, ...]) -> dict[int, int]:
+    """member_ranks, cached: the slot table changes only when adapters are loaded or evicted."""
     return {slot: code.layout.block_rank for slot, lora_id in enumerate(lora_index_to_id)
             if lora_id is not None and isinstance(code := mixture_ids.decode(lora_id), mixture_ids.MemberCode)}
 
@@ -182,7 +188,13 @@ class UnionRows:
 
 
 def mixture_slots(lora_index_to_id: list[int | None]) -> dict[int, mixture_ids.MixtureCode]:
-    """Slot -> decoded mixture id, for the slots that hold one (decode once per step, use for tokens and logits)."""
+    """Slot -> decoded mixture id, for the slots that hold one (once per step, for tokens and logits); read-only."""
+    return _mixture_slots(tuple(lora_index_to_id))
+
+
+@functools.lru_cache(maxsize=8)
+def _mixture_slots(lora_index_to_id: tuple[int | None, ...]) -> dict[int, mixture_ids.MixtureCode]:
+    """mixture_slots, cached: a union of a thousand pinned experts is a thousand slots to scan otherwise."""
     return {slot: code for slot, lora_id in enumerate(lora_index_to_id)
             if lora_id is not None and isinstance(code := mixture_ids.decode(lora_id), mixture_ids.MixtureCode)}
 
