@@ -63,14 +63,7 @@ def group_rows(indices: torch.Tensor, ranks: dict[int, int] | None = None) -> li
 
 def member_ranks(lora_index_to_id: list[int | None]) -> dict[int, int]:
     """Slot -> block rank, for the slots that hold a union member id (serving.fast_lora.mixture_ids); read-only."""
-    return _member_ranks(tuple(lora_index_to_id))
-
-
-@functools.lru_cache(maxsize=8)
-def _member_ranks(lora_index_to_id: tuple[int | None, ...]) -> dict[int, int]:
-    """member_ranks, cached: the slot table changes only when adapters are loaded or evicted."""
-    return {slot: code.layout.block_rank for slot, lora_id in enumerate(lora_index_to_id)
-            if lora_id is not None and isinstance(code := mixture_ids.decode(lora_id), mixture_ids.MemberCode)}
+    return _slot_table(tuple(lora_index_to_id)).member_ranks
 
 
 @dataclass(frozen=True)
@@ -110,7 +103,7 @@ def batch_groups(groups: list[Group], total_rows: int) -> Batched | None:
     gather = torch.zeros(len(groups), width, dtype=torch.long)  # [G, width]
     scatter = torch.full((len(groups), width), total_rows, dtype=torch.long)  # [G, width]
     for i, g in enumerate(groups):
-        rows = torch.arange(g.rows.start, g.rows.stop) if isinstance(g.rows, slice) else g.rows  # [count]
+        rows = _row_numbers(g.rows)  # [count]
         gather[i, : g.count] = rows
         scatter[i, : g.count] = rows
     slots = torch.tensor([g.slot for g in groups], dtype=torch.long)
@@ -182,21 +175,39 @@ class UnionRows:
     """b: the experts' rank; an expert's block is the first b rows of its slot's A (columns of B)."""
     layout: mixture_ids.UnionLayout
     """The union (its family tells unions with the same E and b apart)."""
-    members: tuple[int, ...] | None
-    """A dense union's E member slots, in union order, when all are in slots (its weights can then be assembled
-    once and kept); None for a sparse union, whose blocks are read from the slots of the experts in use."""
 
 
 def mixture_slots(lora_index_to_id: list[int | None]) -> dict[int, mixture_ids.MixtureCode]:
     """Slot -> decoded mixture id, for the slots that hold one (once per step, for tokens and logits); read-only."""
-    return _mixture_slots(tuple(lora_index_to_id))
+    return _slot_table(tuple(lora_index_to_id)).mixtures
+
+
+@dataclass(frozen=True)
+class _SlotTable:
+    """What the slot table holds, read once per table: a union of a thousand pinned experts is a thousand slots."""
+
+    slot_of: dict[int, int]
+    """LoRA id -> slot."""
+    mixtures: dict[int, mixture_ids.MixtureCode]
+    """Slot -> decoded mixture id."""
+    member_ranks: dict[int, int]
+    """Slot -> block rank of the union member id it holds."""
 
 
 @functools.lru_cache(maxsize=8)
-def _mixture_slots(lora_index_to_id: tuple[int | None, ...]) -> dict[int, mixture_ids.MixtureCode]:
-    """mixture_slots, cached: a union of a thousand pinned experts is a thousand slots to scan otherwise."""
-    return {slot: code for slot, lora_id in enumerate(lora_index_to_id)
-            if lora_id is not None and isinstance(code := mixture_ids.decode(lora_id), mixture_ids.MixtureCode)}
+def _slot_table(lora_index_to_id: tuple[int | None, ...]) -> _SlotTable:
+    """The table's scan, cached: it changes only when adapters are loaded or evicted."""
+    table = _SlotTable({}, {}, {})
+    for slot, lora_id in enumerate(lora_index_to_id):
+        if lora_id is None:
+            continue
+        table.slot_of[lora_id] = slot
+        code = mixture_ids.decode(lora_id)
+        if isinstance(code, mixture_ids.MixtureCode):
+            table.mixtures[slot] = code
+        elif isinstance(code, mixture_ids.MemberCode):
+            table.member_ranks[slot] = code.layout.block_rank
+    return table
 
 
 def split_union_rows(indices: torch.Tensor, lora_index_to_id: list[int | None],
@@ -228,7 +239,7 @@ def split_union_rows(indices: torch.Tensor, lora_index_to_id: list[int | None],
     for i in in_step:
         for block, weight in codes[i].blocks:
             per_mixture[i, column[block]] = weight
-    slot_of = _slot_of(tuple(lora_index_to_id))
+    slot_of = _slot_table(tuple(lora_index_to_id)).slot_of
     slots = [slot_of.get(mixture_ids.member_id(layout, e)) for e in used]
     missing = [e for e, slot in zip(used, slots) if slot is None]
     if missing:
@@ -249,18 +260,8 @@ def split_union_rows(indices: torch.Tensor, lora_index_to_id: list[int | None],
         few = narrow.nonzero().flatten()  # [G]
         pairs = _pairs(weights.index_select(1, few), _row_numbers(group.rows), experts[few],
                        tuple(slots[k] for k in few.tolist()))
-    members = None
-    if not layout.sparse:
-        members = tuple(slot_of.get(mixture_ids.member_id(layout, e), -1) for e in range(layout.experts))
-        members = None if -1 in members else members
-    union = UnionRows(group.rows, group.count, blocks, pairs, layout.block_rank, layout, members)
+    union = UnionRows(group.rows, group.count, blocks, pairs, layout.block_rank, layout)
     return union, torch.where(present, -1, indices)
-
-
-@functools.lru_cache(maxsize=8)
-def _slot_of(lora_index_to_id: tuple[int | None, ...]) -> dict[int, int]:
-    """LoRA id -> slot (cached: the slot table changes only when adapters are loaded or evicted)."""
-    return {lora_id: slot for slot, lora_id in enumerate(lora_index_to_id) if lora_id is not None}
 
 
 def _row_numbers(rows: Rows) -> torch.Tensor:

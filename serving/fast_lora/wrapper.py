@@ -164,14 +164,14 @@ class PunicaWrapperGrouped(PunicaWrapperCPU):
         """
         u = self.union_rows
         used = u.blocks
-        if u.members is None or not used.complete:
+        if u.layout.sparse or not used.complete:
             return union_weights(lora_a, lora_b, used.slots, u.block_rank, a_dtype, b_dtype)
-        key = (lora_a.data_ptr(), lora_b.data_ptr(), u.members, u.layout, a_dtype, b_dtype)
+        key = (lora_a.data_ptr(), lora_b.data_ptr(), used.slots, u.layout, a_dtype, b_dtype)  # slots: all members
         cached = self.union_cache.get(key)
         if cached is None:
             if any(k[2:4] != key[2:4] for k in self.union_cache):
                 self.union_cache.clear()
-            cached = self.union_cache[key] = union_weights(lora_a, lora_b, u.members, u.block_rank, a_dtype,
+            cached = self.union_cache[key] = union_weights(lora_a, lora_b, used.slots, u.block_rank, a_dtype,
                                                            b_dtype)
         return cached
 

@@ -113,8 +113,11 @@ def test_every_mixture_row_gets_its_mixture(case, dtype, scale):
 
 def test_many_mixtures_go_by_pairs_and_a_shared_block_by_blocks():
     ids, tokens, mix, layout = _step(1023, True, 40, 64, seed=5)
-    union = _wrapper(ids, tokens).union_rows
-    assert union.members is None and layout.sparse  # a sparse union is never copied whole
+    wrapper = _wrapper(ids, tokens)
+    union = wrapper.union_rows
+    a, b = _stacked(ids, layout, seed=1)
+    wrapper.add_lora_linear(torch.zeros(64, sum(SLICES)), torch.randn(64, HIDDEN), a, b, 1.0, SLICES)
+    assert layout.sparse and wrapper.union_cache == {}  # the blocks in use were gathered, nothing cached
     assert union.blocks.experts.tolist() == [1022] and union.blocks.slots == (ids.index(member_id(layout, 1022)),)
     used = {e for m in mix for e in mix[m] if m in tokens} - {1022}
     assert set(union.pairs.experts.tolist()) == used
