@@ -83,15 +83,15 @@ class MixtureUnion:
                 or not 1 <= grid_units <= mixture_ids.MAX_UNITS:
             logger.info("mixture union off: %d experts, grid of %d units", len(names), grid_units)
             return None
-        ranks, why, first = {}, None, None
+        ranks, first = {}, None
         for name in names:  # one at a time: a union of a thousand experts is never in memory at once
             adapter = load_adapter(experts[name])
+            why = _ineligible(name, adapter, max_lora_rank)
+            if why:
+                logger.warning("mixture union off, mixtures are served as composites: %s", why)
+                return None
             ranks[name] = adapter.r
-            why = why or _ineligible(name, adapter, max_lora_rank)
             first = first or adapter
-        if why:
-            logger.warning("mixture union off, mixtures are served as composites: %s", why)
-            return None
         rank = max(ranks.values())  # b: smaller experts' blocks end in zero rows
         digest = hashlib.sha256()
         for name in names:
