@@ -34,7 +34,7 @@ from benchmarks.config import BenchConfig
 from benchmarks.prompts import Prompt
 from benchmarks.scaling import scaling_baseline, scaling_row
 from benchmarks.scenarios import SCENARIOS, request_specs
-from benchmarks.stats import summarise
+from benchmarks.stats import ratio, summarise
 from benchmarks.synthetic_bundle import synthetic_bundle
 from benchmarks.workloads import FreshMixtures, grid_weights
 from mode_cotd.atomic import atomic_dir
@@ -130,9 +130,9 @@ def experts_row(count: int, bundle: Path, student: Path | None, config: BenchCon
             row["union_requests"] = prom.total(session, "mode_cotd_mixture_union_requests_total")
             row["composite_builds"] = prom.total(session, "mode_cotd_composite_builds_total")
     base = row["student"]["output_throughput_tok_s"]
-    row["gate_vs_student"] = _ratio(row["gate"]["output_throughput_tok_s"], base)
+    row["gate_vs_student"] = ratio(row["gate"]["output_throughput_tok_s"], base)
     for m in row["mixtures"]:
-        m["vs_student"] = _ratio(m["output_throughput_tok_s"], base)
+        m["vs_student"] = ratio(m["output_throughput_tok_s"], base)
     return row
 
 
@@ -147,9 +147,5 @@ def add_ratios(table: list[dict[str, Any]]) -> dict[str, Any]:
         added = r["experts"] - first["experts"]
         r["pss_per_added_expert_mib"] = round((r["pss_gib"] - first["pss_gib"]) * 1024 / added, 2) if added else None
     smallest = first["gate"]["output_throughput_tok_s"]
-    return {str(r["experts"]): _ratio((r.get("gate") or {}).get("output_throughput_tok_s"), smallest)
+    return {str(r["experts"]): ratio((r.get("gate") or {}).get("output_throughput_tok_s"), smallest)
             for r in table}
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
