@@ -33,7 +33,8 @@ FLAGS = {
     "--mixture-k": "mixture_k", "--mixture-grid": "mixture_grid", "--scaling-in-flight": "scaling_in_flight",
     "--hit-rate-requests": "hit_rate_requests", "--cross-check": "cross_check", "--compile": "compile",
     "--student": "student", "--bundle": "bundle", "--seed": "seed", "--experts-table": "experts_table",
-    "--experts-in-flight": "experts_in_flight", "--experts-rank": "experts_rank", "--experts-cache": "experts_cache",
+    "--experts-in-flight": "experts_in_flight", "--experts-rank": "experts_rank", "--experts-dtype": "experts_dtype",
+    "--experts-cache": "experts_cache",
 }
 """Flag -> the BenchConfig field it sets over the preset (help: the field's docstring)."""
 

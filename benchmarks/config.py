@@ -62,6 +62,9 @@ class BenchConfig:
     """Distinct explicit top-2 mixtures in flight, one column of the many-experts table each."""
     experts_rank: int = 8
     """Rank of the many-experts table's synthetic experts."""
+    experts_dtype: str = "bfloat16"
+    """The many-experts table's engine dtype: a thousand rank-8 experts pinned in float32 need ~21 GiB of slots and
+    vLLM's host copies (serving/slot_memory.py), ~10 GiB in bfloat16."""
     experts_cache: str = str(Path.home() / ".cache" / "mode-cotd" / "bench")
     """Folder of the synthetic bundles, built once and reused (a thousand rank-8 experts take ~9 GB)."""
     hit_rate_popularity: str = "zipf:1.1"

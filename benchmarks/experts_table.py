@@ -4,10 +4,9 @@ For each E in `config.experts_table` (10, 100, 1,000 in a full run):
   - a bundle of E synthetic experts of the student's shape (benchmarks/synthetic_bundle.py: rank
     `config.experts_rank`, every linear module, a random top-2 gate over them), built once under
     `config.experts_cache` and reused by later runs;
-  - `mode-cotd serve` on it, its LoRA slots sized at the experts' rank: start-up time (process start to
-    ready), and the memory of its whole process tree once ready (the sum of the processes' proportional set
-    sizes) (Ray, the Serve replicas, vLLM's
-    engine core and worker);
+  - `mode-cotd serve` on it in `config.experts_dtype`, its LoRA slots sized at the experts' rank: start-up
+    time (process start to ready), and the memory of its whole process tree once ready (Ray, the Serve
+    replicas, vLLM's engine core and worker: the sum of their proportional set sizes);
   - on that server, all under the scaling rows' load (`scaling_concurrency`, `scaling_requests`,
     `scaling_output_tokens`): the student route (no adapter), the gate route and, for each M in
     `config.experts_in_flight`, M distinct explicit top-2 mixtures over the E experts in flight, each as
@@ -95,7 +94,7 @@ def experts_row(count: int, bundle: Path, student: Path | None, config: BenchCon
                 student_name: str, logs: Path, save: Callable, echo: Echo = print) -> dict[str, Any]:
     """One row of the table: serve `bundle` (E = count experts), measure, stop."""
     folder = student or resolve_student(None)
-    per_slot, copy = (f(folder, config.experts_rank, config.dtype) for f in (slot_bytes, adapter_bytes))
+    per_slot, copy = (f(folder, config.experts_rank, config.experts_dtype) for f in (slot_bytes, adapter_bytes))
     row: dict[str, Any] = {"experts": count, "rank": config.experts_rank,
                            "slot_mib": None if per_slot is None else round(per_slot / 2**20, 2),
                            "host_copy_mib": None if copy is None else round(copy / 2**20, 2)}
@@ -103,7 +102,7 @@ def experts_row(count: int, bundle: Path, student: Path | None, config: BenchCon
         # slots sized at the experts' own rank: every mixture of the table is served through the union, and a
         # thousand slots at the default k·r would need twice the memory (serving/slot_memory.py)
         spec = servers.mode_cotd_spec(Path(composites), bundle, student,
-                                      ["--engine-dtype", config.dtype, "--engine-max-lora-rank",
+                                      ["--engine-dtype", config.experts_dtype, "--engine-max-lora-rank",
                                        str(config.experts_rank), *config.serve_args])
         spec.name = f"mode-cotd-{count}-experts"
         with servers.running(spec, logs) as srv:
