@@ -4,6 +4,7 @@
                     (rationale, "-->", answer, " END" and eos), the prompt masked
     answer_loss     the same over the answer tokens only: the prompt and the rationale up to and including
                     "\\n\\n-->\\n\\n" are given (teacher forcing) and masked; the answer, " END" and eos count
+                    (mode_cotd/shots.py tokenizes and labels the shots for both losses)
     shot_error      1 - the accuracy of greedy generations on the shots' prompts (mode_cotd.tasks scoring,
                     the text cut at " END"); MAX_NEW_TOKENS new tokens at most
 
@@ -20,10 +21,9 @@ from collections.abc import Sequence
 
 import torch
 
-from mode_cotd.data import student_prompt
-from mode_cotd.errors import DataError
-from mode_cotd.format import completion_prompt, completion_target, pad_id, tokenize_example
-from mode_cotd.tasks import END, TARGET_SEPARATOR, get_task, is_correct, parse_target
+from mode_cotd.format import pad_id
+from mode_cotd.shots import shot_of, shot_pairs
+from mode_cotd.tasks import END, get_task, is_correct
 from training.distill import collate
 
 OBJECTIVES = ("few_shot_loss", "answer_loss", "shot_error")
@@ -32,27 +32,15 @@ MAX_NEW_TOKENS = 256
 """Longest greedy generation of shot_error (the evaluation's limit)."""
 
 
-def _pairs(tokenizer, shots: Sequence, max_length: int, answer_only: bool) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) per shot: the whole target labelled, or only its answer part."""
-    pairs = []
-    for e in shots:
-        prompt, target = completion_prompt(student_prompt(e)), completion_target(e.output)
-        if answer_only:
-            parsed = parse_target(e.output)
-            if parsed is None:
-                raise DataError(f"shot {e.input[:60]!r}: its target has no {TARGET_SEPARATOR!r}, so no answer tokens")
-            prompt, target = prompt + " " + parsed[0] + TARGET_SEPARATOR, parsed[1] + END
-        pairs.append(tokenize_example(tokenizer, prompt, target, max_length))
-    return pairs
-
-
 class TokenLoss:
-    """Mean cross-entropy over the labelled tokens of the shots: few_shot_loss, or answer_loss (answer_only)."""
+    """Mean cross-entropy over the labelled tokens of the shots: few_shot_loss, or answer_loss (answer_only).
+
+    ``shots`` are data Examples or mode_cotd.shots.Shot texts (e.g. a user's, shots.shot_from_text)."""
 
     def __init__(self, model, tokenizer, shots: Sequence, max_length: int, batch_size: int, device: str,
                  answer_only: bool = False):
         pad = pad_id(tokenizer)
-        pairs = _pairs(tokenizer, shots, max_length, answer_only)
+        pairs = shot_pairs(tokenizer, shots, max_length, answer_only)
         self.model = model
         self.batches = [tuple(t.to(device) for t in collate(pairs[i:i + batch_size], pad))
                         for i in range(0, len(pairs), batch_size)]  # each: input_ids, attention_mask, labels [B, T]
@@ -75,7 +63,7 @@ class ShotError:
         self.model, self.tokenizer, self.max_new_tokens = model, tokenizer, max_new_tokens
         self.golds = [(e.gold, get_task(e.task)) for e in shots]
         pad = pad_id(tokenizer)
-        rows = [list(tokenizer(completion_prompt(student_prompt(e)), add_special_tokens=True)["input_ids"])
+        rows = [list(tokenizer(shot_of(e).prompt, add_special_tokens=True)["input_ids"])
                 for e in shots]
         width = max(len(r) for r in rows)
         self.input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)  # [k, T]

@@ -69,6 +69,17 @@ def test_a_shot_without_an_answer_separator_is_refused_for_the_answer_loss(model
                   answer_only=True)
 
 
+def test_the_losses_take_text_shots_as_well(model_and_tokenizer, shots):
+    from mode_cotd.shots import shot_from_text
+
+    model, tokenizer = model_and_tokenizer
+    texts = [shot_from_text(completion_prompt(student_prompt(e)), e.output) for e in shots]
+    for answer_only in (False, True):
+        expected = TokenLoss(model, tokenizer, shots, 1024, 3, "cpu", answer_only=answer_only)
+        got = TokenLoss(model, tokenizer, texts, 1024, 3, "cpu", answer_only=answer_only)
+        assert got.tokens == expected.tokens and got() == expected()
+
+
 class _Scripted:
     """A model whose greedy generation is a fixed text per row (the shot's own rationale, or nonsense)."""
 
