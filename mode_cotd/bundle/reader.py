@@ -127,32 +127,37 @@ def _check_expert(
 ) -> ExpertEntry:
     folder = verify_folder(root, record.path, record.files, (CONFIG_NAME, WEIGHTS_NAME), manifest)
     adapter = load_adapter(folder)
-    config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     found = (adapter.r, float(adapter.lora_alpha), sorted(adapter.target_modules))
     listed = (record.r, record.lora_alpha, record.target_modules)
     if found != listed:
         raise BundleError(
-            f"{config_path}: (r, lora_alpha, target_modules) = {found}, but {manifest} says {listed}"
+            f"{folder / CONFIG_NAME}: (r, lora_alpha, target_modules) = {found}, but {manifest} says {listed}"
         )
+    check_adapter_fits(adapter, folder, arch, max_rank)
+    return ExpertEntry(name=name, path=folder, record=record)
+
+
+def check_adapter_fits(adapter: LoraAdapter, folder: Path, arch: Architecture | None, max_rank: int | None) -> None:
+    """BundleError naming the file unless `adapter` (read from `folder`) fits the student `arch` (target modules
+    that exist, A [r, in] and B [out, r] of each module's shape) and has rank at most `max_rank`."""
+    config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     if max_rank is not None and adapter.r > max_rank:
         raise BundleError(f"{config_path}: rank r={adapter.r} exceeds max_lora_rank={max_rank}")
-    if arch is not None:
-        unknown = sorted(set(adapter.target_modules) - set(arch.linear_modules))
-        if unknown:
+    if arch is None:
+        return
+    unknown = sorted(set(adapter.target_modules) - set(arch.linear_modules))
+    if unknown:
+        raise BundleError(f"{config_path}: target modules {unknown} do not exist in the {arch.model_type} student")
+    for module, (a, b) in adapter.modules().items():
+        try:
+            in_features, out_features = arch.module_shape(module)
+        except ConfigError as e:
+            raise BundleError(f"{weights_path}: {e}") from e
+        if tuple(a.shape) != (adapter.r, in_features) or tuple(b.shape) != (out_features, adapter.r):
             raise BundleError(
-                f"{config_path}: target modules {unknown} do not exist in the {arch.model_type} student"
+                f"{weights_path}: module {module} has lora_A {list(a.shape)}, lora_B {list(b.shape)}; "
+                f"the student needs A [r, {in_features}] and B [{out_features}, r] with r={adapter.r}"
             )
-        for module, (a, b) in adapter.modules().items():
-            try:
-                in_features, out_features = arch.module_shape(module)
-            except ConfigError as e:
-                raise BundleError(f"{weights_path}: {e}") from e
-            if tuple(a.shape) != (adapter.r, in_features) or tuple(b.shape) != (out_features, adapter.r):
-                raise BundleError(
-                    f"{weights_path}: module {module} has lora_A {list(a.shape)}, lora_B {list(b.shape)}; "
-                    f"the student needs A [r, {in_features}] and B [{out_features}, r] with r={adapter.r}"
-                )
-    return ExpertEntry(name=name, path=folder, record=record)
 
 
 def _check_gate(
