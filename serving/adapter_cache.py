@@ -43,7 +43,7 @@ from typing import Protocol
 from mode_cotd.adapter import LoraAdapter, load_adapter, save_adapter
 from mode_cotd.errors import ModeCotdError
 from mode_cotd.mixing import compress_svd, mix
-from serving.adapter_resolver import AdapterResolver
+from serving.adapter_resolver import AdapterResolver, RuntimeTarget
 from serving.errors import ApiError, InternalError, InvalidMixture
 from serving.mixture_union import MixtureUnion
 from serving.protocol import AdapterSpec, LoraTarget
@@ -51,8 +51,8 @@ from serving.sealed import check_seal, seal
 
 logger = logging.getLogger(__name__)
 
-_FOLDER = re.compile(r"(exact|linear)-[0-9a-f]{16}-r\d+")
-_LEFTOVER = re.compile(r"\.(exact|linear)-[0-9a-f]{16}-r\d+\..*")
+_FOLDER = re.compile(r"(exact|linear)-[0-9a-f]{16}(-[0-9a-f]{12})?-r\d+")
+_LEFTOVER = re.compile(r"\.(exact|linear)-[0-9a-f]{16}(-[0-9a-f]{12})?-r\d+\..*")
 LEFTOVER_AGE_S = 600.0
 """Temporary folders of an interrupted write older than this are removed at start (younger ones may be
 another replica's write in progress)."""
@@ -106,10 +106,11 @@ class AdapterCache:
         roots: list[Path] | None = None,
         union: MixtureUnion | None = None,
         shared: str | None = None,
+        union_runtime: dict[str, RuntimeTarget] | None = None,
     ):
         if max_entries < 1:
             raise ValueError("max_entries must be >= 1")
-        self.resolver = AdapterResolver(experts, cache_dir, max_lora_rank, roots, union, shared)
+        self.resolver = AdapterResolver(experts, cache_dir, max_lora_rank, roots, union, shared, union_runtime)
         self.experts = self.resolver.experts
         self.cache_dir = Path(cache_dir)
         self.max_lora_rank = max_lora_rank
@@ -230,9 +231,10 @@ class AdapterCache:
     def _expert(self, name: str) -> LoraAdapter:
         if name not in self.experts:
             raise InvalidMixture(f"unknown expert {name!r}; known: {', '.join(sorted(self.experts))}", param="mixture")
-        if name not in self._expert_adapters:
-            self._expert_adapters[name] = load_adapter(self.experts[name])
-        return self._expert_adapters[name]
+        path = str(self.experts[name])  # by folder: a runtime expert loaded again has a new one
+        if path not in self._expert_adapters:
+            self._expert_adapters[path] = load_adapter(path)
+        return self._expert_adapters[path]
 
     def _build(self, spec: AdapterSpec, folder: Path) -> float | None:
         """Compose (exact or linear, mode_cotd.mixing.mix), compress to the max rank if needed, write; return the

@@ -10,6 +10,12 @@ mixture or an explicit one is served as student + shared + the route's experts; 
 adapter alone is its own expert. A linear spec stays as it is: its composite is the linear
 merge of its experts plus the shared adapter, exactly (mode_cotd.mixing.mix, the adapter cache).
 
+Runtime experts (loaded through /v1/load_lora_adapter, serving/runtime_routes.py) are served from their
+folder in the state folder under their own LoRA name (`set_runtime`), one per load, so an expert loaded
+again with new weights never reuses the old one's vLLM slot or composites. Those in the state when the
+engine started are in the union (serving.components.student_service); one loaded later is served from
+its own folder, and a mixture with it as a composite, until the next start.
+
 The resolver decides; it builds nothing. A composite's folder is built, cached and evicted by
 serving.adapter_cache, which asks the resolver first.
 
@@ -39,6 +45,16 @@ def stable_lora_id(name: str) -> int:
 
 
 @dataclass(frozen=True)
+class RuntimeTarget:
+    """A runtime expert as the student serves it (mode_cotd.runtime_state.RuntimeExpert, reduced)."""
+
+    lora_name: str
+    """Its LoRA name, unique per load ("runtime-<name>-<digest>"): its vLLM id follows from it."""
+    path: str
+    """Its folder in the state folder."""
+
+
+@dataclass(frozen=True)
 class Resolved:
     """What serves one adapter spec."""
 
@@ -56,7 +72,8 @@ class AdapterResolver:
     """Adapter specs -> what serves them, for one bundle's experts (see the module docstring)."""
 
     def __init__(self, experts: dict[str, Path], cache_dir: Path, max_lora_rank: int,
-                 roots: list[Path] | None = None, union: MixtureUnion | None = None, shared: str | None = None):
+                 roots: list[Path] | None = None, union: MixtureUnion | None = None, shared: str | None = None,
+                 union_runtime: dict[str, RuntimeTarget] | None = None):
         if shared is not None and shared not in experts:
             raise ConfigError(f"the shared adapter {shared!r} is not one of the experts {sorted(experts)}")
         if union is not None and union.shared != shared:
@@ -72,6 +89,24 @@ class AdapterResolver:
                 raise ConfigError(f"expert folders outside the bundle {[str(r) for r in self.roots]}: {outside}")
         self.union = union
         self._ids: dict[int, str] = {}
+        self._bundle_experts = set(self.experts)
+        self.runtime: dict[str, RuntimeTarget] = {}
+        """Runtime experts (serving/runtime_routes.py): name -> its LoRA name and folder."""
+        self._union_runtime = {n: t.lora_name for n, t in (union_runtime or {}).items()}
+
+    def set_runtime(self, experts: dict[str, RuntimeTarget], root: Path) -> None:
+        """Serve these runtime experts (and no other): each from its folder under `root` (the state folder's
+        experts/), under its own LoRA name. Leases in flight keep what they hold."""
+        for name in set(self.runtime) - set(experts):
+            del self.experts[name]
+        self.runtime = dict(experts)
+        for name, target in experts.items():
+            if name in self._bundle_experts:
+                raise ConfigError(f"runtime expert {name!r} has the name of a bundle expert")
+            self.experts[name] = Path(target.path)
+        root = Path(root).resolve()
+        if self.roots is not None and root not in self.roots:
+            self.roots.append(root)
 
     def resolve(self, spec: AdapterSpec) -> Resolved:
         """What serves `spec`; InvalidMixture for one expert that is not in the bundle, or a linear spec that
@@ -81,12 +116,24 @@ class AdapterResolver:
         if expert is not None:
             if expert not in self.experts:
                 raise InvalidMixture(f"unknown expert {expert!r}", param="mixture")
-            member = self.union.member(expert) if self.union is not None else None
-            return Resolved("expert", member or self.target(expert_adapter(expert), self.experts[expert]), spec=spec)
-        mixture = self.union.target(spec) if self.union is not None else None
+            member = self.union.member(expert) if self._in_union(spec) else None
+            return Resolved("expert", member or self.target(self._lora_name(expert), self.experts[expert]), spec=spec)
+        mixture = self.union.target(spec) if self._in_union(spec) else None
         if mixture is not None:
             return Resolved("union", mixture, spec=spec)
         return Resolved("composite", key=self.composite_key(spec), spec=spec)
+
+    def _lora_name(self, expert: str) -> str:
+        runtime = self.runtime.get(expert)
+        return runtime.lora_name if runtime is not None else expert_adapter(expert)
+
+    def _in_union(self, spec: AdapterSpec) -> bool:
+        """Whether the union may serve `spec`: it has one, and every runtime expert of `spec` is the one the union
+        pinned at start (an expert unloaded and loaded again since has other weights: own folder or composite)."""
+        if self.union is None:
+            return False
+        return all(self._union_runtime.get(e) == self.runtime[e].lora_name
+                   for e in spec.mixture.experts if e in self.runtime)
 
     def served_spec(self, spec: AdapterSpec) -> AdapterSpec:
         """`spec` as served: an exact one on top of the shared adapter where the bundle has one (a linear one is
@@ -107,8 +154,11 @@ class AdapterResolver:
     # ------------------------------------------------------------------------ names and ids
 
     def composite_key(self, spec: AdapterSpec) -> str:
-        """The composite's folder name (and cache key): mode, mixture digest, the engine's max LoRA rank."""
-        return composite_folder(spec.mode, spec.mixture, self.max_lora_rank)
+        """The composite's folder name (and cache key): mode, mixture digest, the engine's max LoRA rank, and
+        for a mixture with runtime experts a digest of their LoRA names (new weights, new composite)."""
+        runtime = [self.runtime[e].lora_name for e in spec.mixture.experts if e in self.runtime]
+        fingerprint = hashlib.sha256("\0".join(runtime).encode()).hexdigest()[:12] if runtime else None
+        return composite_folder(spec.mode, spec.mixture, self.max_lora_rank, fingerprint)
 
     def composite_target(self, key: str) -> LoraTarget:
         """The target of the composite in the cache folder `key`."""

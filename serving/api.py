@@ -10,8 +10,9 @@
 same app runs under Ray Serve's ingress and in a test client.
 
 Middleware, outermost first: request counting, API keys (401, serving.auth; only when
-keys are configured, and before any body is read), body size (413, serving.limits). No endpoint changes server state: the
-only POSTs are the two inference endpoints (tests/serving/test_security.py keeps it so).
+keys are configured, and before any body is read), body size (413, serving.limits). No endpoint changes server state
+unless runtime routes are on (runtime.enabled: serving/runtime_api.py, RUNTIME_POSTS): otherwise the only POSTs are the
+two inference endpoints (tests/serving/test_security.py keeps it so).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from serving.auth import ApiKeyAuth, KeyChecker, load_api_keys
+from serving.composition_jobs import CompositionJobs
 from serving.errors import install_error_handlers
 from serving.handler import OpenAIHandler
 from serving.limits import BodyLimit
@@ -31,6 +33,8 @@ from serving.metrics import ServingMetrics
 from serving.prompts import PromptRenderer
 from serving.protocol import Backend
 from serving.routes import RouteTable
+from serving.runtime_api import install_runtime_endpoints
+from serving.runtime_routes import RuntimeRoutes
 from serving.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from serving.settings import ApiSettings
 
@@ -72,9 +76,9 @@ class RequestCounter:
             self.metrics.requests.labels(route, endpoint, str(status)).inc()
 
 
-def create_app(backend: Backend, routes: RouteTable, prompts: PromptRenderer,
-               settings: ApiSettings, metrics: ServingMetrics) -> FastAPI:
-    """The OpenAI-compatible app over `backend`."""
+def create_app(backend: Backend, routes: RouteTable | RuntimeRoutes, prompts: PromptRenderer,
+               settings: ApiSettings, metrics: ServingMetrics, jobs: CompositionJobs | None = None) -> FastAPI:
+    """The OpenAI-compatible app over `backend`; with `jobs` (runtime routes on), the runtime endpoints too."""
     handler = OpenAIHandler(backend, routes, prompts, settings, metrics)
     keys = KeyChecker(load_api_keys(settings))
     created = int(time.time())
@@ -108,6 +112,9 @@ def create_app(backend: Backend, routes: RouteTable, prompts: PromptRenderer,
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await handler.chat(request, body)
+
+    if jobs is not None:
+        install_runtime_endpoints(app, jobs.routes, jobs)
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:

@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
     parser.add_argument("--ray-num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     parser.add_argument("--startup-timeout-s", type=float, default=900.0, help="how long to wait for the student")
+    parser.add_argument("--export-runtime", type=Path, default=None, metavar="OUT",
+                        help="do not serve: write the bundle plus its runtime routes (runtime.state_dir) as a new "
+                             "bundle at OUT, which `mode-cotd serve --bundle OUT` serves")
     group = parser.add_argument_group("settings (serving/settings.py; flags override --config)")
     add_settings_flags(group, ServeSettings, ServeSettings(bundle=str(DEFAULT_BUNDLE)))  # mappings: --config only
     return parser
@@ -83,9 +86,25 @@ def _stop(signum, frame):
     raise KeyboardInterrupt
 
 
+def _export_runtime(settings: ServeSettings, out: Path) -> int:
+    from serving.components import load_serving_bundle, runtime_state
+
+    settings = resolve_settings(dataclasses.replace(settings, runtime=dataclasses.replace(settings.runtime,
+                                                                                         enabled=True)))
+    state = runtime_state(settings, load_serving_bundle(settings))
+    snapshot = state.snapshot()
+    state.export_bundle(out)
+    print(f"mode-cotd serve: exported {settings.bundle} with {len(snapshot.experts)} runtime experts and "
+          f"{len(snapshot.compositions)} runtime compositions (state {state.folder}, version {snapshot.version}) "
+          f"to {out}", flush=True)
+    return 0
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     settings = settings_from_cli(args)
+    if args.export_runtime is not None:
+        return _export_runtime(settings, args.export_runtime)
 
     from serving.app import build_app  # pulls in Ray Serve: imported when serving, not for --help
 

@@ -16,21 +16,27 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from mode_cotd import paths
 from mode_cotd.bundle import Bundle, load_bundle
 from mode_cotd.errors import BundleError, ConfigError
 from mode_cotd.mixture import grid_units
+from mode_cotd.runtime_state import RuntimeState
 from mode_cotd.student import resolve_student, student_identity
 from serving.adapter_cache import AdapterCache
+from serving.adapter_resolver import RuntimeTarget
 from serving.bundle_source import is_uri, local_bundle
+from serving.composition_jobs import CompositionJobs
 from serving.engine import VllmEngine, cpu_threads_bind, vllm_lora_rank
 from serving.fast_lora.plugin import applies_here as fast_lora_applies
 from serving.mixture_union import MixtureUnion
 from serving.prompts import PromptRenderer
-from serving.protocol import StudentEngine
+from serving.protocol import Backend, StudentEngine
 from serving.router import GateRouter
 from serving.routes import RouteTable
+from serving.runtime_adapters import StudentFit
+from serving.runtime_routes import RuntimeRoutes
 from serving.settings import ServeSettings
-from serving.student_service import StudentService, composite_dir
+from serving.student_service import StudentService, bundle_fingerprint, composite_dir
 
 DEFAULT_TOP_K = 2
 """k for sizing the engine's LoRA rank when the bundle has no gate."""
@@ -70,12 +76,64 @@ def route_table(settings: ServeSettings, bundle: Bundle) -> RouteTable:
                                   settings.cache.mixture_grid)
 
 
+def engine_lora_rank(settings: ServeSettings, bundle: Bundle) -> int:
+    """The engine's max LoRA rank: engine.max_lora_rank, else k·r, rounded up to a rank vLLM accepts."""
+    return vllm_lora_rank(settings.engine.max_lora_rank or needed_lora_rank(bundle))
+
+
+def ingress_routes(settings: ServeSettings, bundle: Bundle) -> RouteTable | RuntimeRoutes:
+    """The ingress's routes: the bundle's table, or with runtime routes on, that table kept current with the
+    state folder (serving/runtime_routes.py)."""
+    table = route_table(settings, bundle)
+    state = runtime_state(settings, bundle)
+    if state is None:
+        return table
+    fit = StudentFit.of(Path(settings.student), table.student_name, engine_lora_rank(settings, bundle))
+    return RuntimeRoutes(table, state, settings.runtime, fit)
+
+
+def composition_jobs(settings: ServeSettings, bundle: Bundle, routes: RouteTable | RuntimeRoutes,
+                     backend: Backend, prompts: PromptRenderer) -> CompositionJobs | None:
+    """The runtime composition jobs of an ingress (None: runtime routes off)."""
+    if not isinstance(routes, RuntimeRoutes):
+        return None
+    experts = [name for name in bundle.experts if name != bundle.shared]
+    return CompositionJobs(routes, backend, prompts.tokenizer, settings.runtime, settings.engine.max_model_len,
+                           experts)
+
+
 def prompt_renderer(settings: ServeSettings) -> PromptRenderer:
     return PromptRenderer.from_student(settings.student, settings.engine.max_model_len)
 
 
 def gate_router(settings: ServeSettings, bundle: Bundle) -> GateRouter | None:
     return None if bundle.gate is None else GateRouter.for_student(bundle.gate, settings.student)
+
+
+def runtime_state(settings: ServeSettings, bundle: Bundle) -> RuntimeState | None:
+    """The runtime routes' state folder (None: runtime routes off): runtime.state_dir, else `<bundle>.runtime`
+    beside a local bundle, or <mode-cotd cache>/runtime/<bundle fingerprint> for a bundle URI."""
+    if not settings.runtime.enabled:
+        return None
+    if settings.runtime.state_dir:
+        folder = Path(settings.runtime.state_dir).expanduser().resolve()
+    elif is_uri(settings.bundle):
+        folder = paths.cache_dir() / "runtime" / bundle_fingerprint(bundle)
+    else:
+        folder = bundle.root.with_name(bundle.root.name + ".runtime")
+    return RuntimeState(folder, bundle.root)
+
+
+def union_experts(bundle: Bundle, state: RuntimeState | None) -> tuple[dict[str, Path], dict[str, RuntimeTarget]]:
+    """The experts pinned as the union at start: the bundle's, and the runtime experts in the state now whose rank
+    is at most the bundle's largest (the union's block rank stays); the latter also as runtime targets."""
+    experts = {name: entry.path for name, entry in bundle.experts.items()}
+    if state is None:
+        return experts, {}
+    largest = max(entry.record.r for entry in bundle.experts.values())
+    joined = {name: e for name, e in state.snapshot().experts.items() if e.r <= largest and name not in experts}
+    return ({**experts, **{name: e.path for name, e in joined.items()}},
+            {name: RuntimeTarget(e.lora_name, str(e.path)) for name, e in joined.items()})
 
 
 def needed_lora_rank(bundle: Bundle) -> int:
@@ -106,10 +164,14 @@ def student_service(
     engine = engine_factory(rank)
     experts = {name: entry.path for name, entry in bundle.experts.items()}
     cache_dir = composite_dir(bundle, settings.cache.dir)
-    union = None
+    state = runtime_state(settings, bundle)
+    if state is not None:
+        state.collect_garbage()
+    union, joined = None, {}
     if settings.engine.mixture_union and settings.engine.fast_lora and fast_lora_applies():
         grid = route_table(settings, bundle).grid
-        union = MixtureUnion.for_experts(experts, cache_dir, grid_units(grid), rank, bundle.shared)
+        pinned, joined = union_experts(bundle, state)
+        union = MixtureUnion.for_experts(pinned, cache_dir, grid_units(grid), rank, bundle.shared)
     cache = AdapterCache(
         experts=experts,
         cache_dir=cache_dir,
@@ -119,7 +181,8 @@ def student_service(
         roots=[bundle.root],
         union=union,
         shared=bundle.shared,
+        union_runtime=joined if union is not None else None,
     )
     queued = settings.engine.max_queued_requests
     max_open = None if queued is None else settings.engine.max_num_seqs + queued
-    return StudentService(engine, cache, replica, max_open=max_open)
+    return StudentService(engine, cache, replica, max_open=max_open, runtime=state)

@@ -167,10 +167,7 @@ class IngressDeployment:
 
     def __serve_build_asgi_app__(self):
         bundle = components.load_serving_bundle(self.settings)
-        return create_app(
-            self.backend,
-            components.route_table(self.settings, bundle),
-            components.prompt_renderer(self.settings),
-            self.settings.api,
-            ServingMetrics(),
-        )
+        routes = components.ingress_routes(self.settings, bundle)
+        prompts = components.prompt_renderer(self.settings)
+        jobs = components.composition_jobs(self.settings, bundle, routes, self.backend, prompts)
+        return create_app(self.backend, routes, prompts, self.settings.api, ServingMetrics(), jobs)

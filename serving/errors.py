@@ -73,6 +73,14 @@ class ModelNotFound(ApiError):
     default_code = "model_not_found"
 
 
+class Conflict(ApiError):
+    """409: the name is taken (a route of the bundle, a runtime route, or a running job)."""
+
+    status = 409
+    type = "invalid_request_error"
+    default_code = "conflict"
+
+
 class PayloadTooLarge(ApiError):
     """413: the request body is over api.max_body_bytes."""
 

@@ -20,6 +20,7 @@ shared adapter alone.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,6 +84,8 @@ class RouteTable:
     """Grid explicit mixtures are rounded to."""
     shared: str | None = None
     """The bundle's shared adapter, under every adapter route at weight 1 (None: the bundle has none)."""
+    runtime_version: int = 0
+    """Version of the runtime state merged in (with_runtime); 0: the bundle's routes only."""
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, student_name: str, served_name: str, default_grid: float) -> RouteTable:
@@ -104,6 +107,20 @@ class RouteTable:
             grid=mixture_grid(bundle, default_grid),
             shared=bundle.shared,
         )
+
+    def with_runtime(self, experts: list[str], compositions: dict[str, tuple[dict[str, float], str]],
+                     version: int) -> RouteTable:
+        """This table plus runtime experts and compositions (name -> (weights, mode)), at state `version`.
+        A runtime route never replaces a bundle route (the runtime endpoints refuse such names)."""
+        specs = {name: AdapterSpec(Mixture(tuple(w), tuple(w.values())), mode)
+                 for name, (w, mode) in compositions.items() if name not in self.compositions}
+        return dataclasses.replace(
+            self, experts=sorted({*self.experts, *experts}), compositions={**self.compositions, **specs},
+            runtime_version=version)
+
+    def names(self) -> set[str]:
+        """Every expert and composition name, and the student's: what a new runtime route may not be called."""
+        return {*self.experts, *self.compositions, self.student_name}
 
     def __post_init__(self) -> None:
         if ":" in self.student_name or self.student_name == self.served_name:

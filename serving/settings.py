@@ -194,6 +194,41 @@ class ApiSettings:
 
 
 @dataclass
+class RuntimeSettings:
+    """Routes added while the server runs (serving/runtime_api.py): experts through vLLM's
+    /v1/load_lora_adapter and /v1/unload_lora_adapter, and few-shot compositions through /v1/compositions."""
+
+    enabled: bool = False
+    """Accept the runtime endpoints (off: they answer 404, and the server state never changes)."""
+    state_dir: str | None = None
+    """Folder of the runtime routes, kept across restarts and read by every replica (None: `<bundle>.runtime`
+    beside a local bundle; <mode-cotd cache>/runtime/<bundle fingerprint> for a bundle URI). Never inside the
+    bundle. On a multi-node cluster it must be a folder every node sees (a shared file system)."""
+    adapter_roots: list[str] = field(default_factory=list)
+    """Where `lora_path` may point: local folders, or URI prefixes (s3://bucket/loras/) read through fsspec as
+    bundle URIs are. Empty: every path is refused."""
+    max_routes: int = 32
+    """Most runtime routes (experts and compositions together); one more gets 400."""
+    max_examples: int = 16
+    """Most examples per composition job."""
+    max_example_chars: int = 8000
+    """Longest prompt + answer of one example, in characters."""
+    max_jobs: int = 1
+    """Composition jobs running at once on one ingress replica; one more gets 429."""
+    search_budget: int = 40
+    """Candidate mixtures a composition job scores (the paper's 40 nevergrad steps)."""
+    objective: str = "answer_loss"
+    """What a job minimises: "answer_loss" (mean loss of the answer tokens, the objective study's winner,
+    docs/results.md) or "few_shot_loss" (the paper's: every target token)."""
+    l1: float = 0.05
+    """L1 penalty on the weights (the paper's 0.05 · mean |w|)."""
+    optimizer: str = "NGOpt"
+    """nevergrad optimizer of the search."""
+    seed: int = 0
+    """Seed of the search."""
+
+
+@dataclass
 class ServeSettings:
     """Everything `mode-cotd serve` and `serve run serving.app:build_app` configure."""
 
@@ -223,6 +258,8 @@ class ServeSettings:
     """Composite adapter cache."""
     api: ApiSettings = field(default_factory=ApiSettings)
     """OpenAI API limits and names."""
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+    """Experts and compositions added while serving (off by default)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -8,18 +8,26 @@ the stream ends or is cancelled. The student deployment only wraps this class.
 Admission is bounded: a replica holds at most `max_open` requests (building adapters,
 waiting or running in vLLM); one more is refused with 503 before any work, so vLLM's
 waiting queue never grows past `max_open - max_num_seqs`.
+
+Runtime experts (serving/runtime_routes.py) are read from the state folder before each request whenever
+its version changed, so every replica serves what any ingress added, and a replica that starts later
+(or restarts) reads it at start.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from pathlib import Path
 
 from mode_cotd import paths
 from mode_cotd.bundle import MANIFEST, Bundle
+from mode_cotd.errors import ModeCotdError
+from mode_cotd.runtime_state import RuntimeState
 from serving.adapter_cache import AdapterCache, Lease
+from serving.adapter_resolver import RuntimeTarget
 from serving.errors import ServiceUnavailable
 from serving.protocol import (
     AdapterReport,
@@ -28,6 +36,8 @@ from serving.protocol import (
     GenerationStarted,
     StudentEngine,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def bundle_fingerprint(bundle: Bundle) -> str:
@@ -44,12 +54,32 @@ def composite_dir(bundle: Bundle, cache_dir: str | None) -> Path:
 class StudentService:
     """Serves generation requests with the right adapter over one engine."""
 
-    def __init__(self, engine: StudentEngine, cache: AdapterCache, replica: str = "0", max_open: int | None = None):
+    def __init__(self, engine: StudentEngine, cache: AdapterCache, replica: str = "0", max_open: int | None = None,
+                 runtime: RuntimeState | None = None):
         self.engine = engine
         self.cache = cache
         self.replica = replica
         self.max_open = max_open
         self.open = 0
+        self.runtime = runtime
+        self.runtime_version = -1
+        self.sync_runtime()
+
+    def sync_runtime(self) -> None:
+        """Serve the runtime experts of the state folder as it is now (one stat when it has not changed). A state
+        file that cannot be read keeps the last good one in service (logged)."""
+        if self.runtime is None:
+            return
+        try:
+            snapshot = self.runtime.snapshot()
+        except ModeCotdError as e:
+            logger.error("runtime state unreadable, serving version %d: %s", self.runtime_version, e)
+            return
+        if snapshot.version == self.runtime_version:
+            return
+        experts = {n: RuntimeTarget(e.lora_name, str(e.path)) for n, e in snapshot.experts.items()}
+        self.cache.resolver.set_runtime(experts, self.runtime.folder / "experts")
+        self.runtime_version = snapshot.version
 
     @property
     def ready(self) -> bool:
@@ -67,6 +97,7 @@ class StudentService:
         self.open += 1
         lease = None
         try:
+            self.sync_runtime()
             lease = None if request.adapter is None else await self.cache.acquire(request.adapter)
             target = None if lease is None else lease.target
             slots = await self.engine.lora_slots_in_use()

@@ -33,7 +33,6 @@ import json
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,6 +49,7 @@ from mode_cotd.mixture import check_name
 from mode_cotd.settings import parse_settings
 from mode_cotd.student import load_student, resolve_student, student_identity
 from mode_cotd.tasks import get_task
+from mode_cotd.weight_search import SearchSpace, WeightSearch, penalised
 from training.distill import merge_shared_adapter
 from training.objectives import OBJECTIVES, make_objective
 
@@ -105,6 +105,9 @@ class ComposeConfig:
     """Seed of the search."""
     report: str | None = None
     """Where the JSON report goes; None: <bundle>/reports/compose_<name>.json."""
+    server: str | None = None
+    """A serving mode-cotd (http://host:port) to run the search instead, through its /v1/compositions (runtime
+    routes on): the route is served at once, no restart (training/remote_compose.py). Offline when None."""
 
     def validate(self) -> None:
         """ConfigError naming the first invalid field."""
@@ -207,27 +210,14 @@ def mixed_student(student: Path, initial: LoraAdapter, dtype: str, device: str, 
 # ----------------------------------------------------------------------------- search
 
 
-def search_weights(objective, n: int, config: ComposeConfig) -> list[dict]:
-    """Run nevergrad on ``objective(weights) -> (loss, value)``; returns every evaluation, in order."""
-    import nevergrad as ng
-    import numpy as np
-
-    if config.optimizer not in ng.optimizers.registry:
-        raise ConfigError(f"compose: unknown nevergrad optimizer {config.optimizer!r}")
-    uniform = np.clip(np.full(n, 1.0 / n), config.lower, config.upper)
-    parametrization = ng.p.Array(init=uniform, lower=config.lower, upper=config.upper)
-    parametrization.random_state = np.random.RandomState(config.seed)
-    optimizer = ng.optimizers.registry[config.optimizer](parametrization=parametrization, budget=config.budget)
-    history = []
-    with warnings.catch_warnings():  # NGOpt's COBYLA warns about its own default tolerances
-        warnings.filterwarnings("ignore", message=".*RHOEND.*")
-        for _ in range(config.budget):
-            candidate = optimizer.ask()
-            weights = [float(w) for w in candidate.value]
-            loss, value = objective(weights)
-            optimizer.tell(candidate, value)
-            history.append({"weights": weights, "loss": loss, "objective": value})
-    return history
+def search_weights(loss, n: int, config: ComposeConfig) -> list[dict]:
+    """Run the search (mode_cotd.weight_search) on ``loss(weights) -> float``; returns every evaluation, in order."""
+    search = WeightSearch(SearchSpace(n=n, lower=config.lower, upper=config.upper, budget=config.budget,
+                                      optimizer=config.optimizer, seed=config.seed, l1=config.l1))
+    while not search.done:
+        weights = search.ask()
+        search.tell(weights, loss(weights))
+    return search.history
 
 
 @dataclass
@@ -269,14 +259,14 @@ def compose(config: ComposeConfig) -> ComposeResult:
     measure = make_objective(config.objective, peft_model, tokenizer, shots, config.max_length, config.batch_size,
                              device)
 
-    def objective(weights: list[float]) -> tuple[float, float]:
+    def loss(weights: list[float]) -> float:
         write_lora(peft_model, mixer.tensors(weights))
-        loss = measure()
-        return loss, loss + config.l1 * sum(abs(w) for w in weights) / len(weights)
+        return measure()
 
     uniform_weights = [1.0 / len(experts)] * len(experts)
-    uniform_loss, uniform_objective = objective(uniform_weights)
-    history = search_weights(objective, len(experts), config)
+    uniform_loss = loss(uniform_weights)
+    uniform_objective = penalised(uniform_loss, uniform_weights, config.l1)
+    history = search_weights(loss, len(experts), config)
     best = min([{"weights": uniform_weights, "loss": uniform_loss, "objective": uniform_objective}, *history],
                key=lambda h: h["objective"])
     weights = dict(zip(experts, best["weights"]))
@@ -304,6 +294,13 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_settings(ComposeConfig, argv, "mode-cotd compose",
                             "Search one weight per expert for a task from its few shots (LoraHub-style) "
                             "and record the composition in the bundle.")
+    if config.server:
+        from training.remote_compose import compose_on_server
+
+        config.validate()
+        shots, _ = load_shots(config)
+        print(json.dumps(compose_on_server(config, shots), indent=2))
+        return 0
     result = compose(config)
     report = result.report
     print(json.dumps({"report": str(result.report_path), "name": report["name"], "mode": report["mode"],

@@ -12,15 +12,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from serving.api import create_app
 from serving.backend import LocalBackend
 from serving.components import (
+    composition_jobs,
     gate_router,
+    ingress_routes,
     load_serving_bundle,
     prompt_renderer,
     resolve_settings,
-    route_table,
     student_service,
 )
 from serving.metrics import ServingMetrics
-from serving.settings import ApiSettings, CacheSettings, EngineSettings, ServeSettings
+from serving.settings import ApiSettings, CacheSettings, EngineSettings, RuntimeSettings, ServeSettings
 
 from .conftest import FakeEngine
 
@@ -29,23 +30,26 @@ PROMPT = "Infer the correct answer for the question.\n\nQ: What is 2 + 3?\nA:"
 
 class Served:
     def __init__(self, tiny_bundle, tiny_student, tmp_path, api: ApiSettings | None = None,
-                 engine: FakeEngine | None = None, engine_settings: EngineSettings | None = None):
+                 engine: FakeEngine | None = None, engine_settings: EngineSettings | None = None,
+                 runtime: RuntimeSettings | None = None):
         settings = resolve_settings(ServeSettings(
             bundle=str(tiny_bundle), student=str(tiny_student), api=api or ApiSettings(),
             cache=CacheSettings(dir=str(tmp_path / "composites")),
             engine=engine_settings or EngineSettings(mixture_union=False),  # composites; tests/serving/test_union_serving.py covers the union
+            runtime=runtime or RuntimeSettings(),
         ))
         bundle = load_serving_bundle(settings)
         self.engine = engine or FakeEngine()
         self.service = student_service(settings, bundle, engine_factory=lambda rank: self.engine,
                                        round_rank=lambda rank: rank)
         self.metrics = ServingMetrics()
-        self.routes = route_table(settings, bundle)
+        self.routes = ingress_routes(settings, bundle)
         self.prompts = prompt_renderer(settings)
         self.router = gate_router(settings, bundle)
         self.backend = LocalBackend(self.service, self.router)
         self.settings = settings
-        self.app = create_app(self.backend, self.routes, self.prompts, settings.api, self.metrics)
+        self.jobs = composition_jobs(settings, bundle, self.routes, self.backend, self.prompts)
+        self.app = create_app(self.backend, self.routes, self.prompts, settings.api, self.metrics, self.jobs)
         self.client = TestClient(self.app, raise_server_exceptions=False)
         self.student_name = self.routes.student_name
         self.auth_headers: dict[str, str] = {}

@@ -107,11 +107,27 @@ def test_no_flag_takes_a_key_on_the_command_line():
 
 
 def test_no_endpoint_changes_server_state(served):
-    """The only POSTs are the two inference endpoints; adding a state-changing one must revisit this test
-    (off by default, behind api keys: see docs/reliability.md)."""
+    """By default the only POSTs are the two inference endpoints; the state-changing ones exist only with runtime
+    routes on (runtime.enabled, serving/runtime_api.py), behind the API keys (the test below)."""
     routes = {(method, r.path) for r in served.app.routes for method in getattr(r, "methods", None) or ()}
     assert {r for r in routes if r[0] not in ("GET", "HEAD")} == {
         ("POST", "/v1/completions"), ("POST", "/v1/chat/completions")}
+
+
+def test_runtime_endpoints_are_behind_the_api_keys(tiny_bundle, tiny_student, tmp_path, monkeypatch):
+    from serving.runtime_api import RUNTIME_POSTS
+    from serving.settings import RuntimeSettings
+
+    monkeypatch.setenv("MODE_COTD_API_KEYS", KEY)
+    s = Served(tiny_bundle, tiny_student, tmp_path,
+               runtime=RuntimeSettings(enabled=True, state_dir=str(tmp_path / "state"), adapter_roots=[str(tmp_path)]))
+    routes = {(method, r.path) for r in s.app.routes for method in getattr(r, "methods", None) or ()}
+    posts = {path for method, path in routes if method == "POST"}
+    assert posts == {"/v1/completions", "/v1/chat/completions", *RUNTIME_POSTS}
+    for path in RUNTIME_POSTS:
+        assert_openai_error(s.client.post(path, json={"lora_name": "x", "lora_path": str(tmp_path)}), 401)
+    assert_openai_error(s.client.get("/v1/compositions/compose-0"), 401)
+    assert not (tmp_path / "state").exists()
 
 
 def test_the_server_binds_localhost_by_default():

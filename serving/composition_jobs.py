@@ -1,0 +1,210 @@
+"""Compose a new task from a few examples while serving: the paper's few-shot search, scored by the server.
+
+    POST /v1/compositions {"name", "examples": [{"prompt", "answer"}, ...]}   -> 202, a job document
+    GET  /v1/compositions/{job id}                                            -> the job document
+
+A job searches weights over the bundle's routed experts (every expert but the shared adapter) with
+nevergrad (mode_cotd.weight_search, `runtime.search_budget` candidates, the paper's L1 penalty). Each
+candidate is projected to the simplex (w >= 0, Σw = 1) and rounded to the route table's grid with the
+units summing to n (mode_cotd.mixture.round_to_grid), so it is a mixture the union serves as a mixture
+id: nothing is built. It is scored through the server's own engine: one request per example, the
+example's prompt + answer as the prompt, `prompt_logprobs` on, one output token, under the candidate
+mixture. The objective (`runtime.objective`):
+
+    answer_loss     mean over the answer tokens of -log p(token | everything before), where the answer is
+                    the text after "-->" in an answer in the experts' format ("<rationale>\\n\\n-->\\n\\n<answer>"),
+                    or the whole answer when it has no "-->"; " END" counts (mode_cotd.shots)
+    few_shot_loss   the same over every token of the answer (the paper's)
+
+pooled over the examples' tokens (a token-weighted mean, as training/objectives.py). The best candidate
+becomes a runtime composition "<served name>:<name>" (exact). The job document lives in the state folder
+(jobs/<id>.json, written after every candidate), so any ingress replica answers for it; a job whose
+replica went away stops updating and is reported "failed" (code "interrupted") after STALE_S.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+from mode_cotd.errors import ModeCotdError
+from mode_cotd.mixture import Mixture, grid_units, round_to_grid
+from mode_cotd.shots import scored_positions, shot_from_text, shot_pairs
+from mode_cotd.weight_search import SearchSpace, WeightSearch
+from serving.errors import ApiError, InternalError, InvalidRequest, ModelNotFound, TooManyRequests
+from serving.protocol import AdapterSpec, Backend, GenerationDelta, GenerationRequest, SamplingSettings
+from serving.runtime_routes import RuntimeRoutes
+from serving.settings import RuntimeSettings
+
+OBJECTIVES = ("answer_loss", "few_shot_loss")
+STALE_S = 120.0
+"""A running job whose document was not updated for this long was interrupted (its replica stopped)."""
+
+
+@dataclass(frozen=True)
+class ScoredShot:
+    """One example as the engine scores it."""
+
+    token_ids: list[int]
+    """Prompt and answer, tokenised as training tokenises them (mode_cotd.format)."""
+    scored: list[int]
+    """Positions whose -log p counts in the objective."""
+
+
+class CompositionJobs:
+    """Starts composition jobs on this ingress replica and reads any job's document from the state folder."""
+
+    def __init__(self, routes: RuntimeRoutes, backend: Backend, tokenizer, settings: RuntimeSettings,
+                 max_model_len: int, experts: list[str]):
+        self.routes = routes
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.max_model_len = max_model_len
+        self.experts = sorted(experts)
+        """The experts a job weighs: the bundle's, the shared adapter aside."""
+        self.grid_units = grid_units(routes.base.grid)
+        self.running: dict[str, asyncio.Task] = {}
+
+    # ------------------------------------------------------------------------ requests
+
+    def start(self, name: object, examples: list[tuple[str, str]], objective: str | None,
+              task: str | None) -> dict:
+        """Validate, hold the name, write the job document and start the search; the document (status queued)."""
+        if self.routes.state is None:
+            raise ModelNotFound("runtime routes are off on this server (runtime.enabled)")
+        objective = objective or self.settings.objective
+        if objective not in OBJECTIVES:
+            raise InvalidRequest(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}", param="objective")
+        shots = self._shots(examples, objective)
+        route = self.routes.route_name(name, "name")
+        if sum(not t.done() for t in self.running.values()) >= self.settings.max_jobs:
+            raise TooManyRequests(f"{self.settings.max_jobs} composition job(s) running here (runtime.max_jobs); "
+                                  "retry when one is done")
+        self.routes.claim(route, "name")
+        job_id = f"compose-{uuid.uuid4().hex[:16]}"
+        document = {
+            "id": job_id, "object": "composition.job", "name": route,
+            "model": f"{self.routes.served_name}:{route}", "status": "queued", "mode": "exact",
+            "objective": objective, "experts": self.experts, "examples": len(shots),
+            "created": time.time(), "updated": time.time(),
+            "progress": {"evaluations": 0, "budget": self.settings.search_budget, "best_loss": None},
+            "result": None, "error": None,
+        }
+        try:
+            self.routes.state.write_job(job_id, document)
+        except BaseException:
+            self.routes.release(route)
+            raise
+        self.running[job_id] = asyncio.ensure_future(self._run(document, shots, task or route))
+        return document
+
+    def get(self, job_id: str) -> dict:
+        """The job document (404 for an unknown id)."""
+        if self.routes.state is None:
+            raise ModelNotFound("runtime routes are off on this server (runtime.enabled)")
+        try:
+            document = self.routes.state.read_job(job_id)
+        except ModeCotdError:
+            document = None
+        if document is None:
+            raise ModelNotFound(f"no composition job {job_id!r}", param="id", code="job_not_found")
+        if document["status"] in ("queued", "running") and time.time() - document["updated"] > STALE_S:
+            document = {**document, "status": "failed",
+                        "error": {"message": "the job stopped updating (its server replica went away)",
+                                  "code": "interrupted"}}
+        return document
+
+    def _shots(self, examples: list[tuple[str, str]], objective: str) -> list[ScoredShot]:
+        limit = self.settings.max_examples
+        if not examples or len(examples) > limit:
+            raise InvalidRequest(f"examples must hold 1 to {limit} examples, got {len(examples)}", param="examples")
+        shots = []
+        for i, (prompt, answer) in enumerate(examples):
+            if not prompt.strip() or not answer.strip():
+                raise InvalidRequest(f"examples[{i}]: prompt and answer must be non-empty", param="examples")
+            if len(prompt) + len(answer) > self.settings.max_example_chars:
+                raise InvalidRequest(f"examples[{i}] has {len(prompt) + len(answer)} characters; at most "
+                                     f"{self.settings.max_example_chars} (runtime.max_example_chars)", param="examples")
+            example = shot_from_text(prompt, answer)
+            (ids, labels), = shot_pairs(self.tokenizer, [example], self.max_model_len - 1,
+                                        answer_only=objective == "answer_loss")
+            scored = scored_positions(labels)
+            if not scored:
+                raise InvalidRequest(f"examples[{i}] leaves no answer token within the context of "
+                                     f"{self.max_model_len} tokens", param="examples")
+            shots.append(ScoredShot(list(ids), scored))
+        return shots
+
+    # ------------------------------------------------------------------------ the search
+
+    async def _run(self, document: dict, shots: list[ScoredShot], task: str) -> None:
+        state, name = self.routes.state, document["name"]
+        started = time.perf_counter()
+        try:
+            document["status"] = "running"
+            space = SearchSpace(n=len(self.experts), lower=0.0, upper=1.0, budget=self.settings.search_budget,
+                                optimizer=self.settings.optimizer, seed=self.settings.seed, l1=self.settings.l1,
+                                simplex=True)
+            search, scores = WeightSearch(space), {}
+            trace = []
+            while not search.done:
+                weights = search.ask()
+                mixture = self.mixture(weights)
+                if mixture not in scores:
+                    scores[mixture] = await self._loss(mixture, shots)
+                objective = search.tell(weights, scores[mixture])
+                trace.append({"weights": mixture.as_dict(), "loss": scores[mixture], "objective": objective})
+                best = min(trace, key=lambda t: t["objective"])
+                document["progress"] = {"evaluations": len(trace), "budget": space.budget,
+                                        "best_loss": best["loss"]}
+                document["updated"] = time.time()
+                await asyncio.to_thread(state.write_job, document["id"], document)
+            best = min(trace, key=lambda t: t["objective"])
+            seconds = round(time.perf_counter() - started, 3)
+            report = {"objective": document["objective"], "examples": len(shots), "loss": best["loss"],
+                      "trace": [{"loss": t["loss"], "objective": t["objective"]} for t in trace],
+                      "seconds": seconds, "job": document["id"]}
+            await asyncio.to_thread(state.add_composition, name, best["weights"], "exact", task, report)
+            document.update(status="succeeded", result={"weights": best["weights"], "loss": best["loss"],
+                                                        "trace": report["trace"], "seconds": seconds})
+        except Exception as e:  # noqa: BLE001 - the job reports every failure in its document
+            error = e if isinstance(e, ApiError) else InternalError(f"{type(e).__name__}: {str(e)[:300]}")
+            document.update(status="failed", error={"message": error.message, "code": error.code})
+        finally:
+            self.routes.release(name)
+            document["updated"] = time.time()
+            await asyncio.to_thread(state.write_job, document["id"], document)
+
+    def mixture(self, weights: list[float]) -> Mixture:
+        """Simplex weights -> the mixture on the grid 1/n, units summing to n (largest remainders)."""
+        units = round_to_grid(torch.tensor([weights], dtype=torch.float64), self.grid_units)[0]  # [E]
+        return Mixture.from_units(dict(zip(self.experts, units.tolist())), self.grid_units)
+
+    async def _loss(self, mixture: Mixture, shots: list[ScoredShot]) -> float:
+        """Token-weighted mean of -log p over the scored tokens of every shot, under `mixture`."""
+        results = await asyncio.gather(*(self._score(mixture, shot) for shot in shots))
+        total = sum(s for s, _ in results)
+        count = sum(c for _, c in results)
+        return total / count
+
+    async def _score(self, mixture: Mixture, shot: ScoredShot) -> tuple[float, int]:
+        sampling = SamplingSettings(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        request = GenerationRequest(f"compose-{uuid.uuid4().hex}", shot.token_ids, sampling,
+                                    AdapterSpec(mixture, "exact"))
+        events = aiter(self.backend.generate(request))
+        try:
+            async for event in events:
+                if isinstance(event, GenerationDelta) and event.prompt_logprobs is not None:
+                    logprobs = event.prompt_logprobs
+                    break
+            else:
+                raise InternalError("the engine returned no prompt logprobs")
+        finally:
+            await events.aclose()
+        nll = [-logprobs[i].logprob for i in shot.scored]
+        return float(sum(nll)), len(nll)

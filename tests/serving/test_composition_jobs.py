@@ -1,0 +1,119 @@
+"""Composition jobs through the app (plain classes): a job searches over the bundle's experts with the engine's
+prompt logprobs, reports progress, and leaves a route; bad jobs get a 4xx naming the field."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from serving.protocol import AdapterReport, GenerationDelta, GenerationStarted, TokenLogprob
+from serving.settings import RuntimeSettings
+
+from .served import Served, assert_openai_error, completion
+
+TARGET = {"alpha": 0.7, "beta": 0.3, "gamma": 0.0}
+EXAMPLES = [{"prompt": f"Q: What is {i} + 1?", "answer": f"{i} plus one.\n\n-->\n\n{i + 1}"} for i in range(5)]
+
+
+class ScoringBackend:
+    """Scores every prompt token at -d, d the squared distance of the request's mixture to TARGET."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.scored: list[dict[str, float]] = []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    async def generate(self, request):
+        weights = request.adapter.mixture.as_dict()
+        self.scored.append(weights)
+        distance = sum((weights.get(e, 0.0) - t) ** 2 for e, t in TARGET.items())
+        yield GenerationStarted(AdapterReport())
+        logprobs = [TokenLogprob("t", None, None)] + [TokenLogprob("t", -distance) for _ in request.prompt_token_ids[1:]]
+        yield GenerationDelta(0, "x", 1, finish_reason="length", prompt_logprobs=logprobs)
+
+
+@pytest.fixture
+def served(tiny_bundle, tiny_student, tmp_path):
+    runtime = RuntimeSettings(enabled=True, state_dir=str(tmp_path / "state"), search_budget=30, max_examples=8)
+    s = Served(tiny_bundle, tiny_student, tmp_path, runtime=runtime)
+    s.engine.started = True
+    s.jobs.backend = ScoringBackend(s.backend)
+    return s
+
+
+def wait(client, job_id: str, timeout_s: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        document = client.get(f"/v1/compositions/{job_id}").json()
+        if document["status"] in ("succeeded", "failed") or time.monotonic() > deadline:
+            return document
+        time.sleep(0.05)
+
+
+def test_a_job_finds_the_mixture_the_scores_favour_and_serves_it(served):
+    with TestClient(served.app, raise_server_exceptions=False) as client:  # one event loop for the job
+        response = client.post("/v1/compositions", json={"name": "plus_one", "examples": EXAMPLES})
+        assert response.status_code == 202, response.text
+        job = response.json()
+        assert job["status"] == "queued" and job["model"] == "mode-cotd:plus_one"
+        done = wait(client, job["id"])
+        assert done["status"] == "succeeded", done
+        assert done["progress"]["evaluations"] == 30 and len(done["result"]["trace"]) == 30
+        weights = done["result"]["weights"]
+        assert all(w >= 0 for w in weights.values()) and abs(sum(weights.values()) - 1) < 1e-9
+        found = sum((weights.get(e, 0.0) - t) ** 2 for e, t in TARGET.items())
+        assert done["result"]["loss"] == pytest.approx(found) == min(t["loss"] for t in done["result"]["trace"])
+        scored = {tuple(sorted(w.items())) for w in served.jobs.backend.scored}
+        assert len(scored) >= 3  # the search moved (on the tiny gate's coarse grid of 1/4: mode_cotd.weight_search
+        # has the test that it finds better mixtures over ten experts on the grid 1/20)
+        assert all(set(w) <= set(TARGET) for w in served.jobs.backend.scored)  # only the bundle's experts
+
+        served_route = completion(served, model="mode-cotd:plus_one")
+        assert served_route.status_code == 200, served_route.text
+        assert served_route.json()["mode_cotd"]["experts"] == weights
+        listed = {m["id"] for m in client.get("/v1/models").json()["data"]}
+        assert "mode-cotd:plus_one" in listed
+
+
+def test_the_route_survives_a_restart(served, tiny_bundle, tiny_student, tmp_path):
+    with TestClient(served.app, raise_server_exceptions=False) as client:
+        job = client.post("/v1/compositions", json={"name": "plus_one", "examples": EXAMPLES}).json()
+        assert wait(client, job["id"])["status"] == "succeeded"
+    again = Served(tiny_bundle, tiny_student, tmp_path, runtime=served.settings.runtime)
+    again.engine.started = True
+    assert completion(again, model="mode-cotd:plus_one").status_code == 200
+    assert again.client.get(f"/v1/compositions/{job['id']}").json()["status"] == "succeeded"
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"name": "alpha", "examples": EXAMPLES}, 409, "name"),
+    ({"name": "../x", "examples": EXAMPLES}, 400, "name"),
+    ({"name": "new", "examples": []}, 400, "examples"),
+    ({"name": "new", "examples": EXAMPLES * 2}, 400, "examples"),
+    ({"name": "new", "examples": [{"prompt": "Q", "answer": "x" * 9000}]}, 400, "examples"),
+    ({"name": "new", "examples": [{"prompt": " ", "answer": "1"}]}, 400, "examples"),
+    ({"name": "new", "examples": EXAMPLES, "objective": "vibes"}, 400, "objective"),
+    ({"name": "new", "examples": [{"prompt": "Q"}]}, 400, None),
+])
+def test_bad_jobs_are_refused_and_the_server_keeps_serving(served, body, status, param):
+    error = assert_openai_error(served.client.post("/v1/compositions", json=body), status)
+    if param is not None:
+        assert error["param"] == param, error
+    assert completion(served, model="mode-cotd:alpha").status_code == 200
+
+
+def test_a_taken_name_a_second_job_and_an_unknown_job(served):
+    with TestClient(served.app, raise_server_exceptions=False) as client:
+        first = client.post("/v1/compositions", json={"name": "plus_one", "examples": EXAMPLES})
+        assert first.status_code == 202
+        again = client.post("/v1/compositions", json={"name": "plus_one", "examples": EXAMPLES})
+        assert_openai_error(again, 409 if again.status_code == 409 else 429)
+        other = client.post("/v1/compositions", json={"name": "other", "examples": EXAMPLES})
+        if other.status_code != 202:  # runtime.max_jobs = 1 while the first runs
+            assert_openai_error(other, 429)
+        wait(client, first.json()["id"])
+        assert_openai_error(client.get("/v1/compositions/compose-0000000000000000"), 404)
