@@ -1,32 +1,35 @@
 """Compose an unseen task through a running server, and what it costs everyone else (issue 28).
 
-    python -m benchmarks.runtime_compose [--task strategy_qa] [--test-prompts 100] [--out DIR]
+    python -m benchmarks.runtime_compose [--task openbook_qa] [--test-prompts 100] [--out DIR]
 
-One run, side by side: `mode-cotd serve` on the default bundle with runtime routes on (a fresh state folder);
-a probe client sends one request at a time (an expert route, greedy, PROBE_TOKENS tokens) and times each.
+One run, side by side: `mode-cotd serve` on the default bundle with runtime routes on (a fresh state folder).
+Other users are an open-loop probe: requests to an expert route (greedy, PROBE_TOKENS tokens) arriving at
+exponential intervals (mean --probe-interval-s, seeded), each timed. Phases, in order:
 
-    idle       PROBE_IDLE probe requests, nothing else running
-    during     the composition job of the task's 5-shot file (learn/<task>.jsonl, through
-               training.remote_compose: the `mode-cotd compose --server` path), probes continuing
-               until the job is done
+    idle         --idle-s seconds of probe traffic alone
+    background   the composition job of the task's 5-shot file (learn/<task>.jsonl, through
+                 training.remote_compose: the `mode-cotd compose --server` path), priority "background"
+                 (each example scored only when the engine holds no other request), probes continuing
+    shared       the same job again under another name, priority "shared" (examples scored at once,
+                 beside the probes)
 
-Reported: the job's wall time and the server's own search time, the probes' p50 (and p90) latency idle and
-during the job and their ratio; then the accuracy on the same seeded test prompts of the new route and of the
-bundle's offline composition of the task (`mode-cotd:<task>`, the paper's search over [-3, 3] in
-training/compose.py), greedy, 256 tokens, scored by mode_cotd.tasks. Written to <out>/result.json and
-<out>/README.md.
+Reported per phase: the probes' p50 and p90 latency and their ratio to idle, and each job's wall and search
+time. Then the accuracy on the same seeded test prompts of the background job's route and of the bundle's
+offline composition of the task (`mode-cotd:<task>`, the paper's search over [-3, 3], training/compose.py),
+greedy, 256 tokens, scored by mode_cotd.tasks. Written to <out>/result.json and <out>/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import statistics
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -40,8 +43,7 @@ from mode_cotd.tasks import END, score
 from training.compose import ComposeConfig, load_shots
 from training.remote_compose import compose_on_server
 
-PROBE_IDLE = 20
-PROBE_TOKENS = 32
+PROBE_TOKENS = 16
 PROBE_ROUTE = "mode-cotd:addsub"
 PROBE_PROMPT = "Infer the correct answer for the question.\n\nQ: Tom has 3 apples and buys 4 more. How many?\nA:"
 EVAL_TOKENS = 256
@@ -50,20 +52,34 @@ EVAL_CONCURRENCY = 8
 
 @dataclass
 class Probe:
-    """Times one request at a time against `base` until stopped."""
+    """Open-loop traffic: one request at each arrival (exponential gaps), timed, tagged with the phase."""
 
     base: str
-    latencies: list[float]
+    interval_s: float
+    seed: int
+    phase: str = "idle"
+    samples: list[tuple[str, float]] = field(default_factory=list)
 
-    def run(self, stop: threading.Event, limit: int | None = None) -> None:
-        with httpx.Client(base_url=self.base, timeout=120) as client:
-            while not stop.is_set() and (limit is None or len(self.latencies) < limit):
-                started = time.perf_counter()
-                response = client.post("/v1/completions", json={
-                    "model": PROBE_ROUTE, "prompt": PROBE_PROMPT, "max_tokens": PROBE_TOKENS, "temperature": 0,
-                    "ignore_eos": True})
-                response.raise_for_status()
-                self.latencies.append(time.perf_counter() - started)
+    def run(self, stop: threading.Event) -> None:
+        rng = random.Random(self.seed)
+        senders = []
+        while not stop.wait(rng.expovariate(1 / self.interval_s)):
+            sender = threading.Thread(target=self._one, args=(self.phase,))
+            sender.start()
+            senders.append(sender)
+        for sender in senders:
+            sender.join()
+
+    def _one(self, phase: str) -> None:
+        started = time.perf_counter()
+        response = httpx.post(f"{self.base}/v1/completions", timeout=300, json={
+            "model": PROBE_ROUTE, "prompt": PROBE_PROMPT, "max_tokens": PROBE_TOKENS, "temperature": 0,
+            "ignore_eos": True})
+        response.raise_for_status()
+        self.samples.append((phase, time.perf_counter() - started))
+
+    def latencies(self, phase: str) -> list[float]:
+        return [seconds for p, seconds in self.samples if p == phase]
 
 
 def quantiles(values: list[float]) -> dict:
@@ -92,56 +108,65 @@ async def accuracy(base: str, model: str, examples, task: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.runtime_compose", description=__doc__.split("\n")[0])
-    parser.add_argument("--task", default="strategy_qa", help="an unseen task with a 5-shot file (learn/<task>.jsonl)")
+    parser.add_argument("--task", default="openbook_qa", help="an unseen task with a 5-shot file (learn/<task>.jsonl)")
     parser.add_argument("--bundle", type=Path, default=paths.REPO_ROOT / "bundles" / "default")
     parser.add_argument("--test-prompts", type=int, default=100)
+    parser.add_argument("--probe-interval-s", type=float, default=4.0)
+    parser.add_argument("--idle-s", type=float, default=60.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(f"benchmarks/results/runtime-compose-{time.strftime('%Y%m%d')}"))
     args = parser.parse_args(argv)
 
-    config = ComposeConfig(task=args.task, bundle=str(args.bundle), name=f"{args.task}-runtime", server="")
+    config = ComposeConfig(task=args.task, bundle=str(args.bundle), name=f"{args.task}-runtime")
     shots, shots_source = load_shots(config)
     tests = subsample(load_task(args.task, "test"), args.test_prompts, args.seed)
+    jobs = {}
     with tempfile.TemporaryDirectory(prefix="mode-cotd-runtime-bench-") as tmp:
         spec = mode_cotd_spec(Path(tmp) / "composites", bundle=args.bundle,
                               extra_args=["--runtime-enabled", "--runtime-state-dir", str(Path(tmp) / "state")])
         with running(spec, args.out) as server:
-            base = server.base_url
-            idle = Probe(base, [])
-            idle.run(threading.Event(), PROBE_IDLE)
-            during, stop = Probe(base, []), threading.Event()
-            thread = threading.Thread(target=during.run, args=(stop,))
+            config.server = server.base_url
+            probe, stop = Probe(server.base_url, args.probe_interval_s, args.seed), threading.Event()
+            thread = threading.Thread(target=probe.run, args=(stop,))
             thread.start()
-            started = time.perf_counter()
             try:
-                config.server = base
-                job = compose_on_server(config, shots)
+                time.sleep(args.idle_s)
+                for priority in ("background", "shared"):
+                    probe.phase = priority
+                    config.name = f"{args.task}-runtime" + ("" if priority == "background" else "-shared")
+                    started = time.perf_counter()
+                    job = compose_on_server(config, shots, priority=priority)
+                    jobs[priority] = {"wall_s": round(time.perf_counter() - started, 2),
+                                      "search_s": job["result"]["seconds"], "evaluations": job["progress"]["evaluations"],
+                                      "objective": job["objective"], "weights": job["result"]["weights"],
+                                      "loss": job["result"]["loss"], "model": job["model"]}
+                probe.phase = "after"
             finally:
                 stop.set()
                 thread.join()
-            wall = time.perf_counter() - started
-            new_route, offline = f"mode-cotd:{config.name}", f"mode-cotd:{args.task}"
-            accuracies = [asyncio.run(accuracy(base, m, tests, args.task)) for m in (new_route, offline)]
-    idle_q, during_q = quantiles(idle.latencies), quantiles(during.latencies)
-    result = {
-        "task": args.task, "shots": shots_source, "bundle": str(args.bundle),
-        "job": {"wall_s": round(wall, 2), "search_s": job["result"]["seconds"], "evaluations":
-                job["progress"]["evaluations"], "objective": job["objective"], "weights": job["result"]["weights"],
-                "loss": job["result"]["loss"]},
-        "probe": {"route": PROBE_ROUTE, "max_tokens": PROBE_TOKENS, "idle": idle_q, "during": during_q,
-                  "p50_ratio": during_q["p50"] / idle_q["p50"]},
-        "accuracy": {"test_prompts": len(tests), "seed": args.seed, "runtime": accuracies[0], "offline": accuracies[1]},
-    }
+            offline = f"mode-cotd:{args.task}"
+            accuracies = {m: asyncio.run(accuracy(server.base_url, m, tests, args.task))
+                          for m in (jobs["background"]["model"], offline)}
+    idle = quantiles(probe.latencies("idle"))
+    phases = {phase: {**quantiles(probe.latencies(phase)), "p50_ratio": quantiles(probe.latencies(phase))["p50"]
+                      / idle["p50"]} for phase in jobs}
+    result = {"task": args.task, "shots": shots_source, "bundle": str(args.bundle), "jobs": jobs,
+              "probe": {"route": PROBE_ROUTE, "max_tokens": PROBE_TOKENS, "interval_s": args.probe_interval_s,
+                        "idle": idle, **phases},
+              "accuracy": {"test_prompts": len(tests), "seed": args.seed, "routes": accuracies}}
     write_json_atomic(args.out / "result.json", result)
-    write_text_atomic(args.out / "README.md", (
-        f"# Composing {args.task} through the API (python -m benchmarks.runtime_compose)\n\n"
-        f"- job: {result['job']['evaluations']} candidates ({job['objective']}) in {wall:.1f} s wall "
-        f"({job['result']['seconds']:.1f} s searching)\n"
-        f"- probe p50 latency ({PROBE_ROUTE}, {PROBE_TOKENS} tokens): idle {idle_q['p50']:.3f} s, during the job "
-        f"{during_q['p50']:.3f} s: {result['probe']['p50_ratio']:.2f}x ({during_q['n']} requests during)\n"
-        f"- accuracy on {len(tests)} seeded test prompts: runtime route {accuracies[0]['accuracy']:.3f} "
-        f"({accuracies[0]['correct']}/{len(tests)}), offline composition {accuracies[1]['accuracy']:.3f} "
-        f"({accuracies[1]['correct']}/{len(tests)})\n"))
+    lines = [f"# Composing {args.task} through the API (python -m benchmarks.runtime_compose)", "",
+             (f"Probe: {PROBE_ROUTE}, {PROBE_TOKENS} tokens, open loop, one request per {args.probe_interval_s:g} s "
+             f"on average; idle p50 {idle['p50']:.3f} s ({idle['n']} requests)."), "",
+             ("| job priority | candidates | objective | wall (s) | searching (s) | probe p50 (s) | p50 / idle | "
+             "probe requests |"), "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for priority, job in jobs.items():
+        phase = phases[priority]
+        lines.append(f"| {priority} | {job['evaluations']} | {job['objective']} | {job['wall_s']:.1f} | "
+                     f"{job['search_s']:.1f} | {phase['p50']:.3f} | {phase['p50_ratio']:.2f}x | {phase['n']} |")
+    lines += ["", f"Accuracy on {len(tests)} seeded test prompts of {args.task} (greedy, {EVAL_TOKENS} tokens):", ""]
+    lines += [f"- {m}: {a['accuracy']:.3f} ({a['correct']}/{a['n']})" for m, a in accuracies.items()]
+    write_text_atomic(args.out / "README.md", "\n".join(lines) + "\n")
     print((args.out / "README.md").read_text())
     return 0
 

@@ -16,7 +16,10 @@ mixture. The objective (`runtime.objective`):
                     or the whole answer when it has no "-->"; " END" counts (mode_cotd.shots)
     few_shot_loss   the same over every token of the answer (the paper's)
 
-pooled over the examples' tokens (a token-weighted mean, as training/objectives.py). The best candidate
+pooled over the examples' tokens (a token-weighted mean, as training/objectives.py). With
+`runtime.job_priority` "background" (the default) the examples are scored one at a time, each starting
+only when the engine holds no other request (GenerationRequest.background): the job runs in the engine's
+idle time and others' requests wait at most for the one example in flight; "shared" scores them all at once. The best candidate
 becomes a runtime composition "<served name>:<name>" (exact). The job document lives in the state folder
 (jobs/<id>.json, written after every candidate), so any ingress replica answers for it; a job whose
 replica went away stops updating and is reported "failed" (code "interrupted") after STALE_S.
@@ -31,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mode_cotd.errors import ModeCotdError
+from mode_cotd.errors import ConfigError, ModeCotdError
 from mode_cotd.mixture import Mixture, grid_units, round_to_grid
 from mode_cotd.shots import scored_positions, shot_from_text, shot_pairs
 from mode_cotd.weight_search import SearchSpace, WeightSearch
@@ -41,6 +44,7 @@ from serving.runtime_routes import RuntimeRoutes
 from serving.settings import RuntimeSettings
 
 OBJECTIVES = ("answer_loss", "few_shot_loss")
+JOB_PRIORITIES = ("background", "shared")
 STALE_S = 120.0
 """A running job whose document was not updated for this long was interrupted (its replica stopped)."""
 
@@ -69,17 +73,23 @@ class CompositionJobs:
         """The experts a job weighs: the bundle's, the shared adapter aside."""
         self.grid_units = grid_units(routes.base.grid)
         self.running: dict[str, asyncio.Task] = {}
+        if settings.job_priority not in JOB_PRIORITIES or settings.objective not in OBJECTIVES:
+            raise ConfigError(f"runtime.job_priority must be one of {list(JOB_PRIORITIES)} and runtime.objective one "
+                              f"of {list(OBJECTIVES)}; got {settings.job_priority!r}, {settings.objective!r}")
 
     # ------------------------------------------------------------------------ requests
 
     def start(self, name: object, examples: list[tuple[str, str]], objective: str | None,
-              task: str | None) -> dict:
+              task: str | None, priority: str | None = None) -> dict:
         """Validate, hold the name, write the job document and start the search; the document (status queued)."""
         if self.routes.state is None:
             raise ModelNotFound("runtime routes are off on this server (runtime.enabled)")
         objective = objective or self.settings.objective
         if objective not in OBJECTIVES:
             raise InvalidRequest(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}", param="objective")
+        priority = priority or self.settings.job_priority
+        if priority not in JOB_PRIORITIES:
+            raise InvalidRequest(f"priority must be one of {list(JOB_PRIORITIES)}, got {priority!r}", param="priority")
         shots = self._shots(examples, objective)
         route = self.routes.route_name(name, "name")
         if sum(not t.done() for t in self.running.values()) >= self.settings.max_jobs:
@@ -89,7 +99,7 @@ class CompositionJobs:
         job_id = f"compose-{uuid.uuid4().hex[:16]}"
         document = {
             "id": job_id, "object": "composition.job", "name": route,
-            "model": f"{self.routes.served_name}:{route}", "status": "queued", "mode": "exact",
+            "model": f"{self.routes.served_name}:{route}", "status": "queued", "mode": "exact", "priority": priority,
             "objective": objective, "experts": self.experts, "examples": len(shots),
             "created": time.time(), "updated": time.time(),
             "progress": {"evaluations": 0, "budget": self.settings.search_budget, "best_loss": None},
@@ -156,7 +166,7 @@ class CompositionJobs:
                 weights = search.ask()
                 mixture = self.mixture(weights)
                 if mixture not in scores:
-                    scores[mixture] = await self._loss(mixture, shots)
+                    scores[mixture] = await self._loss(mixture, shots, document["priority"] == "background")
                 objective = search.tell(weights, scores[mixture])
                 trace.append({"weights": mixture.as_dict(), "loss": scores[mixture], "objective": objective})
                 best = min(trace, key=lambda t: t["objective"])
@@ -185,17 +195,20 @@ class CompositionJobs:
         units = round_to_grid(torch.tensor([weights], dtype=torch.float64), self.grid_units)[0]  # [E]
         return Mixture.from_units(dict(zip(self.experts, units.tolist())), self.grid_units)
 
-    async def _loss(self, mixture: Mixture, shots: list[ScoredShot]) -> float:
+    async def _loss(self, mixture: Mixture, shots: list[ScoredShot], background: bool) -> float:
         """Token-weighted mean of -log p over the scored tokens of every shot, under `mixture`."""
-        results = await asyncio.gather(*(self._score(mixture, shot) for shot in shots))
+        if background:  # one at a time, each in the engine's idle time
+            results = [await self._score(mixture, shot, background) for shot in shots]
+        else:
+            results = await asyncio.gather(*(self._score(mixture, shot, background) for shot in shots))
         total = sum(s for s, _ in results)
         count = sum(c for _, c in results)
         return total / count
 
-    async def _score(self, mixture: Mixture, shot: ScoredShot) -> tuple[float, int]:
+    async def _score(self, mixture: Mixture, shot: ScoredShot, background: bool) -> tuple[float, int]:
         sampling = SamplingSettings(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         request = GenerationRequest(f"compose-{uuid.uuid4().hex}", shot.token_ids, sampling,
-                                    AdapterSpec(mixture, "exact"))
+                                    AdapterSpec(mixture, "exact"), background=background)
         events = aiter(self.backend.generate(request))
         try:
             async for event in events:

@@ -76,6 +76,9 @@ class GenerationRequest:
     prompt_token_ids: list[int]
     sampling: SamplingSettings
     adapter: AdapterSpec | None = None
+    background: bool = False
+    """Start only when the replica's engine holds no other request (a runtime composition job's scoring: other
+    users' requests go first; StudentService.generate)."""
 
 
 @dataclass(frozen=True)

@@ -226,6 +226,10 @@ class RuntimeSettings:
     """nevergrad optimizer of the search."""
     seed: int = 0
     """Seed of the search."""
+    job_priority: str = "background"
+    """How a job's scoring shares the engine: "background" (one example at a time, each starting only when the
+    engine holds no other request: others' latency is kept, the job runs in idle time) or "shared" (all examples
+    at once, beside everyone's requests: the fastest job, others slowed while it runs)."""
 
 
 @dataclass

@@ -9,6 +9,10 @@ Admission is bounded: a replica holds at most `max_open` requests (building adap
 waiting or running in vLLM); one more is refused with 503 before any work, so vLLM's
 waiting queue never grows past `max_open - max_num_seqs`.
 
+A background request (a runtime composition job's scoring, serving/composition_jobs.py) starts only when the
+engine holds no other request, so it runs in the engine's idle time and other users' requests never wait
+behind more than the one background request already running.
+
 Runtime experts (serving/runtime_routes.py) are read from the state folder before each request whenever
 its version changed, so every replica serves what any ingress added, and a replica that starts later
 (or restarts) reads it at start.
@@ -16,6 +20,7 @@ its version changed, so every replica serves what any ingress added, and a repli
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from collections.abc import AsyncIterator
@@ -38,6 +43,8 @@ from serving.protocol import (
 )
 
 logger = logging.getLogger(__name__)
+BACKGROUND_POLL_S = 0.01
+"""How often a background request looks whether the engine is idle yet."""
 
 
 def bundle_fingerprint(bundle: Bundle) -> str:
@@ -97,6 +104,8 @@ class StudentService:
         self.open += 1
         lease = None
         try:
+            while request.background and self.engine.queue_depth() > 0:  # others first: wait for an idle engine
+                await asyncio.sleep(BACKGROUND_POLL_S)
             self.sync_runtime()
             lease = None if request.adapter is None else await self.cache.acquire(request.adapter)
             target = None if lease is None else lease.target

@@ -90,9 +90,10 @@ class ComposeConfig:
     """Upper bound of every weight."""
     l1: float = 0.05
     """L1 penalty: objective = loss + l1 · mean_i |w_i|."""
-    objective: str = "few_shot_loss"
+    objective: str | None = None
     """What the search minimises (training/objectives.py): "few_shot_loss" (the paper's, every target token),
-    "answer_loss" (the answer tokens only) or "shot_error" (1 - greedy accuracy on the shots)."""
+    "answer_loss" (the answer tokens only; it predicted accuracy best, docs/results.md) or "shot_error" (1 - greedy
+    accuracy on the shots). None: the paper's few-shot loss offline; with --server, the server's runtime.objective."""
     max_length: int = 512
     """Most tokens per shot (prompt kept whole, target cut)."""
     batch_size: int = 5
@@ -117,7 +118,7 @@ class ComposeConfig:
             "mode": self.mode in MODES, "budget": self.budget >= 1, "upper": self.lower < self.upper,
             "l1": self.l1 >= 0, "max_length": self.max_length >= 2, "batch_size": self.batch_size >= 1,
             "dtype": self.dtype in ("float32", "bfloat16"), "device": self.device in ("auto", "cpu", "cuda"),
-            "objective": self.objective in OBJECTIVES,
+            "objective": self.objective is None or self.objective in OBJECTIVES,
         }
         for name, ok in checks.items():
             if not ok:
@@ -256,7 +257,8 @@ def compose(config: ComposeConfig) -> ComposeResult:
     mixer = ExactMixer(adapters) if config.mode == "exact" else LinearMixer(adapters)
     peft_model, tokenizer = mixed_student(student, mixer.initial(), config.dtype, device,
                                           bundle.experts[shared].path if shared is not None else None)
-    measure = make_objective(config.objective, peft_model, tokenizer, shots, config.max_length, config.batch_size,
+    objective_name = config.objective or "few_shot_loss"
+    measure = make_objective(objective_name, peft_model, tokenizer, shots, config.max_length, config.batch_size,
                              device)
 
     def loss(weights: list[float]) -> float:
@@ -274,7 +276,7 @@ def compose(config: ComposeConfig) -> ComposeResult:
     digest = hashlib.sha256(json.dumps([[e.input, e.output] for e in shots]).encode()).hexdigest()
     report = {
         "task": config.task, "name": name, "mode": config.mode, "experts": experts, "shared": shared,
-        "objective": config.objective,
+        "objective": objective_name,
         "shots": {"source": source, "n": len(shots), "scored": measure.tokens, "sha256": digest},
         "uniform": {"weights": dict(zip(experts, uniform_weights)), "loss": uniform_loss,
                     "objective": uniform_objective},

@@ -4,7 +4,8 @@ The shots are read as offline (`load_shots`), sent to `POST <server>/v1/composit
 {"prompt": the task's student prompt, "answer": the shot's output} (the prompt the evaluation sends, so the
 search scores what clients will send), and the job is polled until it ends; progress goes to stderr and the
 final job document (weights, loss, trace, route) to stdout. The server searches over its bundle's experts on
-the simplex (serving/composition_jobs.py); `--objective` is passed on when it is one the server knows.
+the simplex (serving/composition_jobs.py); `--objective` is passed on (answer_loss or few_shot_loss), and
+without it the server's own runtime.objective applies.
 An API key, when the server wants one, comes from $MODE_COTD_API_KEY.
 """
 
@@ -22,9 +23,10 @@ POLL_S = 1.0
 SERVER_OBJECTIVES = ("answer_loss", "few_shot_loss")
 
 
-def compose_on_server(config, shots, timeout_s: float = 3600.0) -> dict:
+def compose_on_server(config, shots, timeout_s: float = 3600.0, priority: str | None = None) -> dict:
     """Run the composition job for `config` (a training.compose.ComposeConfig) on config.server; the final
-    job document. ConfigError with the server's message when it refuses the job or the job fails."""
+    job document (`priority`: "background" or "shared", None: the server's default). ConfigError with the
+    server's message when it refuses the job or the job fails."""
     import httpx
 
     base = config.server.rstrip("/")
@@ -32,8 +34,13 @@ def compose_on_server(config, shots, timeout_s: float = 3600.0) -> dict:
     headers = {"authorization": f"Bearer {key}"} if key else {}
     body = {"name": config.name or config.task, "task": config.task,
             "examples": [{"prompt": student_prompt(e), "answer": e.output} for e in shots]}
-    if config.objective in SERVER_OBJECTIVES:
+    if config.objective is not None:  # None: the server's runtime.objective
+        if config.objective not in SERVER_OBJECTIVES:
+            raise ConfigError(f"compose --server: objective {config.objective!r} is not one a server runs; "
+                              f"use one of {list(SERVER_OBJECTIVES)}")
         body["objective"] = config.objective
+    if priority is not None:
+        body["priority"] = priority
     with httpx.Client(base_url=base, headers=headers, timeout=60) as client:
         response = client.post("/v1/compositions", json=body)
         if response.status_code != 202:

@@ -97,6 +97,7 @@ def test_the_route_survives_a_restart(served, tiny_bundle, tiny_student, tmp_pat
     ({"name": "new", "examples": [{"prompt": "Q", "answer": "x" * 9000}]}, 400, "examples"),
     ({"name": "new", "examples": [{"prompt": " ", "answer": "1"}]}, 400, "examples"),
     ({"name": "new", "examples": EXAMPLES, "objective": "vibes"}, 400, "objective"),
+    ({"name": "new", "examples": EXAMPLES, "priority": "urgent"}, 400, "priority"),
     ({"name": "new", "examples": [{"prompt": "Q"}]}, 400, None),
 ])
 def test_bad_jobs_are_refused_and_the_server_keeps_serving(served, body, status, param):
@@ -117,3 +118,35 @@ def test_a_taken_name_a_second_job_and_an_unknown_job(served):
             assert_openai_error(other, 429)
         wait(client, first.json()["id"])
         assert_openai_error(client.get("/v1/compositions/compose-0000000000000000"), 404)
+
+
+def test_a_background_request_waits_for_an_idle_engine(served):
+    """Scoring of a job (background) starts only once the engine holds no other request."""
+    import asyncio
+
+    from mode_cotd.mixture import Mixture
+    from serving.protocol import AdapterSpec, GenerationRequest, SamplingSettings
+
+    busy = {"depth": 1}
+    served.engine.queue_depth = lambda: busy["depth"]
+
+    async def scenario():
+        request = GenerationRequest("bg", [1, 2, 3], SamplingSettings(max_tokens=2), AdapterSpec(Mixture.one("alpha")),
+                                    background=True)
+        task = asyncio.ensure_future(anext(aiter(served.service.generate(request))))
+        await asyncio.sleep(0.1)
+        waited = not task.done() and not served.engine.requests
+        busy["depth"] = 0
+        started = await asyncio.wait_for(task, 2)
+        return waited, started
+
+    waited, started = asyncio.run(scenario())
+    assert waited and started.adapter.lora_name == "expert-alpha"
+
+
+def test_bad_runtime_settings_stop_the_server_at_start(tiny_bundle, tiny_student, tmp_path):
+    from mode_cotd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="job_priority"):
+        Served(tiny_bundle, tiny_student, tmp_path,
+               runtime=RuntimeSettings(enabled=True, state_dir=str(tmp_path / "s"), job_priority="urgent"))
