@@ -28,6 +28,7 @@ the cache dir. Anything else is refused before vLLM sees it.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,8 @@ from mode_cotd.routes import composite_adapter, composite_folder, expert_adapter
 from serving.errors import InternalError, InvalidMixture
 from serving.mixture_union import MixtureUnion
 from serving.protocol import AdapterSpec, LoraTarget
+
+logger = logging.getLogger(__name__)
 
 
 def stable_lora_id(name: str) -> int:
@@ -99,10 +102,11 @@ class AdapterResolver:
         experts/), under its own LoRA name. Leases in flight keep what they hold."""
         for name in set(self.runtime) - set(experts):
             del self.experts[name]
-        self.runtime = dict(experts)
-        for name, target in experts.items():
-            if name in self._bundle_experts:
-                raise ConfigError(f"runtime expert {name!r} has the name of a bundle expert")
+        clash = sorted(set(experts) & self._bundle_experts)
+        if clash:  # the runtime endpoints refuse such names; a state edited by hand must not take bundle experts
+            logger.error("runtime experts %s have the names of bundle experts: not served", clash)
+        self.runtime = {name: target for name, target in experts.items() if name not in self._bundle_experts}
+        for name, target in self.runtime.items():
             self.experts[name] = Path(target.path)
         root = Path(root).resolve()
         if self.roots is not None and root not in self.roots:

@@ -15,6 +15,7 @@ mode_cotd.runtime_state.RuntimeState.collect_garbage).
 
 from __future__ import annotations
 
+import logging
 import threading
 
 from mode_cotd.errors import ModeCotdError
@@ -24,6 +25,8 @@ from serving.errors import Conflict, InvalidRequest, ModelNotFound
 from serving.routes import Route, RouteTable
 from serving.runtime_adapters import AdapterRoots, StudentFit
 from serving.settings import RuntimeSettings
+
+logger = logging.getLogger(__name__)
 
 
 class RuntimeRoutes:
@@ -47,7 +50,11 @@ class RuntimeRoutes:
         """The routes as they are now."""
         if self.state is None:
             return self.base
-        snapshot = self.state.snapshot()
+        try:
+            snapshot = self.state.snapshot()
+        except ModeCotdError as e:  # a damaged state file: keep serving the routes last read
+            logger.error("runtime state unreadable, serving version %d: %s", self._table.runtime_version, e)
+            return self._table
         if snapshot.version != self._table.runtime_version:
             self._table = self._merged(snapshot)
         return self._table

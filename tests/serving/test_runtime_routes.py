@@ -156,3 +156,23 @@ def test_the_state_folder_is_beside_the_bundle_by_default(tiny_bundle, tiny_stud
         import shutil
 
         shutil.rmtree(str(tiny_bundle) + ".runtime", ignore_errors=True)
+
+
+def test_a_damaged_state_file_keeps_the_routes_last_read(tiny_bundle, tiny_student, tmp_path, roots):
+    served = runtime_served(tiny_bundle, tiny_student, tmp_path, roots)
+    assert load(served, "delta", write_expert(roots, "delta", tiny_student)).status_code == 200
+    assert completion(served, model="mode-cotd:delta").status_code == 200
+    (tmp_path / "state" / "state.json").write_text("{ not json")
+    assert completion(served, model="mode-cotd:delta").status_code == 200
+    assert completion(served, model="mode-cotd:alpha").status_code == 200
+    assert "mode-cotd:delta" in [m["id"] for m in served.client.get("/v1/models").json()["data"]]
+
+
+def test_a_hand_edited_state_cannot_take_a_bundle_experts_name(loaded_bundle, tmp_path):
+    from serving.adapter_cache import AdapterCache
+    from serving.adapter_resolver import RuntimeTarget
+
+    experts = {name: entry.path for name, entry in loaded_bundle.experts.items()}
+    cache = AdapterCache(experts, tmp_path / "c", 16, roots=[loaded_bundle.root])
+    cache.resolver.set_runtime({"alpha": RuntimeTarget("runtime-alpha-0", str(tmp_path / "x"))}, tmp_path)
+    assert cache.resolver.experts["alpha"] == experts["alpha"] and not cache.resolver.runtime
