@@ -21,13 +21,14 @@ pooled over the examples' tokens (a token-weighted mean, as training/objectives.
 only when the engine holds no other request (GenerationRequest.background): the job runs in the engine's
 idle time and others' requests wait at most for the one example in flight; "shared" scores them all at once. The best candidate
 becomes a runtime composition "<served name>:<name>" (exact). The job document lives in the state folder
-(jobs/<id>.json, written after every candidate), so any ingress replica answers for it; a job whose
-replica went away stops updating and is reported "failed" (code "interrupted") after STALE_S.
+(jobs/<id>.json, written after every candidate and every HEARTBEAT_S), so any ingress replica answers for it;
+a job whose replica went away stops updating and is reported "failed" (code "interrupted") after STALE_S.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ from serving.settings import RuntimeSettings
 
 OBJECTIVES = ("answer_loss", "few_shot_loss")
 JOB_PRIORITIES = ("background", "shared")
+HEARTBEAT_S = 20.0
+"""A running job rewrites its document at least this often."""
 STALE_S = 120.0
 """A running job whose document was not updated for this long was interrupted (its replica stopped)."""
 
@@ -73,6 +76,8 @@ class CompositionJobs:
         """The experts a job weighs: the bundle's, the shared adapter aside."""
         self.grid_units = grid_units(routes.base.grid)
         self.running: dict[str, asyncio.Task] = {}
+        self._write_lock = threading.Lock()
+        self._finished: set[str] = set()
         if settings.job_priority not in JOB_PRIORITIES or settings.objective not in OBJECTIVES:
             raise ConfigError(f"runtime.job_priority must be one of {list(JOB_PRIORITIES)} and runtime.objective one "
                               f"of {list(OBJECTIVES)}; got {settings.job_priority!r}, {settings.objective!r}")
@@ -155,6 +160,7 @@ class CompositionJobs:
     async def _run(self, document: dict, shots: list[ScoredShot], task: str) -> None:
         state, name = self.routes.state, document["name"]
         started = time.perf_counter()
+        heartbeat = asyncio.ensure_future(self._heartbeat(document))
         try:
             document["status"] = "running"
             space = SearchSpace(n=len(self.experts), lower=0.0, upper=1.0, budget=self.settings.search_budget,
@@ -173,7 +179,7 @@ class CompositionJobs:
                 document["progress"] = {"evaluations": len(trace), "budget": space.budget,
                                         "best_loss": best["loss"]}
                 document["updated"] = time.time()
-                await asyncio.to_thread(state.write_job, document["id"], document)
+                await asyncio.to_thread(self._save, dict(document))
             best = min(trace, key=lambda t: t["objective"])
             seconds = round(time.perf_counter() - started, 3)
             report = {"objective": document["objective"], "examples": len(shots), "loss": best["loss"],
@@ -186,9 +192,28 @@ class CompositionJobs:
             error = e if isinstance(e, ApiError) else InternalError(f"{type(e).__name__}: {str(e)[:300]}")
             document.update(status="failed", error={"message": error.message, "code": error.code})
         finally:
+            heartbeat.cancel()
             self.routes.release(name)
             document["updated"] = time.time()
-            await asyncio.to_thread(state.write_job, document["id"], document)
+            await asyncio.to_thread(self._save, dict(document))
+
+    async def _heartbeat(self, document: dict) -> None:
+        """Rewrite the job document every HEARTBEAT_S while the job runs, so a job waiting for an idle engine (a
+        background job on a busy server) is never taken for an interrupted one."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            document["updated"] = time.time()
+            await asyncio.to_thread(self._save, dict(document))
+
+    def _save(self, document: dict) -> None:
+        """Write a job document (in a worker thread; the caller passes a copy). Once a job's final document is
+        written, a heartbeat's write that arrives later is dropped."""
+        with self._write_lock:
+            if document["id"] in self._finished and document["status"] in ("queued", "running"):
+                return
+            self.routes.state.write_job(document["id"], document)
+            if document["status"] in ("succeeded", "failed"):
+                self._finished.add(document["id"])
 
     def mixture(self, weights: list[float]) -> Mixture:
         """Simplex weights -> the mixture on the grid 1/n, units summing to n (largest remainders)."""

@@ -150,3 +150,31 @@ def test_bad_runtime_settings_stop_the_server_at_start(tiny_bundle, tiny_student
     with pytest.raises(ConfigError, match="job_priority"):
         Served(tiny_bundle, tiny_student, tmp_path,
                runtime=RuntimeSettings(enabled=True, state_dir=str(tmp_path / "s"), job_priority="urgent"))
+
+
+def test_a_slow_job_keeps_its_heartbeat_and_ends_succeeded(served, monkeypatch):
+    import asyncio
+
+    from serving import composition_jobs
+
+    monkeypatch.setattr(composition_jobs, "HEARTBEAT_S", 0.02)
+    fast = served.jobs.backend
+
+    class Slow:
+        async def generate(self, request):
+            await asyncio.sleep(0.1)  # each example waits, as behind a busy engine
+            async for event in fast.generate(request):
+                yield event
+
+    served.jobs.backend = Slow()
+    served.jobs.settings.search_budget = 3
+    with TestClient(served.app, raise_server_exceptions=False) as client:
+        job = client.post("/v1/compositions", json={"name": "slow", "examples": EXAMPLES[:2]}).json()
+        time.sleep(0.15)
+        first = client.get(f"/v1/compositions/{job['id']}").json()
+        time.sleep(0.1)
+        second = client.get(f"/v1/compositions/{job['id']}").json()
+        assert first["status"] == "running" and second["updated"] > first["updated"]
+        done = wait(client, job["id"])
+        time.sleep(0.1)  # a heartbeat still in flight must not turn it back to running
+        assert done["status"] == client.get(f"/v1/compositions/{job['id']}").json()["status"] == "succeeded"
