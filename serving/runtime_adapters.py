@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from mode_cotd.adapter import CONFIG_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, LoraAdapter, load_adapter
+from mode_cotd.adapter import CONFIG_NAME, WEIGHTS_NAME, LoraAdapter, load_adapter
 from mode_cotd.architecture import Architecture, architecture_of
 from mode_cotd.bundle.reader import check_adapter_fits
 from mode_cotd.errors import ModeCotdError
@@ -109,13 +109,8 @@ class StudentFit:
         return cls(name, architecture_of(student), max_lora_rank)
 
     def check(self, folder: Path) -> LoraAdapter:
-        """The adapter in `folder`, loaded, when it fits (InvalidRequest naming the problem otherwise)."""
-        for path in sorted(folder.rglob("*")):
-            if path.suffix.lower() in PICKLE_SUFFIXES:
-                raise _refuse(f"{path.name}: pickled weights are refused; save the adapter as safetensors")
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (folder / name).is_file():
-                raise _refuse(f"{name} is missing from the adapter folder")
+        """The adapter in `folder`, loaded, when it fits (InvalidRequest naming the problem otherwise; load_adapter
+        refuses pickles and missing files, never unpickling anything)."""
         try:
             adapter = load_adapter(folder)
             self._check_base_model(adapter)
