@@ -97,7 +97,7 @@ class CompositionJobs:
             raise InvalidRequest(f"priority must be one of {list(JOB_PRIORITIES)}, got {priority!r}", param="priority")
         shots = self._shots(examples, objective)
         route = self.routes.route_name(name, "name")
-        if sum(not t.done() for t in self.running.values()) >= self.settings.max_jobs:
+        if len(self.running) >= self.settings.max_jobs:
             raise TooManyRequests(f"{self.settings.max_jobs} composition job(s) running here (runtime.max_jobs); "
                                   "retry when one is done")
         self.routes.claim(route, "name")
@@ -115,7 +115,8 @@ class CompositionJobs:
         except BaseException:
             self.routes.release(route)
             raise
-        self.running[job_id] = asyncio.ensure_future(self._run(document, shots, task or route))
+        job = self.running[job_id] = asyncio.ensure_future(self._run(document, shots, task or route))
+        job.add_done_callback(lambda _: self.running.pop(job_id, None))  # the count of running jobs is its size
         return document
 
     def get(self, job_id: str) -> dict:
