@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-interval-s", type=float, default=4.0)
     parser.add_argument("--idle-s", type=float, default=60.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                        help="one more `mode-cotd serve` argument, repeatable (--serve-arg=--engine-cpu-threads-bind "
+                             "--serve-arg=0-1); recorded in the result")
     parser.add_argument("--out", type=Path, default=Path(f"benchmarks/results/runtime-compose-{time.strftime('%Y%m%d')}"))
     args = parser.parse_args(argv)
 
@@ -123,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs = {}
     with tempfile.TemporaryDirectory(prefix="mode-cotd-runtime-bench-") as tmp:
         spec = mode_cotd_spec(Path(tmp) / "composites", bundle=args.bundle,
-                              extra_args=["--runtime-enabled", "--runtime-state-dir", str(Path(tmp) / "state")])
+                              extra_args=["--runtime-enabled", "--runtime-state-dir", str(Path(tmp) / "state"),
+                                          *args.serve_arg])
         with running(spec, args.out) as server:
             config.server = server.base_url
             probe, stop = Probe(server.base_url, args.probe_interval_s, args.seed), threading.Event()
@@ -150,14 +154,16 @@ def main(argv: list[str] | None = None) -> int:
     idle = quantiles(probe.latencies("idle"))
     phases = {phase: {**quantiles(probe.latencies(phase)), "p50_ratio": quantiles(probe.latencies(phase))["p50"]
                       / idle["p50"]} for phase in jobs}
-    result = {"task": args.task, "shots": shots_source, "bundle": str(args.bundle), "jobs": jobs,
+    result = {"task": args.task, "shots": shots_source, "bundle": str(args.bundle), "serve_args": args.serve_arg,
+              "jobs": jobs,
               "probe": {"route": PROBE_ROUTE, "max_tokens": PROBE_TOKENS, "interval_s": args.probe_interval_s,
                         "idle": idle, **phases},
               "accuracy": {"test_prompts": len(tests), "seed": args.seed, "routes": accuracies}}
     write_json_atomic(args.out / "result.json", result)
     lines = [f"# Composing {args.task} through the API (python -m benchmarks.runtime_compose)", "",
              (f"Probe: {PROBE_ROUTE}, {PROBE_TOKENS} tokens, open loop, one request per {args.probe_interval_s:g} s "
-             f"on average; idle p50 {idle['p50']:.3f} s ({idle['n']} requests)."), "",
+             f"on average; idle p50 {idle['p50']:.3f} s ({idle['n']} requests). Server arguments beyond the "
+             f"defaults: {' '.join(args.serve_arg) or 'none'}."), "",
              ("| job priority | candidates | objective | wall (s) | searching (s) | probe p50 (s) | p50 / idle | "
              "probe requests |"), "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for priority, job in jobs.items():

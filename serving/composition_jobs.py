@@ -20,7 +20,9 @@ pooled over the examples' tokens (a token-weighted mean, as training/objectives.
 `runtime.job_priority` "background" (the default) the examples are scored one at a time, each starting
 only when the engine holds no other request (GenerationRequest.background): the job runs in the engine's
 idle time and others' requests wait at most for the one example in flight; "shared" scores them all at once. The best candidate
-becomes a runtime composition "<served name>:<name>" (exact). The job document lives in the state folder
+becomes a runtime composition "<served name>:<name>" in the job's mode: "exact" (the default; each candidate
+a union mixture id) or "linear" (the paper's merge; each candidate a composite the adapter cache builds
+and vLLM loads, so slower per candidate). The job document lives in the state folder
 (jobs/<id>.json, written after every candidate and every HEARTBEAT_S), so any ingress replica answers for it;
 a job whose replica went away stops updating and is reported "failed" (code "interrupted") after STALE_S.
 """
@@ -35,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mode_cotd.bundle import COMPOSITION_MODES
 from mode_cotd.errors import ConfigError, ModeCotdError
 from mode_cotd.mixture import Mixture, grid_units, round_to_grid
 from mode_cotd.shots import scored_positions, shot_from_text, shot_pairs
@@ -85,7 +88,7 @@ class CompositionJobs:
     # ------------------------------------------------------------------------ requests
 
     def start(self, name: object, examples: list[tuple[str, str]], objective: str | None,
-              task: str | None, priority: str | None = None) -> dict:
+              task: str | None, priority: str | None = None, mode: str | None = None) -> dict:
         """Validate, hold the name, write the job document and start the search; the document (status queued)."""
         if self.routes.state is None:
             raise ModelNotFound("runtime routes are off on this server (runtime.enabled)")
@@ -95,6 +98,9 @@ class CompositionJobs:
         priority = priority or self.settings.job_priority
         if priority not in JOB_PRIORITIES:
             raise InvalidRequest(f"priority must be one of {list(JOB_PRIORITIES)}, got {priority!r}", param="priority")
+        mode = mode or "exact"
+        if mode not in COMPOSITION_MODES:
+            raise InvalidRequest(f"mode must be one of {list(COMPOSITION_MODES)}, got {mode!r}", param="mode")
         shots = self._shots(examples, objective)
         route = self.routes.route_name(name, "name")
         if len(self.running) >= self.settings.max_jobs:
@@ -104,7 +110,7 @@ class CompositionJobs:
         job_id = f"compose-{uuid.uuid4().hex[:16]}"
         document = {
             "id": job_id, "object": "composition.job", "name": route,
-            "model": f"{self.routes.served_name}:{route}", "status": "queued", "mode": "exact", "priority": priority,
+            "model": f"{self.routes.served_name}:{route}", "status": "queued", "mode": mode, "priority": priority,
             "objective": objective, "experts": self.experts, "examples": len(shots),
             "created": time.time(), "updated": time.time(),
             "progress": {"evaluations": 0, "budget": self.settings.search_budget, "best_loss": None},
@@ -173,7 +179,8 @@ class CompositionJobs:
                 weights = search.ask()
                 mixture = self.mixture(weights)
                 if mixture not in scores:
-                    scores[mixture] = await self._loss(mixture, shots, document["priority"] == "background")
+                    scores[mixture] = await self._loss(AdapterSpec(mixture, document["mode"]), shots,
+                                                       document["priority"] == "background")
                 objective = search.tell(weights, scores[mixture])
                 trace.append({"weights": mixture.as_dict(), "loss": scores[mixture], "objective": objective})
                 best = min(trace, key=lambda t: t["objective"])
@@ -186,7 +193,7 @@ class CompositionJobs:
             report = {"objective": document["objective"], "examples": len(shots), "loss": best["loss"],
                       "trace": [{"loss": t["loss"], "objective": t["objective"]} for t in trace],
                       "seconds": seconds, "job": document["id"]}
-            await asyncio.to_thread(state.add_composition, name, best["weights"], "exact", task, report)
+            await asyncio.to_thread(state.add_composition, name, best["weights"], document["mode"], task, report)
             document.update(status="succeeded", result={"weights": best["weights"], "loss": best["loss"],
                                                         "trace": report["trace"], "seconds": seconds})
         except Exception as e:  # noqa: BLE001 - the job reports every failure in its document
@@ -221,20 +228,20 @@ class CompositionJobs:
         units = round_to_grid(torch.tensor([weights], dtype=torch.float64), self.grid_units)[0]  # [E]
         return Mixture.from_units(dict(zip(self.experts, units.tolist())), self.grid_units)
 
-    async def _loss(self, mixture: Mixture, shots: list[ScoredShot], background: bool) -> float:
-        """Token-weighted mean of -log p over the scored tokens of every shot, under `mixture`."""
+    async def _loss(self, adapter: AdapterSpec, shots: list[ScoredShot], background: bool) -> float:
+        """Token-weighted mean of -log p over the scored tokens of every shot, under `adapter`."""
         if background:  # one at a time, each in the engine's idle time
-            results = [await self._score(mixture, shot, background) for shot in shots]
+            results = [await self._score(adapter, shot, background) for shot in shots]
         else:
-            results = await asyncio.gather(*(self._score(mixture, shot, background) for shot in shots))
+            results = await asyncio.gather(*(self._score(adapter, shot, background) for shot in shots))
         total = sum(s for s, _ in results)
         count = sum(c for _, c in results)
         return total / count
 
-    async def _score(self, mixture: Mixture, shot: ScoredShot, background: bool) -> tuple[float, int]:
+    async def _score(self, adapter: AdapterSpec, shot: ScoredShot, background: bool) -> tuple[float, int]:
         sampling = SamplingSettings(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-        request = GenerationRequest(f"compose-{uuid.uuid4().hex}", shot.token_ids, sampling,
-                                    AdapterSpec(mixture, "exact"), background=background)
+        request = GenerationRequest(f"compose-{uuid.uuid4().hex}", shot.token_ids, sampling, adapter,
+                                    background=background)
         events = aiter(self.backend.generate(request))
         try:
             async for event in events:

@@ -3,7 +3,7 @@
     POST /v1/load_lora_adapter    {"lora_name", "lora_path"}   vLLM's request; 200 with vLLM's plain-text
                                                                "Success: LoRA adapter '<name>' added successfully."
     POST /v1/unload_lora_adapter  {"lora_name"}                vLLM's request; 200 "... removed successfully."
-    POST /v1/compositions         {"name", "examples": [{"prompt", "answer"}], "objective"?, "task"?, "priority"?}
+    POST /v1/compositions         {"name", "examples": [{"prompt", "answer"}], "objective"?, "task"?, "priority"?, "mode"?}
                                                                202 + the job document (serving/composition_jobs.py)
     GET  /v1/compositions/{id}    the job document: status, progress, and when done the weights and trace
 
@@ -66,6 +66,8 @@ class CompositionRequest(BaseModel):
     """A task label recorded with the composition (None: the name)."""
     priority: str | None = None
     """"background" or "shared" (None: runtime.job_priority): how the job's scoring shares the engine."""
+    mode: str | None = None
+    """"exact" (None) or "linear": how the candidates' experts are mixed, and the route's mode."""
 
 
 def install_runtime_endpoints(app: FastAPI, routes: RuntimeRoutes, jobs: CompositionJobs) -> None:
@@ -87,7 +89,8 @@ def install_runtime_endpoints(app: FastAPI, routes: RuntimeRoutes, jobs: Composi
     @app.post("/v1/compositions", status_code=202)
     async def create_composition(body: CompositionRequest) -> JSONResponse:
         examples = [(e.prompt, e.answer) for e in body.examples]
-        document = jobs.start(body.name, examples, body.objective, body.task, body.priority)  # starts the search on this loop
+        document = jobs.start(body.name, examples, body.objective, body.task, body.priority,
+                              body.mode)  # starts the search on this loop
         return JSONResponse(document, status_code=202)
 
     @app.get("/v1/compositions/{job_id}")

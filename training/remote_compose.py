@@ -4,7 +4,7 @@ The shots are read as offline (`load_shots`), sent to `POST <server>/v1/composit
 {"prompt": the task's student prompt, "answer": the shot's output} (the prompt the evaluation sends, so the
 search scores what clients will send), and the job is polled until it ends; progress goes to stderr and the
 final job document (weights, loss, trace, route) to stdout. The server searches over its bundle's experts on
-the simplex (serving/composition_jobs.py); `--objective` is passed on (answer_loss or few_shot_loss), and
+the simplex (serving/composition_jobs.py) in `--mode` (exact or linear); `--objective` is passed on (answer_loss or few_shot_loss), and
 without it the server's own runtime.objective applies.
 An API key, when the server wants one, comes from $MODE_COTD_API_KEY.
 """
@@ -32,7 +32,7 @@ def compose_on_server(config, shots, timeout_s: float = 3600.0, priority: str | 
     base = config.server.rstrip("/")
     key = os.environ.get("MODE_COTD_API_KEY")
     headers = {"authorization": f"Bearer {key}"} if key else {}
-    body = {"name": config.name or config.task, "task": config.task,
+    body = {"name": config.name or config.task, "task": config.task, "mode": config.mode,
             "examples": [{"prompt": student_prompt(e), "answer": e.output} for e in shots]}
     if config.objective is not None:  # None: the server's runtime.objective
         if config.objective not in SERVER_OBJECTIVES:

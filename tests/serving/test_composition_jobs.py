@@ -23,6 +23,7 @@ class ScoringBackend:
     def __init__(self, inner):
         self.inner = inner
         self.scored: list[dict[str, float]] = []
+        self.modes: list[str] = []
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -30,6 +31,7 @@ class ScoringBackend:
     async def generate(self, request):
         weights = request.adapter.mixture.as_dict()
         self.scored.append(weights)
+        self.modes.append(request.adapter.mode)
         distance = sum((weights.get(e, 0.0) - t) ** 2 for e, t in TARGET.items())
         yield GenerationStarted(AdapterReport())
         logprobs = [TokenLogprob("t", None, None)] + [TokenLogprob("t", -distance) for _ in request.prompt_token_ids[1:]]
@@ -71,12 +73,24 @@ def test_a_job_finds_the_mixture_the_scores_favour_and_serves_it(served):
         assert len(scored) >= 3  # the search moved (on the tiny gate's coarse grid of 1/4: mode_cotd.weight_search
         # has the test that it finds better mixtures over ten experts on the grid 1/20)
         assert all(set(w) <= set(TARGET) for w in served.jobs.backend.scored)  # only the bundle's experts
+        assert set(served.jobs.backend.modes) == {"exact"}
 
         served_route = completion(served, model="mode-cotd:plus_one")
         assert served_route.status_code == 200, served_route.text
         assert served_route.json()["mode_cotd"]["experts"] == weights
         listed = {m["id"] for m in client.get("/v1/models").json()["data"]}
         assert "mode-cotd:plus_one" in listed
+
+
+def test_a_linear_job_scores_linear_candidates_and_leaves_a_linear_route(served):
+    with TestClient(served.app, raise_server_exceptions=False) as client:
+        job = client.post("/v1/compositions", json={"name": "plus_one", "examples": EXAMPLES, "mode": "linear"}).json()
+        assert job["mode"] == "linear"
+        done = wait(client, job["id"])
+        assert done["status"] == "succeeded", done
+    assert set(served.jobs.backend.modes) == {"linear"}
+    assert served.jobs.routes.state.snapshot().compositions["plus_one"].mode == "linear"
+    assert completion(served, model="mode-cotd:plus_one").status_code == 200
 
 
 def test_the_route_survives_a_restart(served, tiny_bundle, tiny_student, tmp_path):
@@ -98,6 +112,7 @@ def test_the_route_survives_a_restart(served, tiny_bundle, tiny_student, tmp_pat
     ({"name": "new", "examples": [{"prompt": " ", "answer": "1"}]}, 400, "examples"),
     ({"name": "new", "examples": EXAMPLES, "objective": "vibes"}, 400, "objective"),
     ({"name": "new", "examples": EXAMPLES, "priority": "urgent"}, 400, "priority"),
+    ({"name": "new", "examples": EXAMPLES, "mode": "svd"}, 400, "mode"),
     ({"name": "new", "examples": [{"prompt": "Q"}]}, 400, None),
 ])
 def test_bad_jobs_are_refused_and_the_server_keeps_serving(served, body, status, param):

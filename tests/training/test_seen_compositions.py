@@ -43,3 +43,28 @@ def test_the_objective_is_the_studys_winner_unless_given(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps({"best": "shot_error"}))
     assert recipe.chosen_objective(tmp_path, None) == "shot_error"
     assert recipe.chosen_objective(tmp_path, "answer_loss") == "answer_loss"
+
+
+def test_the_server_scorer_records_each_job_result_in_its_bundle(tiny_student, data_dir, tmp_path, monkeypatch):
+    bundles = {"residual": _bundle(tmp_path / "residual", tiny_student, ["all_data", "addsub", "gsm8k"], "all_data"),
+               "default": _bundle(tmp_path / "default", tiny_student, ["addsub", "gsm8k"])}
+    residual_out, out = tmp_path / "res-out", tmp_path / "out"
+    write_jsonl(residual_out / "data" / "addsub.val.jsonl", load_task("addsub", "train", data_dir)[:8])
+    sent = []
+
+    def fake_job(config, shots, priority=None):
+        sent.append((config.server, config.mode, config.objective, len(shots), priority))
+        return {"objective": config.objective, "mode": config.mode,
+                "result": {"weights": {"addsub": 0.75, "gsm8k": 0.25}, "loss": 1.5, "trace": [], "seconds": 3.0}}
+
+    monkeypatch.setattr(recipe, "compose_on_server", fake_job)
+    search = recipe.search_on_server({str(bundles["residual"]): "http://127.0.0.1:1"})
+    done = recipe.run(["residual-linear"], ["addsub"], bundles, residual_out, out, "answer_loss", search=search)
+    assert sent == [("http://127.0.0.1:1", "linear", "answer_loss", recipe.SHOTS, "shared")]
+    assert done[0]["weights"] == {"addsub": 0.75, "gsm8k": 0.25}
+    recorded = load_bundle(bundles["residual"], student=tiny_student, strict=True).compositions["addsub-seen-linear"]
+    assert recorded.mode == "linear" and recorded.weights == {"addsub": 0.75, "gsm8k": 0.25}
+    report = json.loads((out / "reports" / "residual-addsub-seen-linear.json").read_text())
+    assert report["scorer"] == "server" and report["shared"] == "all_data" and report["loss"] == 1.5
+    assert recipe.missing(["residual-linear", "default-exact"], ["addsub"], bundles) == [
+        ("default-exact", bundles["default"], "addsub-seen-exact", "exact")]

@@ -16,22 +16,39 @@ report in <out>/reports/. The objective is the objective study's winner (trainin
 its summary.json) when it has one, else the paper's few-shot loss; the report names it. Resumable: a
 composition already in its bundle is skipped.
 
+Two scorers run the search (`--scorer`):
+
+    server    (default) `mode-cotd serve` on the bundle with runtime routes on, one composition job per
+              composition (serving/composition_jobs.py, the `mode-cotd compose --server` path): weights on the
+              simplex, each candidate scored by the engine's prompt logprobs; about a minute a search here
+    offline   training/compose.py: the paper's box [-3, 3], each candidate scored by peft in this process;
+              about 17 min a search here
+
     python -m training.recipes.seen_compositions [--variants residual-exact ...] [--tasks ...] [--objective ...]
+        [--scorer server|offline] [--serve-arg=--engine-cpu-threads-bind --serve-arg=0-1]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from mode_cotd.bundle import read_manifest
+from mode_cotd.atomic import write_json_atomic
+from mode_cotd.bundle import add_composition, read_manifest
 from mode_cotd.data import load_examples, write_jsonl
 from mode_cotd.tasks import SEEN_TASKS
-from training.compose import ComposeConfig, compose
+from training.compose import ComposeConfig, compose, load_shots
 from training.objectives import OBJECTIVES
+from training.remote_compose import SERVER_OBJECTIVES, compose_on_server
+
+Search = Callable[[ComposeConfig], dict]
+"""Runs one composition search and records it in config.bundle; its weights (without the shared adapter)."""
 
 SHOTS = 5
 """Shots per seen task (the paper's k)."""
@@ -65,27 +82,71 @@ def chosen_objective(study_out: Path, given: str | None) -> str:
     return json.loads(summary.read_text())["best"] if summary.is_file() else "few_shot_loss"
 
 
+def search_offline(config: ComposeConfig) -> dict:
+    """training/compose.py in this process (it records the composition itself)."""
+    return compose(config).weights
+
+
+def search_on_server(servers: dict[str, str]) -> Search:
+    """A search run as a composition job (priority "shared") on the server of the config's bundle, then recorded
+    in the bundle with the job's report."""
+    def search(config: ComposeConfig) -> dict:
+        shots, source = load_shots(config)
+        job = compose_on_server(ComposeConfig(**{**config.__dict__, "server": servers[config.bundle]}), shots,
+                                priority="shared")
+        result = job["result"]
+        report = {"scorer": "server", "objective": job["objective"], "mode": job["mode"], "shots": source,
+                  "loss": result["loss"], "trace": result["trace"], "seconds": result["seconds"],
+                  "shared": read_manifest(config.bundle).shared, "weights": result["weights"]}
+        add_composition(config.bundle, config.name, result["weights"], config.mode, config.task, report)
+        write_json_atomic(Path(config.report), report)
+        return result["weights"]
+    return search
+
+
 def run(variants: list[str], tasks: list[str], bundles: dict[str, Path], residual_out: Path, out: Path,
-        objective: str, student: str | None = None, budget: int = 40) -> list[dict]:
+        objective: str, student: str | None = None, budget: int = 40, search: Search = search_offline) -> list[dict]:
     """Search every missing composition; returns one record per composition searched."""
     done = []
     for task in tasks:
         shots = write_shots(residual_out, task, out)
-        for variant in variants:
-            key, mode = VARIANTS[variant]
-            bundle, name = bundles[key], composition_name(task, mode)
-            if not (bundle / "manifest.json").is_file() or name in read_manifest(bundle).compositions:
-                continue
+        for variant, bundle, name, mode in missing(variants, [task], bundles):
             started = time.perf_counter()
-            result = compose(ComposeConfig(task=task, bundle=str(bundle), student=student, name=name,
+            weights = search(ComposeConfig(task=task, bundle=str(bundle), student=student, name=name,
                                            shots_file=str(shots), mode=mode, objective=objective, budget=budget,
                                            max_length=MAX_LENGTH,
-                                           report=str(out / "reports" / f"{key}-{name}.json")))
-            record = {"task": task, "variant": variant, "objective": objective, "weights": result.weights,
+                                           report=str(out / "reports" / f"{VARIANTS[variant][0]}-{name}.json")))
+            record = {"task": task, "variant": variant, "objective": objective, "weights": weights,
                       "seconds": round(time.perf_counter() - started)}
             print(f"[seen] {task} {variant}: {json.dumps(record)}", flush=True)
             done.append(record)
     return done
+
+
+def missing(variants: list[str], tasks: list[str], bundles: dict[str, Path]) -> list[tuple[str, Path, str, str]]:
+    """(variant, bundle, composition name, mode) of every composition not yet recorded in an existing bundle."""
+    todo = []
+    for task in tasks:
+        for variant in variants:
+            key, mode = VARIANTS[variant]
+            bundle, name = bundles[key], composition_name(task, mode)
+            if (bundle / "manifest.json").is_file() and name not in read_manifest(bundle).compositions:
+                todo.append((variant, bundle, name, mode))
+    return todo
+
+
+@contextlib.contextmanager
+def servers_for(bundles: list[Path], serve_args: list[str], log_dir: Path) -> Iterator[dict[str, str]]:
+    """One `mode-cotd serve` per bundle, runtime routes on in a throwaway state folder; {bundle: base URL}."""
+    from benchmarks.servers import mode_cotd_spec, running
+
+    with tempfile.TemporaryDirectory(prefix="mode-cotd-seen-") as tmp, contextlib.ExitStack() as stack:
+        urls = {}
+        for i, bundle in enumerate(bundles):
+            spec = mode_cotd_spec(Path(tmp) / f"composites-{i}", bundle=bundle, extra_args=[
+                "--runtime-enabled", "--runtime-state-dir", str(Path(tmp) / f"state-{i}"), *serve_args])
+            urls[str(bundle)] = stack.enter_context(running(spec, log_dir)).base_url
+        yield urls
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,11 +161,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--residual-bundle", type=Path, default=Path("bundles/residual"))
     parser.add_argument("--default-bundle", type=Path, default=Path("bundles/default"))
     parser.add_argument("--student", default=None)
+    parser.add_argument("--scorer", choices=("server", "offline"), default="server")
+    parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                        help="one more `mode-cotd serve` argument for the server scorer, repeatable")
     args = parser.parse_args(argv)
     objective = chosen_objective(args.study_out, args.objective)
-    print(f"[seen] objective: {objective}", flush=True)
-    run(args.variants, args.tasks, {"residual": args.residual_bundle, "default": args.default_bundle},
-        args.residual_out, args.out, objective, args.student)
+    print(f"[seen] objective: {objective}, scorer: {args.scorer}", flush=True)
+    bundles = {"residual": args.residual_bundle, "default": args.default_bundle}
+    if args.scorer == "offline":
+        run(args.variants, args.tasks, bundles, args.residual_out, args.out, objective, args.student)
+        return 0
+    if objective not in SERVER_OBJECTIVES:
+        raise SystemExit(f"the server scorer runs {list(SERVER_OBJECTIVES)}, not {objective!r}: use --scorer offline")
+    if args.student is not None:
+        args.serve_arg += ["--student", args.student]
+    for key, bundle in bundles.items():  # one server at a time: two engines do not fit beside each other here
+        variants = [v for v in args.variants if VARIANTS[v][0] == key]
+        if not missing(variants, args.tasks, bundles):
+            continue
+        with servers_for([bundle], args.serve_arg, args.out / "logs") as urls:
+            run(variants, args.tasks, bundles, args.residual_out, args.out, objective, args.student,
+                search=search_on_server(urls))
     return 0
 
 
