@@ -3,10 +3,11 @@
     make serve &                      # in another shell; ready when GET /health answers 200
     .venv/bin/python scripts/smoke_serve.py [--base-url http://127.0.0.1:8000]
 
-Prints the routes, a gate-routed completion (openai client) with the experts that served it, a chat, and the
-same kind of completion through curl. Exits 1 unless the gate's top expert for the last-letter prompt is
-last_letter_concatenation and its answer is a rationale in the paper's format ("The last letter of ...",
-"-->", the answer, " END").
+Prints the routes, a gate-routed completion (openai client) with the experts that served it, the same prompt
+through the shared adapter's own route where the bundle has one (bundles/residual: mode-cotd:all_data), a chat,
+and the same kind of completion through curl. Exits 1 unless the gate's top expert for the last-letter prompt
+is last_letter_concatenation (the shared adapter, under every route at weight 1, aside) and its answer is a
+rationale in the paper's format ("The last letter of ...", "-->", the answer, " END").
 """
 
 from __future__ import annotations
@@ -26,12 +27,18 @@ def main() -> int:
     parser.add_argument("--base-url", default="http://127.0.0.1:8000")
     args = parser.parse_args()
     client = OpenAI(base_url=f"{args.base_url}/v1", api_key="none")
-    print("routes:", [m.id for m in client.models.list().data])
+    models = client.models.list().data
+    print("routes:", [m.id for m in models])
+    shared = next(m.model_extra["mode_cotd"].get("shared") for m in models if m.id == "mode-cotd")
 
     example = load_task("last_letter_concatenation", "test")[3]
     r = client.completions.create(model="mode-cotd", prompt=student_prompt(example), max_tokens=200, temperature=0)
     print("gate completion:", repr(r.choices[0].text), r.choices[0].finish_reason, f"(gold {example.gold!r})")
     print("served by:", r.model_extra["mode_cotd"])
+    if shared is not None:
+        a = client.completions.create(model=f"mode-cotd:{shared}", prompt=student_prompt(example), max_tokens=200,
+                                      temperature=0)
+        print(f"shared adapter alone (mode-cotd:{shared}):", repr(a.choices[0].text), a.choices[0].finish_reason)
 
     c = client.chat.completions.create(model="mode-cotd", messages=[{"role": "user", "content": "What is 12 + 30?"}],
                                        max_tokens=120, temperature=0)
@@ -42,13 +49,14 @@ def main() -> int:
     curl = subprocess.run(["curl", "-s", f"{args.base_url}/v1/completions", "-H", "Content-Type: application/json",
                            "-d", json.dumps(body)], capture_output=True, text=True, check=True)
     print("curl:", curl.stdout)
-    return check_last_letter(r.choices[0].text, r.model_extra["mode_cotd"])
+    return check_last_letter(r.choices[0].text, r.model_extra["mode_cotd"], shared)
 
 
-def check_last_letter(text: str, served_by: dict) -> int:
+def check_last_letter(text: str, served_by: dict, shared: str | None = None) -> int:
     """0 when the gate chose the last-letter expert first and the answer is a rationale in the paper's format
-    (one "The last letter of ..." line per word, "-->", the answer, " END"); else 1, naming what is missing."""
-    experts = served_by.get("experts") or {}
+    (one "The last letter of ..." line per word, "-->", the answer, " END"); else 1, naming what is missing.
+    `shared`: the bundle's shared adapter (under every route at weight 1), left out of the gate's choice."""
+    experts = {name: w for name, w in (served_by.get("experts") or {}).items() if name != shared}
     top = max(experts, key=experts.get) if experts else None
     faults = []
     if top != "last_letter_concatenation":

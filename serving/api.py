@@ -101,7 +101,8 @@ def create_app(backend: Backend, routes: RouteTable | RuntimeRoutes, prompts: Pr
     async def models() -> ModelList:
         return ModelList(data=[
             ModelCard(id=m.id, created=created,
-                      mode_cotd={"route": m.kind, "experts": m.experts, "candidates": m.candidates})
+                      mode_cotd={"route": m.kind, "experts": m.experts, "candidates": m.candidates,
+                                 "shared": m.shared})
             for m in routes.models()
         ])
 

@@ -1,7 +1,9 @@
 """`mode-cotd serve`: start a local Ray (or join one), deploy the app, wait until the student is loaded.
 
-With no arguments it serves the repo's `bundles/default` over the default student on
-http://127.0.0.1:8000/v1. Every field of ServeSettings has a flag (`--engine-max-loras`,
+With no arguments it serves the repo's `bundles/residual` over the default student on
+http://127.0.0.1:8000/v1: the gate over residual experts on top of the shared all_data adapter (the route that
+beat all_data on the seen tasks in the powered table, docs/results.md), all_data also served alone as
+`mode-cotd:all_data`. Every field of ServeSettings has a flag (`--engine-max-loras`,
 `--batching-max-batch-size`, `--student-deployment-num-gpus`, ...), with the field's
 docstring as its help; `--config` reads the same tree from YAML (a Serve config's `args:`
 or a plain mapping), and flags override it. Ctrl-C (or SIGTERM) shuts Serve and Ray down.
@@ -23,7 +25,7 @@ from mode_cotd.settings import add_settings_flags, load_config_file, nest_dotted
 from serving.components import resolve_settings
 from serving.settings import ServeSettings, from_dict
 
-DEFAULT_BUNDLE = paths.REPO_ROOT / "bundles" / "default"
+DEFAULT_BUNDLE = paths.REPO_ROOT / "bundles" / "residual"
 """The bundle `mode-cotd serve` serves when neither --bundle nor --config names one."""
 
 

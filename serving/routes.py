@@ -64,6 +64,8 @@ class ModelEntry:
     """Fixed expert weights of the route (None for the gate, which decides per prompt)."""
     candidates: list[str] = field(default_factory=list)
     """Experts the route may use."""
+    shared: str | None = None
+    """The bundle's shared adapter, under this route at weight 1 (None: none, or the bare student's route)."""
 
 
 @dataclass
@@ -185,15 +187,16 @@ class RouteTable:
         entries = []
         if self.gate_experts is not None:
             gate = [*self.gate_experts, *([self.shared] if self.shared is not None else [])]
-            entries.append(ModelEntry(self.served_name, "gate", None, gate))
+            entries.append(ModelEntry(self.served_name, "gate", None, gate, self.shared))
         clash = set(self.experts) & set(self.compositions)
         for name in self.experts:
             served = with_shared(Mixture.one(name), self.shared)
-            entries.append(ModelEntry(f"{self.served_name}:{name}", "expert", served.as_dict(), list(served.experts)))
+            entries.append(ModelEntry(f"{self.served_name}:{name}", "expert", served.as_dict(), list(served.experts),
+                                      self.shared))
         for name, spec in self.compositions.items():
             model = f"{self.served_name}:composition:{name}" if name in clash else f"{self.served_name}:{name}"
             served = with_shared(spec.mixture, self.shared)
-            entries.append(ModelEntry(model, "composition", served.as_dict(), list(served.experts)))
+            entries.append(ModelEntry(model, "composition", served.as_dict(), list(served.experts), self.shared))
         entries.append(ModelEntry(self.student_name, "base", {}))
         return entries
 

@@ -384,7 +384,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "mode-cotd"
     mode_cotd: dict[str, Any]
-    """{"route": kind, "experts": fixed weights or null, "candidates": experts it may use}."""
+    """{"route": kind, "experts": fixed weights or null, "candidates": experts it may use, "shared": the bundle's
+    shared adapter under the route at weight 1, or null}."""
 
 
 class ModelList(BaseModel):

@@ -236,7 +236,7 @@ class RuntimeSettings:
 class ServeSettings:
     """Everything `mode-cotd serve` and `serve run serving.app:build_app` configure."""
 
-    bundle: str = "bundles/default"
+    bundle: str = "bundles/residual"
     """Bundle folder (manifest.json, experts/, gate/), or a URI (s3://, gs://, file://) fetched to the cache."""
     student: str | None = None
     """Student name or HF folder (None: the default student, SmolLM2-135M-Instruct)."""

@@ -32,6 +32,7 @@ def test_models_lists_every_route(served):
     assert ids == ["mode-cotd", "mode-cotd:alpha", "mode-cotd:beta", "mode-cotd:gamma",
                    "mode-cotd:all_three", "mode-cotd:paper_mix", served.student_name]
     assert data["data"][0]["mode_cotd"]["route"] == "gate"
+    assert {m["mode_cotd"]["shared"] for m in data["data"]} == {None}  # no shared adapter in this bundle
 
 
 @pytest.mark.parametrize(

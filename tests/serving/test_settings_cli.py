@@ -58,7 +58,7 @@ def test_serve_config_yaml_is_a_valid_serve_config_with_valid_args():
     app = schema.applications[0]
     assert app.import_path == "serving.app:build_app" and schema.http_options.host == "127.0.0.1"
     settings = settings_from_args(app.args)
-    assert settings.bundle == "bundles/default" and settings.batching.max_batch_size == 32
+    assert settings.bundle == "bundles/residual" and settings.batching.max_batch_size == 32
 
 
 def test_cli_flags_override_config_and_default_bundle(tmp_path: Path):
@@ -72,7 +72,7 @@ def test_cli_flags_override_config_and_default_bundle(tmp_path: Path):
     ]))
     assert (s.port, s.engine.max_loras, s.engine.enforce_eager, s.batching.max_batch_size) == (8100, 2, True, 64)
     assert s.student_deployment.num_gpus == 1.0 and s.router.autoscaling.max_replicas == 4
-    assert s.engine.max_cpu_loras == 16 and s.bundle == "bundles/default"  # from the YAML
+    assert s.engine.max_cpu_loras == 16 and s.bundle == "bundles/residual"  # from the YAML
     assert s.cache.dir == str(tmp_path)
 
 

@@ -105,6 +105,8 @@ def test_models_list_the_shared_adapter_under_each_route(shared_bundle, tiny_stu
     assert models["mode-cotd:beta"]["mode_cotd"]["experts"] == {"beta": 1.0, SHARED: 1.0}
     assert models[f"mode-cotd:{SHARED}"]["mode_cotd"]["experts"] == {SHARED: 1.0}
     assert SHARED in models["mode-cotd"]["mode_cotd"]["candidates"]
+    assert {m["mode_cotd"]["shared"] for i, m in models.items() if i.startswith("mode-cotd")} == {SHARED}
+    assert [m["mode_cotd"]["shared"] for m in models.values() if m["mode_cotd"]["route"] == "base"] == [None]
 
 
 def test_a_linear_composition_is_its_merge_plus_the_shared_adapter(shared_bundle, tiny_student, tmp_path):
