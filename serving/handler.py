@@ -254,7 +254,7 @@ class OpenAIHandler:
                 raise InternalError("the student's stream did not start with GenerationStarted")
             self.metrics.record_adapter(started.adapter, started.engine_queue_depth)
             served_by = ServedBy(route=route.kind, name=route.name, adapter=started.adapter.lora_name,
-                                 experts={} if adapter is None else adapter.mixture.as_dict(), fallback=fallback)
+                                 experts=self.routes.served_experts(adapter), fallback=fallback)
             builder = (completion_builder(body, body.single_prompt(), self.prompts, request_id, served_by, sampling)
                        if kind == "completion" and body.echo
                        else ResponseBuilder(kind, request_id, body.model, served_by, sampling.n))

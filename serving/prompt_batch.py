@@ -75,7 +75,7 @@ async def _one(handler: Any, body: CompletionRequest, route: Route, prompt: str 
                 raise InternalError("the student's stream did not start with GenerationStarted")
             handler.metrics.record_adapter(started.adapter, started.engine_queue_depth)
             served_by = ServedBy(route=route.kind, name=route.name, adapter=started.adapter.lora_name,
-                                 experts={} if adapter is None else adapter.mixture.as_dict(), fallback=fallback)
+                                 experts=handler.routes.served_experts(adapter), fallback=fallback)
             builder = completion_builder(body, prompt, handler.prompts, request_id, served_by, sampling)
             async for delta in events:
                 timing.seen(delta)

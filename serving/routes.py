@@ -182,6 +182,11 @@ class RouteTable:
 
     # ------------------------------------------------------------------------ listing
 
+    def served_experts(self, adapter: AdapterSpec | None) -> dict[str, float]:
+        """Expert -> weight of what serves `adapter`: its experts on top of the shared adapter where the bundle has
+        one (the student service adds it, serving.adapter_resolver); {} for the bare student."""
+        return {} if adapter is None else with_shared(adapter.mixture, self.shared).as_dict()
+
     def models(self) -> list[ModelEntry]:
         """Every route, as /v1/models lists it."""
         entries = []

@@ -30,7 +30,8 @@ logger = logging.getLogger(__name__)
 
 
 class RuntimeRoutes:
-    """RouteTable's reading interface (resolve, models, model_ids, experts) over bundle + runtime routes."""
+    """RouteTable's reading interface (resolve, models, model_ids, served_experts, experts) over bundle + runtime
+    routes."""
 
     def __init__(self, base: RouteTable, state: RuntimeState | None, settings: RuntimeSettings,
                  fit: StudentFit | None = None):
@@ -71,6 +72,9 @@ class RuntimeRoutes:
 
     def model_ids(self) -> list[str]:
         return self.current().model_ids()
+
+    def served_experts(self, adapter) -> dict[str, float]:
+        return self.base.served_experts(adapter)  # the shared adapter is the bundle's; runtime routes keep it
 
     @property
     def experts(self) -> list[str]:

@@ -69,7 +69,10 @@ def test_every_adapter_route_is_a_mixture_id_over_the_shared_adapter(shared_bund
         response = completion(s, **body)
         assert response.status_code == 200, response.text
         assert _weights(s) == {"alpha": 0.0, "beta": 0.0, "gamma": 0.0, **expected, SHARED: 1.0}, body
-    assert completion(s, model="mode-cotd").status_code == 200  # the gate: its top-2 mixture, on top of common
+        assert response.json()["mode_cotd"]["experts"] == {**expected, SHARED: 1.0}, body  # what served it
+    response = completion(s, model="mode-cotd")  # the gate: its top-2 mixture, on top of common
+    assert response.status_code == 200
+    assert response.json()["mode_cotd"]["experts"][SHARED] == 1.0
     weights = _weights(s)
     assert weights[SHARED] == 1.0 and sum(weights[e] for e in EXPERTS) == pytest.approx(1.0)
     assert built(s.service.cache) == []
