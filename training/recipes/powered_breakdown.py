@@ -38,6 +38,11 @@ def unit_file(out: Path, column: str, task: str) -> Path:
     return unit_path(out, Unit(route="", task=task, column=column))
 
 
+def empty_parts() -> dict[str, dict[str, int]]:
+    """Zero counts for every part."""
+    return {p: {"n": 0, "route": 0, REFERENCE: 0, "gained": 0, "lost": 0} for p in PARTS}
+
+
 def part_of(example: dict, shared: str) -> str:
     """"shared only" when the adapter that served the prompt holds nothing but the shared adapter."""
     return "shared only" if set(example["experts"]) <= {shared} else "mixed"
@@ -47,7 +52,7 @@ def breakdown_task(route_unit: dict, reference_unit: dict, shared: str = REFEREN
     """Per part: n, route, all_data, gained, lost (see the module docstring), paired by example index."""
     reference = {e["index"]: flag for e, flag in zip(reference_unit["examples"], reference_unit["correct_flags"],
                                                      strict=True)}
-    parts = {p: {"n": 0, "route": 0, REFERENCE: 0, "gained": 0, "lost": 0} for p in PARTS}
+    parts = empty_parts()
     for example, flag in zip(route_unit["examples"], route_unit["correct_flags"], strict=True):
         if example["index"] not in reference:
             raise SystemExit(f"{route_unit['task']}: example {example['index']} of {route_unit['label']!r} has no "
@@ -66,7 +71,7 @@ def breakdown(out: Path, column: str) -> dict:
     """{task: parts} for every task both columns have, plus the totals per group (seen, unseen)."""
     report: dict = {"column": column, "reference": REFERENCE, "tasks": {}, "groups": {}}
     for group, tasks in (("seen", SEEN_TASKS), ("unseen", UNSEEN_TASKS)):
-        totals = {p: {"n": 0, "route": 0, REFERENCE: 0, "gained": 0, "lost": 0} for p in PARTS}
+        totals = empty_parts()
         for task in tasks:
             paths = unit_file(out, column, task), unit_file(out, REFERENCE, task)
             if not all(p.is_file() for p in paths):
