@@ -7,9 +7,11 @@ A job searches weights over the bundle's routed experts (every expert but the sh
 nevergrad (mode_cotd.weight_search, `runtime.search_budget` candidates, the paper's L1 penalty). Each
 candidate is projected to the simplex (w >= 0, Σw = 1) and rounded to the route table's grid with the
 units summing to n (mode_cotd.mixture.round_to_grid), so it is a mixture the union serves as a mixture
-id: nothing is built. It is scored through the server's own engine: one request per example, the
-example's prompt + answer as the prompt, `prompt_logprobs` on, one output token, under the candidate
-mixture. The objective (`runtime.objective`):
+id: nothing is built. It is scored through the server's own engine, one request per example under the candidate mixture.
+When the scored tokens are the example's last FORCED_MAX_TOKENS or fewer (answer_loss), the request is the
+example up to them, decoding exactly them (serving/forced_tokens.py): each new token's logprob is the score,
+and only those rows go through the vocabulary projection. Otherwise (few_shot_loss scores the whole answer) the
+example is the prompt, with `prompt_logprobs` on and one output token. The objective (`runtime.objective`):
 
     answer_loss     mean over the answer tokens of -log p(token | everything before), where the answer is
                     the text after "-->" in an answer in the experts' format ("<rationale>\\n\\n-->\\n\\n<answer>"),
@@ -19,7 +21,9 @@ mixture. The objective (`runtime.objective`):
 pooled over the examples' tokens (a token-weighted mean, as training/objectives.py). With
 `runtime.job_priority` "background" (the default) the examples are scored one at a time, each starting
 only when the engine holds no other request (GenerationRequest.background): the job runs in the engine's
-idle time and others' requests wait at most for the one example in flight; "shared" scores them all at once. The best candidate
+idle time and others' requests wait at most for the one example in flight; "shared" scores them all at once.
+(A candidate's examples all at once, in idle time only, was tried: others then waited for a whole candidate,
+2.8x idle p50, benchmarks/results/runtime-compose-20261207b/.) The best candidate
 becomes a runtime composition "<served name>:<name>" in the job's mode: "exact" (the default; each candidate
 a union mixture id) or "linear" (the paper's merge; each candidate a composite the adapter cache builds
 and vLLM loads, so slower per candidate). The job document lives in the state folder
@@ -33,6 +37,7 @@ import asyncio
 import threading
 import time
 import uuid
+from contextlib import aclosing
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +54,9 @@ from serving.settings import RuntimeSettings
 
 OBJECTIVES = ("answer_loss", "few_shot_loss")
 JOB_PRIORITIES = ("background", "shared")
+FORCED_MAX_TOKENS = 16
+"""An example whose scored tokens are its last this many or fewer is scored by forced decoding (one decode step
+per scored token); one with more, by prompt logprobs (one prefill, every row projected)."""
 HEARTBEAT_S = 20.0
 """A running job rewrites its document at least this often."""
 STALE_S = 120.0
@@ -63,6 +71,12 @@ class ScoredShot:
     """Prompt and answer, tokenised as training tokenises them (mode_cotd.format)."""
     scored: list[int]
     """Positions whose -log p counts in the objective."""
+
+    @property
+    def forced(self) -> bool:
+        """Scored by forced decoding: the scored tokens are the last ones, and few (FORCED_MAX_TOKENS)."""
+        first = len(self.token_ids) - len(self.scored)
+        return len(self.scored) <= FORCED_MAX_TOKENS and self.scored == list(range(first, len(self.token_ids)))
 
 
 class CompositionJobs:
@@ -239,18 +253,37 @@ class CompositionJobs:
         return total / count
 
     async def _score(self, adapter: AdapterSpec, shot: ScoredShot, background: bool) -> tuple[float, int]:
-        sampling = SamplingSettings(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-        request = GenerationRequest(f"compose-{uuid.uuid4().hex}", shot.token_ids, sampling, adapter,
-                                    background=background)
-        events = aiter(self.backend.generate(request))
-        try:
+        """(sum of -log p over the shot's scored tokens, their count)."""
+        request_id = f"compose-{uuid.uuid4().hex}"
+        if shot.forced:
+            first = shot.scored[0]
+            answer = tuple(shot.token_ids[first:])
+            sampling = SamplingSettings(max_tokens=len(answer), temperature=0.0, logprobs=0, ignore_eos=True,
+                                        forced_tokens=answer)
+            request = GenerationRequest(request_id, shot.token_ids[:first], sampling, adapter, background=background)
+            logprobs = [entry async for entry in self._output_logprobs(request)]
+            if len(logprobs) != len(answer):
+                raise InternalError(f"the engine scored {len(logprobs)} of {len(answer)} forced tokens")
+            nll = [-entry.logprob for entry in logprobs]
+        else:
+            sampling = SamplingSettings(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+            request = GenerationRequest(request_id, shot.token_ids, sampling, adapter, background=background)
+            logprobs = await self._prompt_logprobs(request)
+            nll = [-logprobs[i].logprob for i in shot.scored]
+        return float(sum(nll)), len(nll)
+
+    async def _output_logprobs(self, request: GenerationRequest):
+        """The new tokens' logprob entries of the request's one choice, in order."""
+        async with aclosing(self.backend.generate(request)) as events:
+            async for event in events:
+                if isinstance(event, GenerationDelta):
+                    for entry in event.logprobs or ():
+                        yield entry
+
+    async def _prompt_logprobs(self, request: GenerationRequest) -> list:
+        """The prompt tokens' logprob entries of the request."""
+        async with aclosing(self.backend.generate(request)) as events:
             async for event in events:
                 if isinstance(event, GenerationDelta) and event.prompt_logprobs is not None:
-                    logprobs = event.prompt_logprobs
-                    break
-            else:
-                raise InternalError("the engine returned no prompt logprobs")
-        finally:
-            await events.aclose()
-        nll = [-logprobs[i].logprob for i in shot.scored]
-        return float(sum(nll)), len(nll)
+                    return event.prompt_logprobs
+        raise InternalError("the engine returned no prompt logprobs")

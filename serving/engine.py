@@ -67,6 +67,8 @@ def engine_args(student: Path, settings: EngineSettings, max_lora_rank: int, max
     """vLLM's AsyncEngineArgs for the student with LoRA enabled; `pinned` adapters get slots of their own."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
+    from serving import forced_tokens  # imports vLLM
+
     dtype = resolve_dtype(settings.dtype, student)
     if dtype != settings.dtype:
         logger.info("engine.dtype %r -> %r: this CPU has no bf16 arithmetic", settings.dtype, dtype)
@@ -89,6 +91,10 @@ def engine_args(student: Path, settings: EngineSettings, max_lora_rank: int, max
     if settings.kv_cache_memory_bytes is not None:
         kwargs["kv_cache_memory_bytes"] = settings.kv_cache_memory_bytes
     kwargs.update(settings.extra)
+    kwargs["logits_processors"] = [*(kwargs.get("logits_processors") or []), forced_tokens.FQCN]
+    if kwargs.get("logprobs_mode", "raw_logprobs") != "raw_logprobs":
+        raise ConfigError(f"engine.extra: logprobs_mode {kwargs['logprobs_mode']!r}: composition jobs score forced "
+                          "tokens by their raw logprobs (serving/forced_tokens.py); leave it 'raw_logprobs'")
     # the switches reach every vLLM process as engine config (vLLM's additional_config), not the environment
     kwargs["additional_config"] = {**kwargs.get("additional_config", {}),
                                    **fast_lora.engine_config(settings.fast_lora, settings.compile)}
@@ -113,6 +119,8 @@ def sampling_params(sampling: SamplingSettings):
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
+    from serving import forced_tokens  # imports vLLM
+
     return SamplingParams(
         n=sampling.n,
         temperature=sampling.temperature,
@@ -130,6 +138,7 @@ def sampling_params(sampling: SamplingSettings):
         logit_bias=sampling.logit_bias,
         prompt_logprobs=sampling.prompt_logprobs,
         output_kind=RequestOutputKind.DELTA,
+        extra_args={forced_tokens.FORCED_TOKENS_KEY: list(sampling.forced_tokens)} if sampling.forced_tokens else None,
     )
 
 

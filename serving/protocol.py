@@ -66,6 +66,10 @@ class SamplingSettings:
     """Token id -> bias added to its logit (OpenAI's logit_bias)."""
     prompt_logprobs: int | None = None
     """Top log-probabilities returned per prompt token (None: none); completions' `echo` with `logprobs` sets it."""
+    forced_tokens: tuple[int, ...] = ()
+    """Token ids the choice must emit, in order (serving/forced_tokens.py; max_tokens at most their count): with
+    `logprobs=0`, each new token's logprob is the student's own log p of that token given all before it. A
+    composition job's scorer sets it; the API never does."""
 
 
 @dataclass(frozen=True)

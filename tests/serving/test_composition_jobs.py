@@ -18,12 +18,14 @@ EXAMPLES = [{"prompt": f"Q: What is {i} + 1?", "answer": f"{i} plus one.\n\n-->\
 
 
 class ScoringBackend:
-    """Scores every prompt token at -d, d the squared distance of the request's mixture to TARGET."""
+    """Scores every token at -d, d the squared distance of the request's mixture to TARGET: each forced token as
+    it is emitted (one delta per token, as vLLM streams them), else every prompt token."""
 
     def __init__(self, inner):
         self.inner = inner
         self.scored: list[dict[str, float]] = []
         self.modes: list[str] = []
+        self.requests = []
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -32,8 +34,13 @@ class ScoringBackend:
         weights = request.adapter.mixture.as_dict()
         self.scored.append(weights)
         self.modes.append(request.adapter.mode)
+        self.requests.append(request)
         distance = sum((weights.get(e, 0.0) - t) ** 2 for e, t in TARGET.items())
         yield GenerationStarted(AdapterReport())
+        if request.sampling.forced_tokens:
+            for _ in request.sampling.forced_tokens:
+                yield GenerationDelta(0, "t", 1, logprobs=[TokenLogprob("t", -distance)])
+            return
         logprobs = [TokenLogprob("t", None, None)] + [TokenLogprob("t", -distance) for _ in request.prompt_token_ids[1:]]
         yield GenerationDelta(0, "x", 1, finish_reason="length", prompt_logprobs=logprobs)
 
@@ -157,6 +164,37 @@ def test_a_background_request_waits_for_an_idle_engine(served):
 
     waited, started = asyncio.run(scenario())
     assert waited and started.adapter.lora_name == "expert-alpha"
+
+
+def test_answer_tokens_are_scored_by_forced_decoding_and_a_long_answer_by_prompt_logprobs(served):
+    """answer_loss: the request is the example up to its answer and forces exactly the answer's tokens (in the
+    background by default); few_shot_loss over a long answer: the whole example, with prompt logprobs."""
+    from mode_cotd.shots import shot_from_text, shot_pairs
+
+    served.jobs.settings.search_budget = 2
+    long_answer = " ".join(["step"] * 40) + "\n\n-->\n\n7"
+    backend = served.jobs.backend
+    with TestClient(served.app, raise_server_exceptions=False) as client:
+        job = client.post("/v1/compositions", json={"name": "short", "examples": EXAMPLES[:3]}).json()
+        assert wait(client, job["id"])["status"] == "succeeded"
+        forced, backend.requests[:] = list(backend.requests), []
+        body = {"name": "long", "examples": [{"prompt": "Q: 3 + 4?", "answer": long_answer}],
+                "objective": "few_shot_loss"}
+        job = client.post("/v1/compositions", json=body).json()
+        assert wait(client, job["id"])["status"] == "succeeded"
+        scored_by_prompt = list(backend.requests)
+    tokenizer = served.jobs.tokenizer
+    for request in forced:
+        example = EXAMPLES[int(tokenizer.decode(request.prompt_token_ids).split("What is ")[1][0])]
+        (ids, labels), = shot_pairs(tokenizer, [shot_from_text(example["prompt"], example["answer"])],
+                                    served.jobs.max_model_len - 1, answer_only=True)
+        answer = [i for i, label in zip(ids, labels) if label != -100]
+        assert list(request.sampling.forced_tokens) == answer and request.sampling.max_tokens == len(answer)
+        assert request.prompt_token_ids + answer == ids and request.sampling.logprobs == 0
+        assert request.sampling.prompt_logprobs is None
+    assert all(r.background for r in forced)
+    assert scored_by_prompt and all(r.sampling.prompt_logprobs == 0 and not r.sampling.forced_tokens
+                                    for r in scored_by_prompt)
 
 
 def test_bad_runtime_settings_stop_the_server_at_start(tiny_bundle, tiny_student, tmp_path):

@@ -34,3 +34,16 @@ def test_the_switches_reach_vllm_as_engine_config_not_environment(tmp_path, monk
     args = engine_args(tmp_path, settings, max_lora_rank=8, max_model_len=512)
     assert args.additional_config == {"other": 1, **plugin.engine_config(fast, compiled)}
     assert plugin.ENV not in os.environ and plugin.COMPILE_ENV not in os.environ
+
+
+def test_the_forced_tokens_processor_is_registered_beside_the_users_and_needs_raw_logprobs(tmp_path):
+    from mode_cotd.errors import ConfigError
+    from serving.forced_tokens import FQCN
+
+    (tmp_path / "config.json").write_text(json.dumps({"dtype": "float32"}))
+    assert engine_args(tmp_path, EngineSettings(), max_lora_rank=8, max_model_len=512).logits_processors == [FQCN]
+    mine = EngineSettings(extra={"logits_processors": ["my.module:Mine"]})
+    assert engine_args(tmp_path, mine, max_lora_rank=8, max_model_len=512).logits_processors == ["my.module:Mine", FQCN]
+    with pytest.raises(ConfigError, match="logprobs_mode"):
+        engine_args(tmp_path, EngineSettings(extra={"logprobs_mode": "processed_logprobs"}), max_lora_rank=8,
+                    max_model_len=512)

@@ -24,6 +24,14 @@ def test_every_sampling_field_reaches_vllm():
     assert params.prompt_logprobs == 1 and params.logit_bias == {7: -100.0}
     plain = sampling_params(SamplingSettings(max_tokens=4))
     assert plain.prompt_logprobs is None and not plain.logit_bias and plain.top_k in (0, -1)
+    assert not plain.extra_args
+
+
+def test_forced_tokens_reach_vllm_for_its_logits_processor():
+    from serving.forced_tokens import FORCED_TOKENS_KEY
+
+    params = sampling_params(SamplingSettings(max_tokens=3, temperature=0.0, logprobs=0, forced_tokens=(5, 6, 2)))
+    assert params.extra_args == {FORCED_TOKENS_KEY: [5, 6, 2]} and params.max_tokens == 3
 
 
 def test_prompt_logprobs_come_out_per_prompt_token(tmp_path):
