@@ -7,11 +7,12 @@ A job searches weights over the bundle's routed experts (every expert but the sh
 nevergrad (mode_cotd.weight_search, `runtime.search_budget` candidates, the paper's L1 penalty). Each
 candidate is projected to the simplex (w >= 0, Σw = 1) and rounded to the route table's grid with the
 units summing to n (mode_cotd.mixture.round_to_grid), so it is a mixture the union serves as a mixture
-id: nothing is built. It is scored through the server's own engine, one request per example under the candidate mixture.
-When the scored tokens are the example's last FORCED_MAX_TOKENS or fewer (answer_loss), the request is the
-example up to them, decoding exactly them (serving/forced_tokens.py): each new token's logprob is the score,
-and only those rows go through the vocabulary projection. Otherwise (few_shot_loss scores the whole answer) the
-example is the prompt, with `prompt_logprobs` on and one output token. The objective (`runtime.objective`):
+id: nothing is built. It is scored through the server's own engine, one request per example under the
+candidate mixture. When the scored tokens are the example's last FORCED_MAX_TOKENS or fewer (answer_loss),
+the request is the example up to them, decoding exactly them (serving/forced_tokens.py): each new token's
+logprob is the score, and only those rows go through the vocabulary projection. Otherwise (few_shot_loss
+scores the whole answer) the example is the prompt, with `prompt_logprobs` on and one output token. The
+objective (`runtime.objective`):
 
     answer_loss     mean over the answer tokens of -log p(token | everything before), where the answer is
                     the text after "-->" in an answer in the experts' format ("<rationale>\\n\\n-->\\n\\n<answer>"),
@@ -23,8 +24,7 @@ pooled over the examples' tokens (a token-weighted mean, as training/objectives.
 only when the engine holds no other request (GenerationRequest.background): the job runs in the engine's
 idle time and others' requests wait at most for the one example in flight; "shared" scores them all at once.
 (A candidate's examples all at once, in idle time only, was tried: others then waited for a whole candidate,
-2.8x idle p50, benchmarks/results/runtime-compose-20261207b/.) The best candidate
-becomes a runtime composition "<served name>:<name>" in the job's mode: "exact" (the default; each candidate
+2.8x idle p50, benchmarks/results/runtime-compose-20261207b/.) The best candidate becomes a runtime composition "<served name>:<name>" in the job's mode: "exact" (the default; each candidate
 a union mixture id) or "linear" (the paper's merge; each candidate a composite the adapter cache builds
 and vLLM loads, so slower per candidate). The job document lives in the state folder
 (jobs/<id>.json, written after every candidate and every HEARTBEAT_S), so any ingress replica answers for it;
