@@ -90,6 +90,12 @@ def tree_pss_bytes(pid: int) -> int:
     return total
 
 
+KV_CACHE_BYTES = 2**30
+"""The KV cache of each server of the table, fixed: vLLM's CPU default (a share of the memory free at start) came out
+negative for 1,000 experts once building their bundle had filled the page cache (2026-12-07), and the table's load
+(64 requests of ~100 tokens) needs a few MB."""
+
+
 def experts_row(count: int, bundle: Path, student: Path | None, config: BenchConfig, prompts: Sequence[Prompt],
                 student_name: str, logs: Path, save: Callable, echo: Echo = print) -> dict[str, Any]:
     """One row of the table: serve `bundle` (E = count experts), measure, stop."""
@@ -103,7 +109,8 @@ def experts_row(count: int, bundle: Path, student: Path | None, config: BenchCon
         # thousand slots at the default k·r would need twice the memory (serving/slot_memory.py)
         spec = servers.mode_cotd_spec(Path(composites), bundle, student,
                                       ["--engine-dtype", config.experts_dtype, "--engine-max-lora-rank",
-                                       str(config.experts_rank), *config.serve_args])
+                                       str(config.experts_rank), "--engine-kv-cache-memory-bytes",
+                                       str(KV_CACHE_BYTES), *config.serve_args])
         spec.name = f"mode-cotd-{count}-experts"
         with servers.running(spec, logs) as srv:
             row["startup_s"] = round(srv.startup_s, 1)
