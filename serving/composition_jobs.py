@@ -24,9 +24,10 @@ pooled over the examples' tokens (a token-weighted mean, as training/objectives.
 only when the engine holds no other request (GenerationRequest.background): the job runs in the engine's
 idle time and others' requests wait at most for the one example in flight; "shared" scores them all at once.
 (A candidate's examples all at once, in idle time only, was tried: others then waited for a whole candidate,
-2.8x idle p50, benchmarks/results/runtime-compose-20261207b/.) The best candidate becomes a runtime composition "<served name>:<name>" in the job's mode: "exact" (the default; each candidate
-a union mixture id) or "linear" (the paper's merge; each candidate a composite the adapter cache builds
-and vLLM loads, so slower per candidate). The job document lives in the state folder
+2.8x idle p50, benchmarks/results/runtime-compose-20261207b/.) The best candidate becomes a runtime
+composition "<served name>:<name>" in the job's mode: "exact" (the default; each candidate a union mixture
+id) or "linear" (the paper's merge; each candidate a composite the adapter cache builds and vLLM loads, so
+slower per candidate). The job document lives in the state folder
 (jobs/<id>.json, written after every candidate and every HEARTBEAT_S), so any ingress replica answers for it;
 a job whose replica went away stops updating and is reported "failed" (code "interrupted") after STALE_S.
 """
