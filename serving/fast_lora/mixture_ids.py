@@ -4,7 +4,7 @@ The only per-request datum that reaches a punica wrapper is the request's LoRA i
 mixture `Σᵢ wᵢ sᵢ BᵢAᵢ` of E experts without building a composite, the serving side loads and
 pins every expert under a **member id** (member i of its union), and gives each mixture a
 **mixture id** that encodes its weights. The wrapper finds the slots of the experts a step uses
-and scales their rank blocks per token (serving.fast_lora.ops.union_lora_linear). A member id is
+and scales their rank blocks per token (serving.fast_lora.ops.pair_lora_linear). A member id is
 also an ordinary adapter: a request for one expert uses it as is. Ids without the tag bit are
 other adapters.
 

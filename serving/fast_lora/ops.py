@@ -1,9 +1,12 @@
-"""Grouped LoRA ops: one dense matmul pair per adapter slot present in the step.
+"""Grouped LoRA ops: the step's rows multiplied by the slots they use, never one copy of the weights per token.
 
 vLLM's CPU ops (vllm/lora/ops/torch_ops) gather a private copy of the adapter weights for
-every token (`w[indices]`: [T, out, in]) and multiply with a batched einsum. Here every
-group (slot s, rows r; serving.fast_lora.segments) multiplies its rows against the slot's
-weights once: `x[r] @ Aₛᵀ` then `@ Bₛᵀ`. Rows with no adapter (slot -1) are not touched.
+every token (`w[indices]`: [T, out, in]) and multiply with a batched einsum. Here the linear
+layers take the step's (row, slot, weight) pairs (serving.fast_lora.pairs; `pair_lora_linear`):
+runs of rows on one adapter or mixture multiply against their slots' weights in place, the other
+pairs in one batched matmul pair over the slots they use. The embedding and logits layers take
+the step's groups (slot s, rows r; serving.fast_lora.segments): `x[r] @ Aₛᵀ` then `@ Bₛᵀ` per
+group. Rows with no adapter (slot -1) are not touched.
 
 Weights are vLLM's stacked LoRA tensors: A `[S, 1, R, H]` (or `[S, R, H]`), B `[S, 1, N, R]`
 (or `[S, N, R]`), S = LoRA slots, R = max rank (zero-padded), H = input size, N = output size.
@@ -21,10 +24,13 @@ Every op writes in place and returns None.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 
-from serving.fast_lora.segments import Batched, Group, Rows, UnionRows
+from serving.fast_lora.gather_cache import GatherCache, cached
+from serving.fast_lora.pairs import PairBatch, Run, StepPairs
+from serving.fast_lora.segments import Group, Rows
 
 ACCUMULATE = torch.float32
 """Dtype the matmuls run in (inputs are first rounded to the dtype vLLM would use)."""
@@ -61,16 +67,22 @@ def _mm(x: torch.Tensor, w: torch.Tensor, rounded_to: torch.dtype) -> torch.Tens
     return _acc(x, rounded_to) @ _acc(w, rounded_to).t()
 
 
+WIDE_BATCH = 8
+"""From this many pairs per slot on, the batch's shrink runs as A x̂ᵀ (measured faster on CPU than x̂ Aᵀ there)."""
+
+
 def _take(x: torch.Tensor, rows: Rows) -> torch.Tensor:
     return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
 
 
-def _add_product(y: torch.Tensor, rows: Rows, h: torch.Tensor, b: torch.Tensor) -> None:
-    """y[rows] += h @ bᵀ with no rounding in between (float32): fused `addmm_` on a slice, else one index_add_."""
-    if isinstance(rows, slice):
-        y[rows].addmm_(h, b.t())
-    else:
-        y.index_add_(0, rows, h @ b.t())
+def _add_rows(y: torch.Tensor, rows: torch.Tensor, products: Sequence[torch.Tensor]) -> None:
+    """y[rows[p], :Σnᵢ] += the products side by side (products[i] `[P, nᵢ]`): one index_add_ of one contiguous block.
+
+    index_add_ into a column slice of y (strided rows) runs ~8x slower on CPU than into whole rows, so the slices'
+    products are laid side by side first (one copy of P·Σnᵢ) and added in one call."""
+    block = products[0] if len(products) == 1 else torch.cat(products, dim=1)  # [P, Σnᵢ]
+    target = y if block.shape[1] == y.shape[1] else y[:, : block.shape[1]]
+    target.index_add_(0, rows, block)
 
 
 def _put(y: torch.Tensor, rows: Rows, value: torch.Tensor, add: bool) -> None:
@@ -113,149 +125,107 @@ def grouped_expand(y: torch.Tensor, x: torch.Tensor, lora_b: torch.Tensor, group
         _put(y[:, offset : offset + n], g.rows, out.to(y.dtype), add)
 
 
-def grouped_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor],
-                        lora_b: Sequence[torch.Tensor], groups: Sequence[Group], scale: float,
-                        output_slices: Sequence[int], buffer_dtype: torch.dtype = torch.float32,
-                        batched: Batched | None = None) -> None:
-    """y[r, oᵢ:oᵢ+nᵢ] += ((scale · x[r] @ Aᵢ[s]ᵀ) in buffer_dtype) @ Bᵢ[s]ᵀ, for each slice i and group (s, r).
+def pair_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor],
+                     lora_b: Sequence[torch.Tensor], pairs: StepPairs, scale: float, output_slices: Sequence[int],
+                     buffer_dtype: torch.dtype = torch.float32, cache: GatherCache | None = None) -> None:
+    """y[r, oᵢ:oᵢ+nᵢ] += Σ over r's pairs (s, w): w · ((scale · x[r] @ Aᵢ[s]ᵀ) in buffer_dtype, rounded to y.dtype)
+    @ Bᵢ[s]ᵀ, for each slice i; oᵢ = n₀ + … + nᵢ₋₁ (serving.fast_lora.pairs).
 
-    y `[T, Σnᵢ]`, x `[T, H]`, lora_a[i] `[S, 1, R, H]`, lora_b[i] `[S, 1, nᵢ, R]`, oᵢ = n₀ + … + nᵢ₋₁.
-    The fused form of shrink + expand (vLLM's add_lora_linear). With `batched` (the same groups laid out
-    by segments.batch_groups) all groups run in one bmm pair per slice; otherwise one matmul pair per group.
+    y `[T, Σnᵢ]`, x `[T, H]`, lora_a[i] `[S, 1, R, H]`, lora_b[i] `[S, 1, nᵢ, R]`. A row's products are summed in
+    ACCUMULATE and rounded to y.dtype once (float32 y: added straight into y). Rows without pairs are untouched.
+    `pairs.loop` slots multiply on the slot's weights in place (a slice of rows: no copy at all); `pairs.batch`
+    gathers its G slots' weights `[G, r, H]`, `[G, nᵢ, r]` and runs one bmm pair per slice over all positions.
     """
-    if batched is not None and batched.rows == x.shape[0] == y.shape[0]:
-        _batched_lora_linear(y, x, lora_a, lora_b, batched, scale, output_slices, buffer_dtype)
-        return
-    if y.dtype == x.dtype == buffer_dtype == torch.float32:
-        _float32_lora_linear(y, x, lora_a, lora_b, groups, scale, output_slices)
-        return
     width = sum(output_slices)
-    for g in groups:
+    direct = y.dtype == torch.float32  # nothing to round: add every product straight into y
+    acc = y if direct else torch.zeros(y.shape[0], width, dtype=ACCUMULATE)  # [T, N]
+    for run in pairs.runs:
+        _run_lora_linear(acc, x, lora_a, lora_b, run, scale, output_slices, buffer_dtype, y.dtype, cache)
+    for g in pairs.loop:
         xg = _acc(_take(x, g.rows), buffer_dtype)  # [t, H]
-        out = torch.empty(g.count, width, dtype=torch.promote_types(y.dtype, ACCUMULATE))  # [t, N]
-        offset = 0
+        offset, products = 0, []
         for a_stacked, b_stacked, n in zip(lora_a, lora_b, output_slices):
             h = xg @ _acc(_a(a_stacked, g), buffer_dtype).t()  # [t, r]
             if scale != 1.0:
                 h.mul_(scale)
-            out[:, offset : offset + n] = _mm(h, _b(b_stacked, g), y.dtype)  # [t, n]
+            if g.weights is not None:
+                h.mul_(g.weights)
+            h, b = _acc(h, y.dtype), _acc(_b(b_stacked, g), y.dtype)  # [t, r], [n, r]
+            if isinstance(g.rows, slice):
+                acc[g.rows, offset : offset + n].addmm_(h, b.t())
+            else:
+                products.append(h @ b.t())  # [t, n]
             offset += n
-        _put(y[:, :width], g.rows, out.to(y.dtype), add=True)
-
-
-def _float32_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor],
-                         lora_b: Sequence[torch.Tensor], groups: Sequence[Group], scale: float,
-                         output_slices: Sequence[int]) -> None:
-    """grouped_lora_linear when everything is float32: no rounding to do, so the expand adds straight into y.
-
-    Contiguous rows: `y[r, o:o+n].addmm_(h, Bᵀ)` (one fused op per slice); scattered rows: one index_add_.
-    """
-    for g in groups:
-        xg = _take(x, g.rows)  # [t, H]
-        offset = 0
+        if products:
+            _add_rows(acc, g.rows, products)
+    bt = pairs.batch
+    if bt is not None:
+        g = bt.slots.numel()
+        xp = _acc(x.index_select(0, bt.rows), buffer_dtype).view(g, bt.width, -1)  # [G, w, H]
+        wide = bt.width >= WIDE_BATCH
+        weights = None if bt.weights is None else bt.weights.view(g, 1, bt.width) if wide else \
+            bt.weights.view(g, bt.width, 1)  # [G, 1, w] or [G, w, 1]
+        products = []
         for a_stacked, b_stacked, n in zip(lora_a, lora_b, output_slices):
-            h = xg @ _a(a_stacked, g).t()  # [t, r]
+            a = _acc(cached(cache, a_stacked, ("batch", bt.key), partial(_gather_a, a_stacked, bt)), buffer_dtype)
+            # [G, r, H]; h: [G, w, r] (wide: computed as its transpose A x̂ᵀ [G, r, w], which runs faster there)
+            h = torch.bmm(a, xp.transpose(1, 2)) if wide else torch.bmm(xp, a.transpose(1, 2))
             if scale != 1.0:
                 h.mul_(scale)
-            _add_product(y[:, offset : offset + n], g.rows, h, _b(b_stacked, g))  # B [n, r]
-            offset += n
+            if weights is not None:
+                h.mul_(weights)
+            h = _acc(h.transpose(1, 2) if wide else h, y.dtype)  # [G, w, r]
+            b = cached(cache, b_stacked, ("batch", bt.key), partial(_gather_b, b_stacked, bt))  # [G, n, r]
+            products.append(torch.bmm(h, _acc(b, y.dtype).transpose(1, 2)).view(-1, n))  # [G·w, n]
+        _add_rows(acc, bt.rows, products)
+    if not direct:
+        y[:, :width].add_(acc.to(y.dtype))  # rows without pairs add exactly 0
 
 
-def expert_blocks(lora_a: torch.Tensor, lora_b: torch.Tensor, slots: Sequence[int], block_rank: int,
-                  a_dtype: torch.dtype, b_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The blocks of the experts in `slots`: (A `[K, b, H]`, B `[K, N, b]`), rounded to a_dtype / b_dtype, held in
-    ACCUMULATE.
-
-    lora_a `[S, 1, R, H]`, lora_b `[S, 1, N, R]`; expert k is slot slots[k]'s first b rows of A (columns of B),
-    the expert's rank (rows past it are vLLM's zero padding). B already holds sₖBₖ (vLLM folds the scaling in
-    when it loads an adapter). One gather per tensor.
-    """
-    index = torch.tensor(list(slots), dtype=torch.long)
-    s, h, n = lora_a.shape[0], lora_a.shape[-1], lora_b.shape[-2]
-    a = lora_a.reshape(s, -1, h)[:, :block_rank].index_select(0, index)  # [K, b, H]
-    b = lora_b.reshape(s, n, -1)[:, :, :block_rank].index_select(0, index)  # [K, N, b]
-    return _acc(a, a_dtype), _acc(b, b_dtype)
+def _gather_a(stacked: torch.Tensor, bt: PairBatch) -> torch.Tensor:
+    """The batch's slots' A, `[G, r, H]`, from A `[S, 1, R, H]` (r = bt.rank, all R when None)."""
+    s, h = stacked.shape[0], stacked.shape[-1]
+    return stacked.reshape(s, -1, h)[:, : bt.rank].index_select(0, bt.slots)
 
 
-def union_weights(lora_a: torch.Tensor, lora_b: torch.Tensor, member_slots: Sequence[int], block_rank: int,
-                  a_dtype: torch.dtype, b_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The union of the member slots' adapters: (A `[E·b, H]`, B `[N, E·b]`), block e = slot member_slots[e]'s
-    expert_blocks, held in ACCUMULATE. New contiguous tensors: callers cache them."""
-    a, b = expert_blocks(lora_a, lora_b, member_slots, block_rank, a_dtype, b_dtype)  # [E, b, H], [E, N, b]
-    return a.reshape(-1, a.shape[-1]).contiguous(), b.permute(1, 0, 2).reshape(b.shape[1], -1).contiguous()
+def _gather_b(stacked: torch.Tensor, bt: PairBatch) -> torch.Tensor:
+    """The batch's slots' B, `[G, n, r]`, from B `[S, 1, n, R]`."""
+    s, n = stacked.shape[0], stacked.shape[-2]
+    return stacked.reshape(s, n, -1)[:, :, : bt.rank].index_select(0, bt.slots)
 
 
-def union_lora_linear(y: torch.Tensor, x: torch.Tensor, union: UnionRows,
-                      blocks: Sequence[tuple[torch.Tensor, torch.Tensor]] | None,
-                      pairs: Sequence[tuple[torch.Tensor, torch.Tensor]] | None, scale: float,
-                      output_slices: Sequence[int], buffer_dtype: torch.dtype = torch.float32) -> None:
-    """Mixture rows: y[r, oᵢ:oᵢ+nᵢ] += Σₑ w[r, e] · ((scale · x[r] @ Aₑᵢᵀ) in buffer_dtype, rounded to y.dtype) @ Bₑᵢᵀ.
-
-    Every row gets its mixture Σₑ w[r, e] · sₑBₑAₑ x[r], exactly, whatever the number of distinct mixtures or
-    experts in the step, in two parts (serving.fast_lora.segments.UnionRows):
-    - union.blocks, K experts used by many rows: blocks[i] = (A `[K·b, H]`, B `[N, K·b]`) of slice i, the
-      experts' blocks side by side; h = x[rows] @ Aᵀ `[t, K·b]`, block k scaled by w[:, k], then h @ Bᵀ;
-    - union.pairs, G experts used by few rows: pairs[i] = (A `[G, b, H]`, B `[G, N, b]`); each (row, expert)
-      pair multiplies its row by its expert's block alone (two bmm over the G experts), scaled by its weight.
-    h is rounded to y.dtype before the expand, as vLLM's ops round their shrink buffer; the per-expert
-    products are summed in ACCUMULATE and rounded to y.dtype once. y `[T, Σnᵢ]`, x `[T, H]`.
-    """
-    width = sum(output_slices)
-    direct = y.dtype == torch.float32  # nothing to round: add every product straight into y
-    out = None if direct else torch.zeros(union.count, width, dtype=torch.promote_types(y.dtype, ACCUMULATE))
-    if union.blocks is not None:
-        xg = _acc(_take(x, union.rows), buffer_dtype)  # [t, H]
-        scales = union.blocks.weights.repeat_interleave(union.block_rank, dim=1)  # [t, K·b]
-        if scale != 1.0:
-            scales = scales * scale
-        offset = 0
-        for (a_union, b_union), n in zip(blocks, output_slices):
-            h = (xg @ a_union.t()).mul_(scales)  # [t, K·b]
-            if direct:
-                _add_product(y[:, offset : offset + n], union.rows, h, b_union)
-            else:
-                out[:, offset : offset + n] = _acc(h, y.dtype) @ b_union.t()  # [t, n]
-            offset += n
-    if union.pairs is not None:
-        p = union.pairs
-        g = p.experts.numel()
-        xp = _acc(x.index_select(0, p.rows), buffer_dtype).view(g, p.width, -1)  # [G, w, H]
-        scales = (p.weights * scale).view(g, p.width, 1)  # [G, w, 1]; padding: 0
-        offset = 0
-        for (a, b), n in zip(pairs, output_slices):
-            h = torch.bmm(xp, a.transpose(1, 2)).mul_(scales)  # [G, w, b]
-            products = torch.bmm(_acc(h, y.dtype), b.transpose(1, 2)).view(-1, n)  # [G·w, n]
-            if direct:
-                y[:, offset : offset + n].index_add_(0, p.rows, products)
-            else:
-                out[:, offset : offset + n].index_add_(0, p.into, products)
-            offset += n
-    if out is not None:
-        _put(y[:, :width], union.rows, out.to(y.dtype), add=True)
+def _side_by_side_a(stacked: torch.Tensor, run: Run) -> torch.Tensor:
+    """The run's parts' A blocks stacked, `[Σr, H]`."""
+    return torch.cat([_a(stacked, p) for p in run.parts])
 
 
-def _batched_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor],
-                         lora_b: Sequence[torch.Tensor], bt: Batched, scale: float, output_slices: Sequence[int],
-                         buffer_dtype: torch.dtype) -> None:
-    """grouped_lora_linear over all groups at once: gather rows [G, w, H], bmm with the G slots' weights, scatter."""
-    g, w, width = bt.slots.numel(), bt.width, sum(output_slices)
-    xp = _acc(x.index_select(0, bt.gather), buffer_dtype).view(g, w, -1)  # [G, w, H]
-    out = torch.empty(g * w, width, dtype=torch.promote_types(y.dtype, ACCUMULATE))  # [G·w, N]
+def _side_by_side_b(stacked: torch.Tensor, run: Run) -> torch.Tensor:
+    """The run's parts' B blocks side by side, `[n, Σr]`."""
+    return torch.cat([_b(stacked, p) for p in run.parts], dim=1)
+
+
+def _run_lora_linear(acc: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor],
+                     lora_b: Sequence[torch.Tensor], run: Run, scale: float, output_slices: Sequence[int],
+                     buffer_dtype: torch.dtype, y_dtype: torch.dtype, cache: GatherCache | None) -> None:
+    """acc[rows, oᵢ:oᵢ+nᵢ] += (scale · x[rows] @ [Aᵢ[s₁]; …; Aᵢ[sₖ]]ᵀ ⊙ run.scales) @ [Bᵢ[s₁] … Bᵢ[sₖ]]ᵀ; h rounded
+    to y_dtype before the expand. One part: the slot's weights as views, scaled by its weight."""
+    xr = _acc(x[run.rows], buffer_dtype)  # [t, H]
+    slots = tuple((p.slot, p.rank) for p in run.parts)
     offset = 0
     for a_stacked, b_stacked, n in zip(lora_a, lora_b, output_slices):
-        s, h_in = a_stacked.shape[0], a_stacked.shape[-1]
-        a_slots = a_stacked.reshape(s, -1, h_in)[:, : bt.rank]  # [S, r, H]: the groups' non-zero rows only
-        b_slots = b_stacked.reshape(s, n, -1)[:, :, : bt.rank]  # [S, n, r]
-        a = _acc(a_slots.index_select(0, bt.slots), buffer_dtype)  # [G, r, H]
-        h = torch.bmm(xp, a.transpose(1, 2))  # [G, w, r]
-        if scale != 1.0:
-            h.mul_(scale)
-        b = _acc(b_slots.index_select(0, bt.slots), y.dtype)  # [G, n, r]
-        out[:, offset : offset + n] = torch.bmm(_acc(h, y.dtype), b.transpose(1, 2)).view(g * w, n)  # [G·w, n]
+        if run.scales is None:
+            a, b = _a(a_stacked, run.parts[0]), _b(b_stacked, run.parts[0])  # [r, H], [n, r]
+        else:  # [Σr, H], [n, Σr]
+            a = cached(cache, a_stacked, ("run", slots), partial(_side_by_side_a, a_stacked, run))
+            b = cached(cache, b_stacked, ("run", slots), partial(_side_by_side_b, b_stacked, run))
+        h = xr @ _acc(a, buffer_dtype).t()  # [t, Σr]
+        if run.scales is not None:
+            h.mul_(run.scales)
+        factor = scale * (run.parts[0].weight if run.scales is None else 1.0)
+        if factor != 1.0:
+            h.mul_(factor)
+        acc[run.rows, offset : offset + n].addmm_(_acc(h, y_dtype), _acc(b, y_dtype).t())
         offset += n
-    delta = torch.zeros(y.shape[0] + 1, width, dtype=y.dtype)  # [T+1, N]; row T takes the padding
-    delta.index_copy_(0, bt.scatter, out.to(y.dtype))
-    y[:, :width].add_(delta[:-1])  # rows without an adapter add exactly 0
 
 
 def grouped_lora_logits(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,

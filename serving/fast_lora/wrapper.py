@@ -3,22 +3,20 @@
 vLLM builds one wrapper per model (serving.fast_lora.platform names this class), calls
 `update_metadata` once per step with the step's LoRA mapping, and then, in every LoRA layer,
 one of the `add_*` methods below. This subclass keeps vLLM's metadata (the inherited index
-tensors) and adds the grouping (serving.fast_lora.segments) of the step's tokens and of its
-sampled rows; the ops (serving.fast_lora.ops) then run one matmul pair per slot present.
-Anything not overridden (full-linear classifier heads, MoE LoRA) is vLLM's CPU code as is.
+tensors) and adds, once per step, the step's (row, slot, weight) pairs (serving.fast_lora.pairs)
+for the linear layers, and the grouping of its tokens and sampled rows by slot
+(serving.fast_lora.segments) for the embedding and logits layers. Anything not overridden
+(full-linear classifier heads, MoE LoRA) is vLLM's CPU code as is.
 
 Mixture ids (serving.fast_lora.mixture_ids) are served through the union of their experts,
-each pinned in a slot under its member id: `update_metadata` moves their rows out of the slot
-groups into one `UnionRows` group with per-row expert weights, and `add_lora_linear` applies
-them (ops.union_lora_linear): experts many rows use as block scales between one shrink and one
-expand, experts few rows use by (row, expert) pairs in one batched matmul pair. Only the experts
-the step uses are read. A step that uses every expert of a dense union (at most 63) gets the
-union assembled from the member slots once per layer and kept (`union_cache`) while the members
-stay in the same slots; otherwise (some experts, or a sparse union of up to 1,023) the blocks in
-use are gathered from their slots per step. A mixture id's own
-slot holds a placeholder adapter that is never read, so
-mixture rows get no embedding or lm_head LoRA: the union must have none (the serving side
-builds it from the experts' linear modules only).
+each pinned in a slot under its member id: a mixture row's pairs are its experts' slots at their
+weights, so `add_lora_linear` (ops.pair_lora_linear) serves adapters, members and mixtures in
+one pass: contiguous rows on one id as runs (one matmul pair over their blocks side by side),
+the rest in one batched matmul pair over the slots they use. Only the slots a step uses are
+read, whatever the size of the union; their gathered weights are kept between steps while the
+same slots are in use (`gathered`). A mixture id's own slot holds a placeholder adapter that is
+never read, so mixture rows get no embedding or lm_head LoRA: the union must have none (the
+serving side builds it from the experts' linear modules only).
 
 Rows with no adapter are left untouched. (vLLM's CPU ops index the weights with -1 for
 them, which reads the last slot: with every slot filled, base requests batched with LoRA
@@ -33,26 +31,10 @@ import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 from serving.fast_lora import compiled_ops
-from serving.fast_lora.ops import (
-    expert_blocks,
-    grouped_expand,
-    grouped_lora_linear,
-    grouped_lora_logits,
-    grouped_shrink,
-    union_lora_linear,
-    union_weights,
-)
-from serving.fast_lora.segments import (
-    Batched,
-    Group,
-    UnionRows,
-    batch_groups,
-    group_rows,
-    member_ranks,
-    mixture_slots,
-    split_union_rows,
-    without_mixture_slots,
-)
+from serving.fast_lora.gather_cache import GatherCache
+from serving.fast_lora.ops import grouped_expand, grouped_lora_logits, grouped_shrink, pair_lora_linear
+from serving.fast_lora.pairs import NO_PAIRS, StepPairs, step_pairs
+from serving.fast_lora.segments import Group, group_rows, member_ranks, mixture_slots, without_mixture_slots
 
 if TYPE_CHECKING:
     from vllm.lora.layers import LoRAMapping
@@ -64,15 +46,13 @@ class PunicaWrapperGrouped(PunicaWrapperCPU):
     def __init__(self, max_num_batched_tokens: int, max_batches: int, device: torch.device | str, **kwargs: Any):
         super().__init__(max_num_batched_tokens, max_batches, device, **kwargs)
         self.token_groups: list[Group] = []
-        """The step's tokens grouped by slot (linear and embedding layers)."""
-        self.token_batched: Batched | None = None
-        """The token groups laid out for batched matmuls (None: loop over the groups)."""
+        """The step's tokens grouped by slot, mixture rows left out (embedding layers and the unfused ops)."""
+        self.pairs: StepPairs = NO_PAIRS
+        """The step's (row, slot, weight) pairs, mixture rows included (linear layers; serving.fast_lora.pairs)."""
         self.sampler_groups: list[Group] = []
         """The step's sampled rows grouped by slot (logits)."""
-        self.union_rows: UnionRows | None = None
-        """The step's rows with a mixture id, served by the union (None: no mixture in the step)."""
-        self.union_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        """(layer weights, member slots, union layout, dtypes) -> the union (A, B) of that layer slice."""
+        self.gathered = GatherCache()
+        """Slot weights gathered for earlier steps, reused while the same slots are in use (gather_cache)."""
         self.op_key = compiled_ops.register(self)
         """This wrapper's key for the custom ops a compiled model calls (serving.fast_lora.compiled_ops)."""
 
@@ -80,9 +60,9 @@ class PunicaWrapperGrouped(PunicaWrapperCPU):
                         vocab_size: int, **kwargs: Any) -> None:
         super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
         mixtures = mixture_slots(lora_index_to_id)
-        self.union_rows, indices = split_union_rows(self.token_lora_indices, lora_index_to_id, mixtures)
-        self.token_groups = group_rows(indices, member_ranks(lora_index_to_id))
-        self.token_batched = batch_groups(self.token_groups, indices.numel())
+        self.pairs = step_pairs(self.token_lora_indices, lora_index_to_id)
+        self.token_groups = group_rows(without_mixture_slots(self.token_lora_indices, mixtures),
+                                       member_ranks(lora_index_to_id))
         self.sampler_groups = group_rows(without_mixture_slots(self.sampler_indices, mixtures))
 
     def add_shrink(self, y: tuple[torch.Tensor, ...] | torch.Tensor, x: torch.Tensor,
@@ -138,46 +118,12 @@ class PunicaWrapperGrouped(PunicaWrapperCPU):
     def eager_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...],
                           lora_b_stacked: tuple[torch.Tensor, ...], scale: float, output_slices: tuple[int, ...],
                           buffer_dtype: torch.dtype = torch.float32) -> None:
-        grouped_lora_linear(y, x, lora_a_stacked, lora_b_stacked, self.token_groups, scale, output_slices,
-                            buffer_dtype, self.token_batched)
-        u = self.union_rows
-        if u is None:
-            return
-        blocks = pairs = None
-        if u.blocks is not None:
-            blocks = [self._blocks(a, b, buffer_dtype, y.dtype) for a, b in zip(lora_a_stacked, lora_b_stacked)]
-        if u.pairs is not None:
-            pairs = [expert_blocks(a, b, u.pairs.slots, u.block_rank, buffer_dtype, y.dtype)
-                     for a, b in zip(lora_a_stacked, lora_b_stacked)]
-        union_lora_linear(y, x, u, blocks, pairs, scale, output_slices, buffer_dtype)
-
-    def _blocks(self, lora_a: torch.Tensor, lora_b: torch.Tensor, a_dtype: torch.dtype,
-                b_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A `[K·b, H]`, B `[N, K·b]`) of the step's widely used experts in this layer slice.
-
-        A step that uses every expert of a dense union gets the union assembled once from the member slots and
-        cached: a member id always names the same expert (its union's family is a digest of the experts), so a
-        slot keeps the same weights while it holds the same member; the key is the layer's weight tensors and
-        the member slots, and a new arrangement of members clears the cache. Otherwise (some experts, or a
-        sparse union, too large to copy) the blocks in use are gathered from their slots: per layer, K blocks
-        copied whole from their slots, where selecting them from a cached union copies its B column by column.
-        """
-        u = self.union_rows
-        used = u.blocks
-        if u.layout.sparse or not used.complete:
-            return union_weights(lora_a, lora_b, used.slots, u.block_rank, a_dtype, b_dtype)
-        key = (lora_a.data_ptr(), lora_b.data_ptr(), used.slots, u.layout, a_dtype, b_dtype)  # slots: all members
-        cached = self.union_cache.get(key)
-        if cached is None:
-            if any(k[2:4] != key[2:4] for k in self.union_cache):
-                self.union_cache.clear()
-            cached = self.union_cache[key] = union_weights(lora_a, lora_b, used.slots, u.block_rank, a_dtype,
-                                                           b_dtype)
-        return cached
+        pair_lora_linear(y, x, lora_a_stacked, lora_b_stacked, self.pairs, scale, output_slices, buffer_dtype,
+                         self.gathered)
 
     def _linear_only(self, op: str) -> None:
         """Mixture rows need the union's block scales, which only add_lora_linear applies."""
-        if self.union_rows is not None:
+        if self.pairs.mixture_rows:
             raise NotImplementedError(f"{op} with mixture LoRA ids: mode-cotd serves mixtures through the union "
                                       "on linear layers only (not with fully sharded LoRA)")
 

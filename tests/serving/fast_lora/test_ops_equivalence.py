@@ -24,17 +24,22 @@ QKV_SLICES = (64, 32, 32)
 VOCAB = 96
 IDS = [11, 12, 13, None]  # lora_index_to_id: slot -> LoRA id
 
-# Per-token LoRA ids (0: no adapter), per step shape. Prefill: runs of one request's tokens; slot of id 11
-# appears in two separate runs. Decode: one token per request, adapters interleaved. Both take the batched
-# (bmm) path; "skewed" (one big group, two single rows) and "one_adapter" loop over the groups.
+# Per-token LoRA ids (0: no adapter), per step shape. Prefill: short chunks of one request's tokens; slot of id 11
+# appears in two separate chunks. Decode: one token per request, adapters interleaved. Both take the batched
+# (bmm) path. "skewed": a run of 20 rows on one adapter, two single rows batched; "padded": one adapter with
+# too many scattered rows to pad the others to, looped; "one_adapter": a lone slot, looped.
 STEPS = {
     "prefill": ([11] * 5 + [0] * 3 + [13] * 7 + [11] * 4 + [12] * 2, [11, 0, 13, 11, 12], True),
     "decode": ([11, 0, 12, 11, 13, 13, 0, 12, 11], [11, 0, 12, 11, 13, 13, 0, 12, 11], False),
     "skewed": ([11] * 20 + [0, 12, 13], [11, 0, 12, 13], True),
+    "padded": ([11, 12, 11, 11, 13, 11, 11, 0, 11, 11, 11, 11, 11], [11, 12, 11, 11, 13, 11, 11, 0, 11, 11, 11, 11,
+                                                                   11], False),
     "one_adapter": ([12] * 9, [12] * 3, True),
     "no_adapter": ([0] * 6, [0] * 2, True),
 }
-BATCHED = {"prefill": True, "decode": True, "skewed": False, "one_adapter": False, "no_adapter": False}
+PATHS = {  # (runs, looped slots, batched slots)
+    "prefill": (0, 0, 3), "decode": (0, 0, 3), "skewed": (1, 0, 2), "padded": (0, 1, 2), "one_adapter": (0, 1, 0),
+    "no_adapter": (0, 0, 0)}
 
 
 def _wrappers(step: str):
@@ -78,7 +83,8 @@ TOL = {torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2}, torch.float32: {"rtol": 1e-
 @pytest.mark.parametrize("scale", [1.0, 0.5])
 def test_add_lora_linear_matches_vllm(step, dtype, scale):
     (theirs, ours), t, _ = _wrappers(step)
-    assert (ours.token_batched is not None) == BATCHED[step]
+    p = ours.pairs
+    assert (len(p.runs), len(p.loop), 0 if p.batch is None else p.batch.slots.numel()) == PATHS[step]
     torch.manual_seed(0)
     a = tuple(_stacked(RANK, HIDDEN, dtype, seed=i) for i in range(3))
     b = tuple(_stacked(n, RANK, dtype, seed=10 + i) for i, n in enumerate(QKV_SLICES))
@@ -177,7 +183,7 @@ def test_group_rows_slices_runs_and_indexes_scattered_rows():
 def test_padded_rows_beyond_the_mapping_are_left_alone():
     """If the layer sees more rows than the step's mapping (padding), the extra rows get nothing."""
     (_, ours), t, _ = _wrappers("decode")
-    assert ours.token_batched is not None
+    assert ours.pairs.batch is not None
     dtype = torch.float32
     a = tuple(_stacked(RANK, HIDDEN, dtype, seed=i) for i in range(3))
     b = tuple(_stacked(n, RANK, dtype, seed=10 + i) for i, n in enumerate(QKV_SLICES))

@@ -14,7 +14,7 @@ import torch
 
 from serving.fast_lora import reference
 from serving.fast_lora.mixture_ids import UnionLayout, encode, member_id
-from serving.fast_lora.segments import mixture_slots, split_union_rows
+from serving.fast_lora.pairs import step_pairs
 
 pytestmark = pytest.mark.vllm
 
@@ -39,6 +39,7 @@ STEPS = {  # per-token LoRA ids (0: none), per-request ids (sampled rows)
     "one_expert_mixture": ([M3, 12, M3], [M3, 12, M3]),  # M3 is expert 2 at weight 1
     "no_mixture": ([11, 12, 0, 11], [11, 12, 0, 11]),
     "members_only": ([X0, X1, X2, X0, 0, X1], [X0, X1, X2, X0, 0, X1]),  # batched over the members' BLOCK rows
+    "runs": ([M2] * 17 + [11] * 16 + [M1, X0, 12] + [M3] * 20, [M2, 11, M1, X0, 12, M3]),  # prefill chunks
 }
 
 
@@ -70,11 +71,11 @@ def _stacked(seed: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, .
     return a, b
 
 
-def _expected(y0, x, a, b, tokens, scale):
+def _expected(y0, x, a, b, tokens, scale, ids=IDS):
     """Ordinary rows by the plain reference; mixture rows as Σₑ wₑ · scale · x Aₑᵀ Bₑᵀ over the members' slots."""
-    slots = torch.tensor([IDS.index(t) if t and t not in MIX else -1 for t in tokens])
+    slots = torch.tensor([ids.index(t) if t and t not in MIX else -1 for t in tokens])
     out = reference.lora_linear(y0, x, a, b, slots, scale, SLICES)
-    members = [IDS.index(m) for m in (X0, X1, X2)]
+    members = [ids.index(m) for m in (X0, X1, X2)]
     for row, lora_id in enumerate(tokens):
         if lora_id not in MIX:
             continue
@@ -101,49 +102,67 @@ def test_mixture_rows_get_their_mixture_of_the_union(step, dtype, scale):
     expected = _expected(y0, x, a, b, STEPS[step][0], scale).to(dtype)
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 3e-2}
     torch.testing.assert_close(y, expected, **tol)
-    assert (wrapper.union_rows is None) == (step in ("no_mixture", "members_only"))
+    assert (wrapper.pairs.mixture_rows == 0) == (step in ("no_mixture", "members_only"))
 
 
-def test_union_rows_carry_each_rows_weights():
-    wrapper, _ = _wrapper("decode")
-    union = wrapper.union_rows
-    assert union.block_rank == BLOCK and union.count == 5
-    assert torch.equal(union.rows, torch.tensor([0, 2, 4, 6, 8]))
-    expected = torch.tensor([MIX[M1], MIX[M2], MIX[M3], MIX[M2], MIX[M1]], dtype=torch.float32)
-    torch.testing.assert_close(union.blocks.weights, expected)
-    assert all(g.slot not in (IDS.index(M1), IDS.index(M2), IDS.index(M3)) for g in wrapper.token_groups)
-    assert union.blocks.complete and union.blocks.slots == (4, 7, 2) and union.pairs is None  # all three used
+def _expected_pairs(step: str) -> dict[tuple[int, int], float]:
+    """(row, slot) -> weight that each row of the step should ask for."""
+    members = [IDS.index(m) for m in (X0, X1, X2)]
+    out = {}
+    for row, lora_id in enumerate(STEPS[step][0]):
+        if lora_id in MIX:
+            out.update({(row, members[e]): w for e, w in enumerate(MIX[lora_id]) if w})
+        elif lora_id:
+            out[(row, IDS.index(lora_id))] = 1.0
+    return out
+
+
+@pytest.mark.parametrize("step", list(STEPS))
+def test_each_row_asks_for_its_adapter_or_its_mixtures_experts(step):
+    wrapper, _ = _wrapper(step)
+    table = wrapper.pairs.table()
+    assert table == pytest.approx(_expected_pairs(step))
+    placeholders = {IDS.index(m) for m in MIX}
+    assert not {slot for _, slot in table} & placeholders  # a mixture id's own slot is never read
+    assert wrapper.pairs.pairs == len(table)
+
+
+def test_contiguous_rows_on_one_id_are_runs_with_their_experts_side_by_side():
+    wrapper, _ = _wrapper("runs")
+    runs = wrapper.pairs.runs
+    assert [(r.rows, [p.slot for p in r.parts]) for r in runs] == [
+        (slice(0, 17), [IDS.index(X1), IDS.index(X2)]), (slice(17, 33), [IDS.index(11)]),
+        (slice(36, 56), [IDS.index(X2)])]
+    torch.testing.assert_close(runs[0].scales, torch.tensor([0.65] * BLOCK + [0.35] * BLOCK))
+    assert runs[1].scales is None and runs[2].scales is None and runs[2].parts[0].weight == 1.0
+    assert wrapper.pairs.table().keys() >= {(33, IDS.index(X0)), (34, IDS.index(X0)), (35, IDS.index(12))}
 
 
 def test_member_slots_are_multiplied_by_their_block_rank_only():
     wrapper, _ = _wrapper("members_only")
-    assert {g.slot: g.rank for g in wrapper.token_groups} == {IDS.index(X0): BLOCK, IDS.index(X1): BLOCK,
-                                                              IDS.index(X2): BLOCK}
-    assert wrapper.token_batched is not None and wrapper.token_batched.rank == BLOCK
-    wrapper, _ = _wrapper("decode")  # an ordinary adapter among the groups: the batch keeps every row
-    assert wrapper.token_batched.rank is None and {g.rank for g in wrapper.token_groups} == {None, BLOCK}
+    assert wrapper.pairs.batch is not None and wrapper.pairs.batch.rank == BLOCK
+    wrapper, _ = _wrapper("decode")  # an ordinary adapter among the slots: the batch keeps every row
+    assert wrapper.pairs.batch.rank is None
 
 
-def test_a_step_that_uses_some_experts_multiplies_by_their_blocks_only():
+def test_a_step_that_uses_some_experts_reads_their_slots_only():
     wrapper, _ = _wrapper("some_experts")
-    blocks = wrapper.union_rows.blocks
-    assert torch.equal(blocks.experts, torch.tensor([0, 1])) and not blocks.complete
-    torch.testing.assert_close(blocks.weights, torch.tensor([[0.5, 0.5]] * 3))
+    assert {slot for _, slot in wrapper.pairs.table()} == {IDS.index(X0), IDS.index(X1), IDS.index(11)}
     wrapper, _ = _wrapper("one_expert_mixture")
-    assert torch.equal(wrapper.union_rows.blocks.experts, torch.tensor([2]))
+    assert {slot for _, slot in wrapper.pairs.table()} == {IDS.index(X2), IDS.index(12)}
 
 
 def test_a_mixture_without_all_its_experts_in_slots_is_an_error():
     ids = [11, M1, X0, X2, None]
     with pytest.raises(RuntimeError, match=r"experts \[1\] are not in a slot"):
-        split_union_rows(torch.tensor([1, 0, 1]), ids, mixture_slots(ids))
+        step_pairs(torch.tensor([1, 0, 1]), ids)
 
 
 def test_mixtures_of_two_unions_in_one_step_are_an_error():
     other = UnionLayout(family=10, experts=E, block_rank=BLOCK)
     ids = [M1, encode(other, [1, 1, 0], 2), X0, X1, X2, *(member_id(other, e) for e in range(E))]
     with pytest.raises(RuntimeError, match="different unions"):
-        split_union_rows(torch.tensor([0, 1]), ids, mixture_slots(ids))
+        step_pairs(torch.tensor([0, 1]), ids)
 
 
 def test_unfused_ops_refuse_mixture_rows():
@@ -167,19 +186,43 @@ def test_logits_of_mixture_rows_ignore_the_placeholder_slots():
     torch.testing.assert_close(y, reference.lora_linear(y0, x, (a,), (b,), slots, 1.0, (40,)).float())
 
 
-def test_the_union_is_assembled_once_per_layer_and_rebuilt_when_members_move():
+def test_gathered_weights_are_reused_until_a_slot_is_written_or_members_move():
+    from vllm.lora.layers.utils import LoRAMapping
+
     wrapper, t = _wrapper("decode")
     a, b = _stacked(seed=1)
     x = torch.randn(t, HIDDEN, generator=torch.Generator().manual_seed(2))
-    y = torch.zeros(t, sum(SLICES))
-    wrapper.add_lora_linear(y, x, a, b, 1.0, SLICES)
-    wrapper.add_lora_linear(y, x, a, b, 1.0, SLICES)
-    assert len(wrapper.union_cache) == len(SLICES)
-    from vllm.lora.layers.utils import LoRAMapping
+    tokens = STEPS["decode"][0]
 
+    def check(ids, tokens, a, b):
+        y0 = torch.zeros(len(tokens), sum(SLICES))
+        y = y0.clone()
+        wrapper.add_lora_linear(y, x[: len(tokens)], a, b, 1.0, SLICES)
+        torch.testing.assert_close(y, _expected(y0, x[: len(tokens)], a, b, tokens, 1.0, ids).float())
+
+    check(IDS, tokens, a, b)
+    held = dict(wrapper.gathered.entries)
+    check(IDS, tokens, a, b)
+    assert held and wrapper.gathered.entries.keys() == held.keys()
+    assert all(wrapper.gathered.entries[k][2] is v[2] for k, v in held.items())  # the same gathers: hits
+    a[0][IDS.index(X0), 0] += 1.0  # vLLM loads another adapter into a slot in place
+    check(IDS, tokens, a, b)
     moved = [11, M1, X1, M2, X0, 12, M3, X2]  # X1 and X2 swapped slots
-    wrapper.update_metadata(LoRAMapping((M1, M2), (M1, M2), is_prefill=True), moved, len(moved) + 1, 64)
-    y0 = torch.zeros(2, sum(SLICES))
-    y = y0.clone()
-    wrapper.add_lora_linear(y, x[:2], a, b, 1.0, SLICES)
-    assert len(wrapper.union_cache) == len(SLICES) and all(k[2] == (4, 2, 7) for k in wrapper.union_cache)
+    wrapper.update_metadata(LoRAMapping((M1, M2, X1, 0), (M1, M2, X1, 0), is_prefill=True), moved,
+                            len(moved) + 1, 64)
+    for t_ in (a[0], a[1], a[2], b[0], b[1], b[2]):  # the same tensors, with the members' weights moved too
+        t_[[7, 2]] = t_[[2, 7]].clone()
+    check(moved, [M1, M2, X1, 0], a, b)
+
+
+def test_the_cache_holds_at_most_its_bytes():
+    from serving.fast_lora.gather_cache import GatherCache
+
+    cache = GatherCache(max_bytes=3 * 4 * 10)
+    t = torch.zeros(8, 10)
+    for k in range(5):
+        cache.get(t, (k,), lambda k=k: t[k].clone())
+    assert cache.bytes <= cache.max_bytes and [key for _, key in cache.entries] == [(2,), (3,), (4,)]
+    assert cache.get(t, (4,), lambda: None) is cache.entries[(t.data_ptr(), (4,))][2]  # a hit
+    other = torch.zeros(8, 10)
+    assert cache.get(other, (4,), lambda: other[0] + 1).sum() == 10  # another tensor: never another's gather

@@ -1,5 +1,5 @@
-"""Unions of many experts and steps of many distinct mixtures: widely used experts block-scaled, the others by
-(row, expert) pairs, every mixture row against a float64 loop over its experts.
+"""Unions of many experts and steps of many distinct mixtures: every (row, expert) pair in one batch, every
+mixture row against a float64 loop over its experts.
 
 Random steps: E experts (dense and sparse unions, with and without a shared last block) pinned in shuffled
 slots, ordinary adapters and rows without one in between, mixtures of one or two routed experts (the gate's
@@ -15,7 +15,7 @@ import torch
 
 from serving.fast_lora import reference
 from serving.fast_lora.mixture_ids import UnionLayout, encode, member_id
-from serving.fast_lora.segments import mixture_slots, split_union_rows
+from serving.fast_lora.pairs import step_pairs
 
 pytestmark = pytest.mark.vllm
 
@@ -111,25 +111,19 @@ def test_every_mixture_row_gets_its_mixture(case, dtype, scale):
     torch.testing.assert_close(y, expected, **tol)
 
 
-def test_many_mixtures_go_by_pairs_and_a_shared_block_by_blocks():
+def test_many_mixtures_read_only_the_experts_they_use():
     ids, tokens, mix, layout = _step(1023, True, 40, 64, seed=5)
     wrapper = _wrapper(ids, tokens)
-    union = wrapper.union_rows
+    table = wrapper.pairs.table()
+    used = {e for t in tokens if t in mix for e in mix[t]}
+    assert {slot for _, slot in table} == {ids.index(member_id(layout, e)) for e in used} | (
+        {ids.index(11)} if 11 in tokens else set())
+    assert len(table) == sum(len(mix[t]) for t in tokens if t in mix) + tokens.count(11)  # one pair per weight
     a, b = _stacked(ids, layout, seed=1)
     wrapper.add_lora_linear(torch.zeros(64, sum(SLICES)), torch.randn(64, HIDDEN), a, b, 1.0, SLICES)
-    assert layout.sparse and wrapper.union_cache == {}  # the blocks in use were gathered, nothing cached
-    assert union.blocks.experts.tolist() == [1022] and union.blocks.slots == (ids.index(member_id(layout, 1022)),)
-    used = {e for m in mix for e in mix[m] if m in tokens} - {1022}
-    assert set(union.pairs.experts.tolist()) == used
-    pairs = int(union.pairs.weights.ne(0).sum())
-    assert pairs == sum(len(mix[t]) - 1 for t in tokens if t in mix)  # one pair per routed weight
-    assert union.pairs.weights.numel() == len(used) * union.pairs.width
-
-
-def test_few_narrow_experts_stay_block_scaled():
-    ids, tokens, _, _ = _step(6, False, 2, 12, seed=3)
-    union = _wrapper(ids, tokens).union_rows
-    assert union.pairs is None and union.blocks is not None
+    g = wrapper.pairs.batch.slots.numel()
+    assert len(wrapper.gathered.entries) == 2 * len(SLICES)  # one gather of G experts per tensor, not of 1,023
+    assert all(v[2].shape[0] == g for v in wrapper.gathered.entries.values())
 
 
 def test_a_sparse_mixture_needs_only_its_own_experts_in_slots():
@@ -138,8 +132,9 @@ def test_a_sparse_mixture_needs_only_its_own_experts_in_slots():
     units[7], units[321] = 5, 15
     m = encode(layout, units, GRID)
     ids = [m, member_id(layout, 7), member_id(layout, 321), 11]  # 498 members not loaded
-    union, rest = split_union_rows(torch.tensor([0, 3, 0]), ids, mixture_slots(ids))
-    assert union.blocks.slots == (1, 2) and rest.tolist() == [-1, 3, -1]
+    pairs = step_pairs(torch.tensor([0, 3, 0]), ids)
+    assert pairs.table() == {(0, 1): 0.25, (0, 2): 0.75, (2, 1): 0.25, (2, 2): 0.75, (1, 3): 1.0}
+    assert pairs.mixture_rows == 2
     ids[2] = 12
     with pytest.raises(RuntimeError, match=r"experts \[321\] are not in a slot"):
-        split_union_rows(torch.tensor([0]), ids, mixture_slots(ids))
+        step_pairs(torch.tensor([0]), ids)

@@ -1,0 +1,257 @@
+"""A step's LoRA work as (row, slot, weight) pairs: one layout for adapters, union members and mixtures alike.
+
+Every row with an adapter asks for one or more slots' LoRA, each at a weight:
+- a row on an ordinary adapter or a union member id: its own slot, weight 1;
+- a row on a mixture id (serving.fast_lora.mixture_ids): one pair per expert of its mixture, the slot that
+  holds the expert's member id at the expert's weight wₑ (the mixture id's own slot holds a placeholder that is
+  never read).
+
+`step_pairs` builds the pairs once per step (in the wrapper's `update_metadata`) and groups them by slot. The op
+(serving.fast_lora.ops.pair_lora_linear) then gives row r, in every LoRA layer,
+
+    y[r] += Σ over r's pairs (s, w):  w · scale · (x[r] @ Aₛᵀ) @ Bₛᵀ
+
+in three parts, so that its cost grows with the pairs and not with the number of distinct adapters, experts or
+mixtures in the step:
+- `runs`: contiguous rows on one adapter or one mixture id (a prefill chunk, a batch on one adapter): one matmul
+  pair each over the blocks of its slots side by side, on slices of x and y, with no copy of activations;
+- `loop`: among the other rows' pairs, slots with too many of them to pad the rest to: one matmul pair each;
+- `batch`: the other slots, each padded to the same number of pairs: their weights gathered once per layer
+  slice, one batched matmul pair over all of them, the products added back by row in one call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from serving.fast_lora import mixture_ids
+from serving.fast_lora.segments import Rows, slot_table
+
+RUN_MIN_ROWS = 16
+"""Contiguous rows on one adapter or mixture id, at least this many, are a run (their rows amortise the call)."""
+MAX_PADDING = 2.0
+"""The batch pads each slot's pairs to the largest count while that at most doubles the pairs; slots with the most
+pairs move to `loop` until it does."""
+
+
+@dataclass(frozen=True)
+class SlotPairs:
+    """The pairs of one slot, served by one matmul pair on the slot's own weights."""
+
+    slot: int
+    """Index into the stacked LoRA weights (dim 0 of lora_a_stacked / lora_b_stacked)."""
+    rows: Rows
+    """The rows that use the slot (each once), increasing."""
+    count: int
+    """How many rows."""
+    weights: torch.Tensor | None
+    """[count, 1] float32: each row's weight for this slot; None: all 1."""
+    rank: int | None
+    """Rows of the slot's A (columns of B) that can be non-zero, when fewer than the slot's size: a union member's
+    block rank. The op multiplies by these only. None: all of them."""
+
+
+@dataclass(frozen=True)
+class Part:
+    """One slot's share of a run: every row of the run multiplies by it at the same weight."""
+
+    slot: int
+    weight: float
+    rank: int | None
+    """As SlotPairs.rank."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """Contiguous rows on one adapter or one mixture id: y[rows] += (scale · x[rows] @ [A₁; …; Aₖ]ᵀ ⊙ weights)
+    @ [B₁ … Bₖ]ᵀ over its k parts' blocks side by side (k = 1 for an adapter, the mixture's experts for a
+    mixture id)."""
+
+    rows: slice
+    count: int
+    parts: tuple[Part, ...]
+    scales: torch.Tensor | None
+    """[Σrₚ] float32: each part's weight over its block's columns, for a run of several parts (their ranks are the
+    members' block ranks); None for one part (its weight is `parts[0].weight`)."""
+
+
+@dataclass(frozen=True)
+class PairBatch:
+    """The pairs of G slots laid out for batched matmuls: position p = g·width + j is slot g's j-th pair."""
+
+    slots: torch.Tensor
+    """[G] int64: each group's slot."""
+    rows: torch.Tensor
+    """[G·width] int64: the row each position reads from x and adds to in y (padding: a real row at weight 0)."""
+    weights: torch.Tensor | None
+    """[G·width, 1] float32: each position's weight, 0 for padding; None: every position is a pair at weight 1."""
+    width: int
+    """Pairs per slot after padding (the largest count among the G slots)."""
+    rank: int | None
+    """The largest SlotPairs.rank of the G slots when all have one, else None (all of the slots' rows)."""
+    key: tuple
+    """(slots, rank): what the gathered weights depend on (ops.GatherCache)."""
+
+
+@dataclass(frozen=True)
+class StepPairs:
+    """A step's pairs: `runs` and `loop` slots one by one, the rest in one `batch`."""
+
+    runs: tuple[Run, ...]
+    loop: tuple[SlotPairs, ...]
+    batch: PairBatch | None
+    mixture_rows: int
+    """Rows of the step on a mixture id."""
+    pairs: int
+    """Pairs of the step, over all slots."""
+
+    def table(self) -> dict[tuple[int, int], float]:
+        """Every pair as (row, slot) -> weight, whichever part serves it (for tests and debugging)."""
+        out = {}
+        for run in self.runs:
+            for part in run.parts:
+                out.update({(row, part.slot): part.weight for row in range(run.rows.start, run.rows.stop)})
+        for g in self.loop:
+            rows = range(g.rows.start, g.rows.stop) if isinstance(g.rows, slice) else g.rows.tolist()
+            weights = [1.0] * g.count if g.weights is None else g.weights.flatten().tolist()
+            out.update({(row, g.slot): w for row, w in zip(rows, weights)})
+        if self.batch is not None:
+            b, w = self.batch, self.batch.width
+            weights = [1.0] * b.rows.numel() if b.weights is None else b.weights.flatten().tolist()
+            for i, slot in enumerate(b.slots.tolist()):
+                for j in range(w):
+                    if weights[i * w + j]:
+                        out[(int(b.rows[i * w + j]), slot)] = weights[i * w + j]
+        return out
+
+
+NO_PAIRS = StepPairs((), (), None, 0, 0)
+
+
+def step_pairs(indices: torch.Tensor, lora_index_to_id: list[int | None]) -> StepPairs:
+    """The pairs of a step whose row r is on slot indices[r] ([T] int64; -1: no adapter): runs, then the other rows'
+    pairs grouped by slot.
+
+    Raises RuntimeError when a mixture id's expert is not in a slot, or the step has mixture ids of different
+    unions (a mixture is only defined over its own union's members).
+    """
+    if indices.numel() == 0:
+        return NO_PAIRS
+    table = slot_table(lora_index_to_id)
+    values, counts = torch.unique_consecutive(indices, return_counts=True)  # [V], [V]: segments of equal slot
+    present = sorted({v for v in values.tolist() if v >= 0})
+    if not present:
+        return NO_PAIRS
+    parts = _parts(present, lora_index_to_id, table)
+    runs, rest = [], torch.zeros_like(indices, dtype=torch.bool)  # rest: rows with an adapter outside runs
+    start = 0
+    for value, count in zip(values.tolist(), counts.tolist()):
+        if value >= 0 and count >= RUN_MIN_ROWS:
+            runs.append(Run(slice(start, start + count), count, parts[value], _scales(parts[value])))
+        elif value >= 0:
+            rest[start : start + count] = True
+        start += count
+    groups = _slot_pairs(indices, rest, parts, table.member_ranks)
+    loop, batched = _split(groups)
+    mixture_rows = sum(int((indices == slot).sum()) for slot in present if slot in table.mixtures)
+    pairs = sum(r.count * len(r.parts) for r in runs) + sum(g.count for g in groups)
+    return StepPairs(tuple(runs), tuple(loop), _batch(batched), mixture_rows, pairs)
+
+
+def _parts(present: list[int], lora_index_to_id: list[int | None], table) -> dict[int, tuple[Part, ...]]:
+    """Slot -> the parts a row on it multiplies by: its own slot at weight 1, or a mixture id's experts' slots."""
+    mixtures = [slot for slot in present if slot in table.mixtures]
+    member_slot: dict[int, int] = {}
+    if mixtures:
+        layouts = {table.mixtures[slot].layout for slot in mixtures}
+        if len(layouts) > 1:
+            raise RuntimeError(f"one step mixes mixture ids of {len(layouts)} different unions: "
+                               f"{sorted(map(str, layouts))}")
+        layout = layouts.pop()
+        used = sorted({block for slot in mixtures for block, _ in table.mixtures[slot].blocks})
+        found = {e: table.slot_of.get(mixture_ids.member_id(layout, e)) for e in used}
+        missing = [e for e in used if found[e] is None]
+        if missing:
+            raise RuntimeError(f"mixture ids of union {layout} are in the step but its experts {missing} are not "
+                               "in a slot: load and pin every member of the union first")
+        member_slot = found
+    out = {}
+    for slot in present:
+        if slot in table.mixtures:
+            out[slot] = tuple(Part(member_slot[block], float(weight), table.member_ranks.get(member_slot[block]))
+                              for block, weight in table.mixtures[slot].blocks)
+        else:
+            out[slot] = (Part(slot, 1.0, table.member_ranks.get(slot)),)
+    return out
+
+
+def _scales(parts: tuple[Part, ...]) -> torch.Tensor | None:
+    """Run.scales of `parts` (several parts are a mixture's experts, each with its member block rank)."""
+    if len(parts) == 1:
+        return None
+    return torch.cat([torch.full((p.rank,), p.weight) for p in parts])  # [Σr]
+
+
+def _slot_pairs(indices: torch.Tensor, rest: torch.Tensor, parts: dict[int, tuple[Part, ...]],
+                ranks: dict[int, int]) -> list[SlotPairs]:
+    """The pairs of the `rest` rows ([T] bool), grouped by slot, in slot order."""
+    rows_of: dict[int, list[torch.Tensor]] = {}
+    weights_of: dict[int, list[torch.Tensor]] = {}
+    for value in torch.unique(indices[rest]).tolist():
+        rows = (rest & (indices == value)).nonzero().flatten()  # [t] increasing
+        for part in parts[value]:
+            rows_of.setdefault(part.slot, []).append(rows)
+            weights_of.setdefault(part.slot, []).append(torch.full((rows.numel(),), part.weight))
+    groups = []
+    for slot in sorted(rows_of):
+        rows, weights = torch.cat(rows_of[slot]), torch.cat(weights_of[slot])
+        if len(rows_of[slot]) > 1:  # rows from several adapters or mixtures: back in increasing order
+            rows, order = torch.sort(rows)
+            weights = weights[order]
+        groups.append(SlotPairs(slot, _rows(rows), rows.numel(),
+                                None if bool((weights == 1).all()) else weights.unsqueeze(1), ranks.get(slot)))
+    return groups
+
+
+def _rows(rows: torch.Tensor) -> Rows:
+    """Increasing row indices [t] as a slice when they are contiguous."""
+    first, last = int(rows[0]), int(rows[-1])
+    return slice(first, last + 1) if last - first + 1 == rows.numel() else rows
+
+
+def _split(groups: list[SlotPairs]) -> tuple[list[SlotPairs], list[SlotPairs]]:
+    """(loop, batch): the slots with the most pairs loop while padding all the rest to the largest count would
+    exceed MAX_PADDING; a lone slot left loops too."""
+    by_count = sorted(groups, key=lambda g: g.count, reverse=True)
+    k = 0
+    while len(by_count) - k >= 2:
+        rest = by_count[k:]
+        if len(rest) * rest[0].count <= MAX_PADDING * sum(g.count for g in rest):
+            break
+        k += 1
+    if len(by_count) - k < 2:
+        k = len(by_count)
+    return sorted(by_count[:k], key=lambda g: g.slot), sorted(by_count[k:], key=lambda g: g.slot)
+
+
+def _batch(groups: list[SlotPairs]) -> PairBatch | None:
+    """The batched layout of `groups` (None for none)."""
+    if not groups:
+        return None
+    width = max(g.count for g in groups)
+    rows = torch.empty(len(groups), width, dtype=torch.long)  # [G, width]
+    weights = torch.zeros(len(groups), width)  # [G, width]; padding: 0
+    for i, g in enumerate(groups):
+        r = torch.arange(g.rows.start, g.rows.stop) if isinstance(g.rows, slice) else g.rows  # [count]
+        rows[i, : g.count] = r
+        rows[i, g.count :] = r[0]
+        weights[i, : g.count] = 1.0 if g.weights is None else g.weights.flatten()
+    padded = any(g.count < width for g in groups)
+    unweighted = not padded and all(g.weights is None for g in groups)
+    ranks = [g.rank for g in groups]
+    rank = None if None in ranks else max(ranks)
+    slots = tuple(g.slot for g in groups)
+    return PairBatch(torch.tensor(slots, dtype=torch.long), rows.view(-1), None if unweighted else weights.view(-1, 1),
+                     width, rank, (slots, rank))
