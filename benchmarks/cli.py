@@ -52,6 +52,8 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def _floats(text: str) -> tuple[float, ...]:
+    if text.strip() == "none":  # what --help shows for an empty tuple
+        return ()
     try:
         return tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:

@@ -24,6 +24,8 @@ def test_quick_preset_and_overrides():
     assert full.concurrencies == (2, 8) and full.ratio_concurrency == 8 and full.scenarios == "ce"
     assert not full.cross_check and full.output_tokens == 16
     assert full.requests_per_level == PRESETS["full"].requests_per_level
+    off = _config(["--rates", "none", "--experts-table", "none"])  # "none", as --help shows an empty list
+    assert off.poisson_rates == () and off.experts_table == ()
 
 
 def test_serve_flags_pass_through():
