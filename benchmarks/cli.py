@@ -32,6 +32,7 @@ FLAGS = {
     "--dtype": "dtype", "--expert": "expert", "--mixture-popularity": "mixture_popularity",
     "--mixture-k": "mixture_k", "--mixture-grid": "mixture_grid", "--scaling-in-flight": "scaling_in_flight",
     "--hit-rate-requests": "hit_rate_requests", "--cross-check": "cross_check", "--compile": "compile",
+    "--prefix-caching": "prefix_caching", "--stream-interval": "stream_interval",
     "--student": "student", "--bundle": "bundle", "--seed": "seed", "--experts-table": "experts_table",
     "--experts-in-flight": "experts_in_flight", "--experts-rank": "experts_rank", "--experts-dtype": "experts_dtype",
     "--experts-cache": "experts_cache",

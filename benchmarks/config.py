@@ -88,6 +88,16 @@ class BenchConfig:
     compile: bool = True
     """Serve mode-cotd with `--engine-compile` (its LoRA engine compiled, as `vllm serve` compiles scenario a's
     engine; vLLM never compiles a CPU LoRA engine, so b stays eager). Costs ~150 s more start-up here."""
+    stream_interval: int = 4
+    """Output tokens per streamed chunk in every server (`vllm serve --stream-interval`, `mode-cotd serve
+    --engine-stream-interval`; mode-cotd's default is 4): the same chunking on both sides of each ratio."""
+    prefix_caching: bool = False
+    """vLLM's prefix caching in every server (`vllm serve --[no-]enable-prefix-caching`, `mode-cotd serve
+    --[no-]engine-prefix-caching`). Off: every request computes its whole prompt, whatever ran before it, so
+    scenarios and rows that reuse prompts do the same work. On, they hit the cache unevenly: a sweep's levels
+    reuse the same prompts, the gate route's warm-up runs the very prompts and routes it then measures, and the
+    scaling rows' student baseline reuses prompts the sweeps ran on the student route while each mixture row's
+    fresh mixture ids start cold."""
     serve_args: list[str] = field(default_factory=list)
     """Extra `mode-cotd serve` flags (e.g. --no-engine-fast-lora)."""
     vllm_args: list[str] = field(default_factory=list)

@@ -110,7 +110,9 @@ def experts_row(count: int, bundle: Path, student: Path | None, config: BenchCon
         spec = servers.mode_cotd_spec(Path(composites), bundle, student,
                                       ["--engine-dtype", config.experts_dtype, "--engine-max-lora-rank",
                                        str(config.experts_rank), "--engine-kv-cache-memory-bytes",
-                                       str(KV_CACHE_BYTES), *config.serve_args])
+                                       str(KV_CACHE_BYTES), *config.serve_args],
+                                      prefix_caching=config.prefix_caching,
+                                      stream_interval=config.stream_interval)
         spec.name = f"mode-cotd-{count}-experts"
         with servers.running(spec, logs) as srv:
             row["startup_s"] = round(srv.startup_s, 1)

@@ -155,12 +155,16 @@ class Runner:
         started = time.monotonic()
         self.output.mkdir(parents=True, exist_ok=True)
         if "a" in wanted:
-            spec = servers.vllm_spec(self.student, self.student_name, dtype=config.dtype, extra_args=config.vllm_args)
+            spec = servers.vllm_spec(self.student, self.student_name, dtype=config.dtype, extra_args=config.vllm_args,
+                                     prefix_caching=config.prefix_caching,
+                                     stream_interval=config.stream_interval)
             with self.phase("a"), self.server(spec) as srv:
                 self.sweep("a", srv.base_url)
         if "b" in wanted:
             spec = servers.vllm_spec(self.student, self.student_name, {config.expert: self.expert_path},
-                                     dtype=config.dtype, extra_args=config.vllm_args)
+                                     dtype=config.dtype, extra_args=config.vllm_args,
+                                     prefix_caching=config.prefix_caching,
+                                     stream_interval=config.stream_interval)
             with self.phase("b"), self.server(spec) as srv:
                 self.sweep("b", srv.base_url)
         if wanted & set("cdef") or config.scaling_in_flight or config.hit_rate_requests:
@@ -180,7 +184,9 @@ class Runner:
         spec = servers.mode_cotd_spec(Path(composites.name), self.bundle,
                                       self.student if config.student else None,
                                       ["--engine-dtype", config.dtype,
-                                       *(["--engine-compile"] if config.compile else []), *config.serve_args])
+                                       *(["--engine-compile"] if config.compile else []), *config.serve_args],
+                                      prefix_caching=config.prefix_caching,
+                                      stream_interval=config.stream_interval)
         with composites, self.server(spec) as srv:
             first = prom.scrape(srv.base_url)
             if config.hit_rate_requests:

@@ -64,13 +64,15 @@ class ServerSpec:
 def vllm_spec(student: Path, served_name: str, lora_modules: dict[str, Path] | None = None,
               max_lora_rank: int = 16, max_loras: int = 4, max_cpu_loras: int = 16, max_num_seqs: int = 64,
               max_model_len: int = 2048, gpu_memory_utilization: float = 0.3, dtype: str = "auto",
-              extra_args: Sequence[str] = ()) -> ServerSpec:
+              extra_args: Sequence[str] = (), prefix_caching: bool = True, stream_interval: int = 1) -> ServerSpec:
     """`vllm serve <student>`, with the same engine sizes as mode-cotd's defaults (serving/settings.py)."""
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(student),
             "--served-model-name", served_name, "--host", "127.0.0.1", "--port", "{port}",
             "--max-model-len", str(max_model_len), "--max-num-seqs", str(max_num_seqs),
             "--gpu-memory-utilization", str(gpu_memory_utilization), "--dtype", dtype, "--seed", "0",
-            "--disable-log-stats", "--uvicorn-log-level", "warning"]
+            "--disable-log-stats", "--uvicorn-log-level", "warning",
+            "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching",
+            "--stream-interval", str(stream_interval)]
     if lora_modules:
         argv += ["--enable-lora", "--max-lora-rank", str(max_lora_rank), "--max-loras", str(max_loras),
                  "--max-cpu-loras", str(max_cpu_loras),
@@ -80,10 +82,13 @@ def vllm_spec(student: Path, served_name: str, lora_modules: dict[str, Path] | N
 
 
 def mode_cotd_spec(cache_dir: Path, bundle: Path | None = None, student: Path | None = None,
-                   extra_args: Sequence[str] = ()) -> ServerSpec:
+                   extra_args: Sequence[str] = (), prefix_caching: bool = True,
+                   stream_interval: int | None = None) -> ServerSpec:
     """`mode-cotd serve` with its defaults (default bundle and student unless given), a fresh composite cache."""
     argv = [sys.executable, "-m", "mode_cotd.cli", "serve", "--host", "127.0.0.1", "--port", "{port}",
-            "--cache-dir", str(cache_dir)]
+            "--cache-dir", str(cache_dir),
+            "--engine-prefix-caching" if prefix_caching else "--no-engine-prefix-caching"]
+    argv += ["--engine-stream-interval", str(stream_interval)] if stream_interval is not None else []
     argv += ["--bundle", str(bundle)] if bundle else []
     argv += ["--student", str(student)] if student else []
     return ServerSpec("mode-cotd", argv + list(extra_args))

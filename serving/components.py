@@ -51,6 +51,9 @@ def resolve_settings(settings: ServeSettings) -> ServeSettings:
             "(`mode-cotd pipeline --help`), or pass --bundle PATH to a bundle folder."
         )
     cpu_threads_bind(settings.engine.cpu_threads_bind, 0, [0])  # a bad value fails here, not in each replica
+    if settings.engine.stream_interval < 1:
+        raise ConfigError(f"engine.stream_interval: tokens per streamed chunk must be >= 1, got "
+                          f"{settings.engine.stream_interval}")
     student = resolve_student(settings.student)
     config = json.loads((student / "config.json").read_text(encoding="utf-8"))
     limit = config.get("max_position_embeddings") or settings.engine.max_model_len

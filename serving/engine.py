@@ -84,6 +84,8 @@ def engine_args(student: Path, settings: EngineSettings, max_lora_rank: int, max
         "max_num_seqs": settings.max_num_seqs,
         "gpu_memory_utilization": settings.gpu_memory_utilization,
         "enforce_eager": settings.enforce_eager,
+        "enable_prefix_caching": settings.prefix_caching,
+        "stream_interval": settings.stream_interval,
         "seed": settings.seed,
         "disable_log_stats": True,
         "load_format": "safetensors",  # the student's weights are never unpickled (no .bin / .pt fallback)

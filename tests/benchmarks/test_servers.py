@@ -68,6 +68,14 @@ def test_specs_build_the_expected_command_lines(tmp_path):
     mc = servers.mode_cotd_spec(tmp_path / "c", extra_args=["--no-engine-fast-lora"])
     assert mc.argv[1:4] == ["-m", "mode_cotd.cli", "serve"] and mc.argv[-1] == "--no-engine-fast-lora"
     assert "--bundle" not in mc.argv and "{port}" in mc.argv
+    assert "--enable-prefix-caching" in vllm.argv and "--engine-prefix-caching" in mc.argv
+    cold = (servers.vllm_spec(tmp_path, "s", prefix_caching=False),
+            servers.mode_cotd_spec(tmp_path / "c", prefix_caching=False))
+    assert "--no-enable-prefix-caching" in cold[0].argv and "--no-engine-prefix-caching" in cold[1].argv
+    chunked = (servers.vllm_spec(tmp_path, "s", stream_interval=4),
+               servers.mode_cotd_spec(tmp_path / "c", stream_interval=4))
+    assert " ".join(chunked[0].argv).endswith("--stream-interval 4") and \
+        chunked[1].argv[-2:] == ["--engine-stream-interval", "4"] and "--engine-stream-interval" not in mc.argv
     assert servers.free_port() > 0
 
 

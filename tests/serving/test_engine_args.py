@@ -47,3 +47,27 @@ def test_the_forced_tokens_processor_is_registered_beside_the_users_and_needs_ra
     with pytest.raises(ConfigError, match="logprobs_mode"):
         engine_args(tmp_path, EngineSettings(extra={"logprobs_mode": "processed_logprobs"}), max_lora_rank=8,
                     max_model_len=512)
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_prefix_caching_follows_its_setting(tmp_path, on):
+    (tmp_path / "config.json").write_text(json.dumps({"dtype": "float32"}))
+    args = engine_args(tmp_path, EngineSettings(prefix_caching=on), max_lora_rank=8, max_model_len=512)
+    assert args.enable_prefix_caching is on
+
+
+def test_the_stream_interval_reaches_vllm_and_a_bad_one_fails_before_ray_starts(tmp_path, tiny_bundle, tiny_student):
+    import dataclasses
+
+    from mode_cotd.errors import ConfigError
+    from serving.components import resolve_settings
+    from serving.settings import ServeSettings
+
+    (tmp_path / "config.json").write_text(json.dumps({"dtype": "float32"}))
+    assert engine_args(tmp_path, EngineSettings(), max_lora_rank=8, max_model_len=512).stream_interval == 4
+    assert engine_args(tmp_path, EngineSettings(stream_interval=1), max_lora_rank=8,
+                       max_model_len=512).stream_interval == 1
+    bad = ServeSettings(bundle=str(tiny_bundle), student=str(tiny_student))
+    bad = dataclasses.replace(bad, engine=dataclasses.replace(bad.engine, stream_interval=0))
+    with pytest.raises(ConfigError, match="engine.stream_interval"):
+        resolve_settings(bad)
