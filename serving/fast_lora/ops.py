@@ -67,10 +67,6 @@ def _mm(x: torch.Tensor, w: torch.Tensor, rounded_to: torch.dtype) -> torch.Tens
     return _acc(x, rounded_to) @ _acc(w, rounded_to).t()
 
 
-WIDE_BATCH = 8
-"""From this many pairs per slot on, the batch's shrink runs as A x̂ᵀ (measured faster on CPU than x̂ Aᵀ there)."""
-
-
 def _take(x: torch.Tensor, rows: Rows) -> torch.Tensor:
     return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
 
@@ -125,6 +121,10 @@ def grouped_expand(y: torch.Tensor, x: torch.Tensor, lora_b: torch.Tensor, group
         _put(y[:, offset : offset + n], g.rows, out.to(y.dtype), add)
 
 
+WIDE_BATCH = 8
+"""From this many pairs per slot on, the batch's shrink runs as A x̂ᵀ (measured faster on CPU than x̂ Aᵀ there)."""
+
+
 def pair_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor],
                      lora_b: Sequence[torch.Tensor], pairs: StepPairs, scale: float, output_slices: Sequence[int],
                      buffer_dtype: torch.dtype = torch.float32, cache: GatherCache | None = None) -> None:
@@ -133,8 +133,9 @@ def pair_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Te
 
     y `[T, Σnᵢ]`, x `[T, H]`, lora_a[i] `[S, 1, R, H]`, lora_b[i] `[S, 1, nᵢ, R]`. A row's products are summed in
     ACCUMULATE and rounded to y.dtype once (float32 y: added straight into y). Rows without pairs are untouched.
-    `pairs.loop` slots multiply on the slot's weights in place (a slice of rows: no copy at all); `pairs.batch`
-    gathers its G slots' weights `[G, r, H]`, `[G, nᵢ, r]` and runs one bmm pair per slice over all positions.
+    `pairs.runs` multiply their slice of rows by their parts' blocks side by side; `pairs.loop` slots multiply on
+    the slot's weights in place; `pairs.batch` gathers its G slots' weights `[G, r, H]`, `[G, nᵢ, r]` (kept in
+    `cache` between steps) and runs one bmm pair per slice over all positions.
     """
     width = sum(output_slices)
     direct = y.dtype == torch.float32  # nothing to round: add every product straight into y

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from serving.fast_lora import mixture_ids
-from serving.fast_lora.segments import Rows, slot_table
+from serving.fast_lora.segments import Rows, SlotTable, slot_table
 
 RUN_MIN_ROWS = 16
 """Contiguous rows on one adapter or mixture id, at least this many, are a run (their rows amortise the call)."""
@@ -92,7 +92,7 @@ class PairBatch:
     rank: int | None
     """The largest SlotPairs.rank of the G slots when all have one, else None (all of the slots' rows)."""
     key: tuple
-    """(slots, rank): what the gathered weights depend on (ops.GatherCache)."""
+    """(slots, rank): what the gathered weights depend on (serving.fast_lora.gather_cache)."""
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ def step_pairs(indices: torch.Tensor, lora_index_to_id: list[int | None]) -> Ste
     present = sorted({v for v in values.tolist() if v >= 0})
     if not present:
         return NO_PAIRS
-    parts = _parts(present, lora_index_to_id, table)
+    parts = _parts(present, table)
     runs, rest = [], torch.zeros_like(indices, dtype=torch.bool)  # rest: rows with an adapter outside runs
     start = 0
     for value, count in zip(values.tolist(), counts.tolist()):
@@ -160,7 +160,7 @@ def step_pairs(indices: torch.Tensor, lora_index_to_id: list[int | None]) -> Ste
     return StepPairs(tuple(runs), tuple(loop), _batch(batched), mixture_rows, pairs)
 
 
-def _parts(present: list[int], lora_index_to_id: list[int | None], table) -> dict[int, tuple[Part, ...]]:
+def _parts(present: list[int], table: SlotTable) -> dict[int, tuple[Part, ...]]:
     """Slot -> the parts a row on it multiplies by: its own slot at weight 1, or a mixture id's experts' slots."""
     mixtures = [slot for slot in present if slot in table.mixtures]
     member_slot: dict[int, int] = {}

@@ -72,7 +72,7 @@ def mixture_slots(lora_index_to_id: list[int | None]) -> dict[int, mixture_ids.M
 
 
 @dataclass(frozen=True)
-class _SlotTable:
+class SlotTable:
     """What the slot table holds, read once per table: a union of a thousand pinned experts is a thousand slots."""
 
     slot_of: dict[int, int]
@@ -83,15 +83,15 @@ class _SlotTable:
     """Slot -> block rank of the union member id it holds."""
 
 
-def slot_table(lora_index_to_id: list[int | None]) -> _SlotTable:
+def slot_table(lora_index_to_id: list[int | None]) -> SlotTable:
     """What the slot table holds (LoRA id -> slot, mixture slots, member ranks); read-only, cached per table."""
     return _slot_table(tuple(lora_index_to_id))
 
 
 @functools.lru_cache(maxsize=8)
-def _slot_table(lora_index_to_id: tuple[int | None, ...]) -> _SlotTable:
+def _slot_table(lora_index_to_id: tuple[int | None, ...]) -> SlotTable:
     """The table's scan, cached: it changes only when adapters are loaded or evicted."""
-    table = _SlotTable({}, {}, {})
+    table = SlotTable({}, {}, {})
     for slot, lora_id in enumerate(lora_index_to_id):
         if lora_id is None:
             continue

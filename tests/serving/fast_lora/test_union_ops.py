@@ -224,5 +224,6 @@ def test_the_cache_holds_at_most_its_bytes():
         cache.get(t, (k,), lambda k=k: t[k].clone())
     assert cache.bytes <= cache.max_bytes and [key for _, key in cache.entries] == [(2,), (3,), (4,)]
     assert cache.get(t, (4,), lambda: None) is cache.entries[(t.data_ptr(), (4,))][2]  # a hit
-    other = torch.zeros(8, 10)
-    assert cache.get(other, (4,), lambda: other[0] + 1).sum() == 10  # another tensor: never another's gather
+    alias = t.view(8, 10)  # another tensor at the same address, with the same version counter
+    assert alias.data_ptr() == t.data_ptr() and alias._version == t._version
+    assert cache.get(alias, (4,), lambda: alias[0] + 1).sum() == 10  # never another tensor's gather
