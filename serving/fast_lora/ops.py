@@ -29,7 +29,7 @@ from functools import partial
 import torch
 
 from serving.fast_lora.gather_cache import GatherCache, cached
-from serving.fast_lora.pairs import PairBatch, Run, StepPairs
+from serving.fast_lora.pairs import DenseRows, PairBatch, Run, StepPairs
 from serving.fast_lora.segments import Group, Rows
 
 ACCUMULATE = torch.float32
@@ -133,15 +133,18 @@ def pair_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Te
 
     y `[T, Σnᵢ]`, x `[T, H]`, lora_a[i] `[S, 1, R, H]`, lora_b[i] `[S, 1, nᵢ, R]`. A row's products are summed in
     ACCUMULATE and rounded to y.dtype once (float32 y: added straight into y). Rows without pairs are untouched.
-    `pairs.runs` multiply their slice of rows by their parts' blocks side by side; `pairs.loop` slots multiply on
-    the slot's weights in place; `pairs.batch` gathers its G slots' weights `[G, r, H]`, `[G, nᵢ, r]` (kept in
-    `cache` between steps) and runs one bmm pair per slice over all positions.
+    `pairs.runs` multiply their slice of rows by their parts' blocks side by side; `pairs.dense` multiplies its
+    rows by its G slots' blocks side by side (`[G·r, H]`, `[nᵢ, G·r]`, kept in `cache` between steps);
+    `pairs.loop` slots multiply on the slot's weights in place; `pairs.batch` gathers its G slots' weights
+    `[G, r, H]`, `[G, nᵢ, r]` (kept in `cache`) and runs one bmm pair per slice over all positions.
     """
     width = sum(output_slices)
     direct = y.dtype == torch.float32  # nothing to round: add every product straight into y
     acc = y if direct else torch.zeros(y.shape[0], width, dtype=ACCUMULATE)  # [T, N]
     for run in pairs.runs:
         _run_lora_linear(acc, x, lora_a, lora_b, run, scale, output_slices, buffer_dtype, y.dtype, cache)
+    if pairs.dense is not None:
+        _dense_lora_linear(acc, x, lora_a, lora_b, pairs.dense, scale, output_slices, buffer_dtype, y.dtype, cache)
     for g in pairs.loop:
         xg = _acc(_take(x, g.rows), buffer_dtype)  # [t, H]
         offset, products = 0, []
@@ -193,6 +196,44 @@ def _gather_b(stacked: torch.Tensor, bt: PairBatch) -> torch.Tensor:
     """The batch's slots' B, `[G, n, r]`, from B `[S, 1, n, R]`."""
     s, n = stacked.shape[0], stacked.shape[-2]
     return stacked.reshape(s, n, -1)[:, :, : bt.rank].index_select(0, bt.slots)
+
+
+def _dense_a(stacked: torch.Tensor, d: DenseRows, rounded_to: torch.dtype) -> torch.Tensor:
+    """The dense slots' A blocks stacked, `[G·r, H]`, rounded to `rounded_to` and held in ACCUMULATE."""
+    s, h = stacked.shape[0], stacked.shape[-1]
+    a = stacked.reshape(s, -1, h)[:, : d.rank].index_select(0, d.slots)  # [G, r, H]
+    return _acc(a.reshape(-1, h), rounded_to)
+
+
+def _dense_b(stacked: torch.Tensor, d: DenseRows, rounded_to: torch.dtype) -> torch.Tensor:
+    """The dense slots' B blocks side by side, `[n, G·r]`, rounded to `rounded_to` and held in ACCUMULATE."""
+    s, n = stacked.shape[0], stacked.shape[-2]
+    b = stacked.reshape(s, n, -1)[:, :, : d.rank].index_select(0, d.slots)  # [G, n, r]
+    return _acc(b.transpose(0, 1).reshape(n, -1), rounded_to)
+
+
+def _dense_lora_linear(acc: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor],
+                       lora_b: Sequence[torch.Tensor], d: DenseRows, scale: float, output_slices: Sequence[int],
+                       buffer_dtype: torch.dtype, y_dtype: torch.dtype, cache: GatherCache | None) -> None:
+    """acc[rows, oᵢ:oᵢ+nᵢ] += ((scale · x[rows] @ Âᵢᵀ) ⊙ (W ⊗ 1ᵣ)) @ B̂ᵢᵀ, h rounded to y_dtype before the expand;
+    Âᵢ = [Aᵢ[s₁]; …; Aᵢ[s_G]] `[G·r, H]`, B̂ᵢ = [Bᵢ[s₁] … Bᵢ[s_G]] `[nᵢ, G·r]`, W = d.weights `[t, G]`."""
+    xr = _acc(_take(x, d.rows), buffer_dtype)  # [t, H]
+    t, g = d.weights.shape
+    weights = (d.weights if scale == 1.0 else d.weights * scale).unsqueeze(2)  # [t, G, 1]
+    offset, products = 0, []
+    for a_stacked, b_stacked, n in zip(lora_a, lora_b, output_slices):
+        a = cached(cache, a_stacked, ("dense", d.key, buffer_dtype), partial(_dense_a, a_stacked, d, buffer_dtype))
+        b = cached(cache, b_stacked, ("dense", d.key, y_dtype), partial(_dense_b, b_stacked, d, y_dtype))
+        h = xr @ a.t()  # [t, G·r]
+        h.view(t, g, -1).mul_(weights)
+        h = _acc(h, y_dtype)
+        if isinstance(d.rows, slice):
+            acc[d.rows, offset : offset + n].addmm_(h, b.t())  # [t, n]
+        else:
+            products.append(h @ b.t())  # [t, n]
+        offset += n
+    if products:
+        _add_rows(acc, d.rows, products)
 
 
 def _side_by_side_a(stacked: torch.Tensor, run: Run) -> torch.Tensor:

@@ -11,13 +11,16 @@ Every row with an adapter asks for one or more slots' LoRA, each at a weight:
 
     y[r] += Σ over r's pairs (s, w):  w · scale · (x[r] @ Aₛᵀ) @ Bₛᵀ
 
-in three parts, so that its cost grows with the pairs and not with the number of distinct adapters, experts or
+in parts, so that its cost grows with the pairs and not with the number of distinct adapters, experts or
 mixtures in the step:
 - `runs`: contiguous rows on one adapter or one mixture id (a prefill chunk, a batch on one adapter): one matmul
   pair each over the blocks of its slots side by side, on slices of x and y, with no copy of activations;
-- `loop`: among the other rows' pairs, slots with too many of them to pad the rest to: one matmul pair each;
-- `batch`: the other slots, each padded to the same number of pairs: their weights gathered once per layer
-  slice, one batched matmul pair over all of them, the products added back by row in one call.
+- `dense`: the other rows, when few and with many pairs each (mixtures of a few experts: t rows over G slots, more
+  pairs than rows, t·G ≤ DENSE_CELLS_PER_PAIR × pairs): every row times every slot's block, at weight 0 where the row has no pair:
+  one matmul pair per layer slice over the G slots' blocks side by side, added straight into y's rows;
+- otherwise `loop`: among the other rows' pairs, slots with too many of them to pad the rest to: one matmul pair
+  each; and `batch`: the other slots, each padded to the same number of pairs: their weights gathered once per
+  layer slice, one batched matmul pair over all of them, the products added back by row in one call.
 """
 
 from __future__ import annotations
@@ -31,6 +34,19 @@ from serving.fast_lora.segments import Rows, SlotTable, slot_table
 
 RUN_MIN_ROWS = 16
 """Contiguous rows on one adapter or mixture id, at least this many, are a run (their rows amortise the call)."""
+DENSE_CELLS_PER_PAIR = 5.0
+"""The rows outside runs go `dense` while their cells (rows × slots they use) are at most this many times their
+pairs: mixtures, whose rows each have a pair with several of a few experts. Rows on one expert each (a decode step
+on the gate's single-expert routes, 1 pair in G cells) multiply by slot. Measured with the step probe
+(benchmarks/results/issue22-20261207b/dense_probe.txt): 64 rows over 4, 16 or 64 mixtures of 10 experts ran 10-45%
+faster dense, 16 rows over 8 experts ~30% slower."""
+DENSE_MIN_PAIRS_PER_ROW = 1.0
+"""...and while their pairs are more than this many per row: some row is a mixture. Steps of one pair per row keep
+their layout by slot, and with it their sums in the order vLLM's ops have them in, with no zero products in
+between (bf16 greedy outputs equal to vLLM's, tests/serving/fast_lora/test_greedy_equivalence.py)."""
+DENSE_MAX_ROWS = 128
+"""...and while they are at most this many rows (the probe measured up to 64; a prefill chunk of scattered rows
+beyond that stays with the batch's bmm)."""
 MAX_PADDING = 2.0
 """The batch pads each slot's pairs to the largest count while that at most doubles the pairs; slots with the most
 pairs move to `loop` until it does."""
@@ -96,8 +112,26 @@ class PairBatch:
 
 
 @dataclass(frozen=True)
+class DenseRows:
+    """Rows against the G slots they use, as one weight matrix W: y[rows] += ((scale · x[rows] @ [A₁; …; A_G]ᵀ)
+    ⊙ (W ⊗ 1ᵣ)) @ [B₁ … B_G]ᵀ, row i's pair with slot g at weight W[i, g] (0: no pair)."""
+
+    rows: Rows
+    """The t rows, increasing (a slice when contiguous)."""
+    slots: torch.Tensor
+    """[G] int64: the slots, increasing."""
+    weights: torch.Tensor
+    """[t, G] float32: W."""
+    rank: int | None
+    """The largest SlotPairs.rank of the G slots when all have one, else None (all of the slots' rows)."""
+    key: tuple
+    """(slots, rank): what the gathered weights depend on (serving.fast_lora.gather_cache)."""
+
+
+@dataclass(frozen=True)
 class StepPairs:
-    """A step's pairs: `runs` and `loop` slots one by one, the rest in one `batch`."""
+    """A step's pairs: `runs` one by one; the other rows `dense`, or their `loop` slots one by one and the rest in
+    one `batch`."""
 
     runs: tuple[Run, ...]
     loop: tuple[SlotPairs, ...]
@@ -106,6 +140,7 @@ class StepPairs:
     """Rows of the step on a mixture id."""
     pairs: int
     """Pairs of the step, over all slots."""
+    dense: DenseRows | None = None
 
     def table(self) -> dict[tuple[int, int], float]:
         """Every pair as (row, slot) -> weight, whichever part serves it (for tests and debugging)."""
@@ -124,6 +159,11 @@ class StepPairs:
                 for j in range(w):
                     if weights[i * w + j]:
                         out[(int(b.rows[i * w + j]), slot)] = weights[i * w + j]
+        if self.dense is not None:
+            d = self.dense
+            rows = range(d.rows.start, d.rows.stop) if isinstance(d.rows, slice) else d.rows.tolist()
+            for row, weights in zip(rows, d.weights.tolist()):
+                out.update({(row, slot): w for slot, w in zip(d.slots.tolist(), weights) if w})
         return out
 
 
@@ -154,10 +194,12 @@ def step_pairs(indices: torch.Tensor, lora_index_to_id: list[int | None]) -> Ste
             rest[start : start + count] = True
         start += count
     groups = _slot_pairs(indices, rest, parts, table.member_ranks)
-    loop, batched = _split(groups)
+    rows = rest.nonzero().flatten()  # [t] increasing
+    dense = _dense(rows, groups) if _goes_dense(rows.numel(), groups) else None
+    loop, batched = _split(groups) if dense is None else ([], [])
     mixture_rows = sum(int((indices == slot).sum()) for slot in present if slot in table.mixtures)
     pairs = sum(r.count * len(r.parts) for r in runs) + sum(g.count for g in groups)
-    return StepPairs(tuple(runs), tuple(loop), _batch(batched), mixture_rows, pairs)
+    return StepPairs(tuple(runs), tuple(loop), _batch(batched), mixture_rows, pairs, dense)
 
 
 def _parts(present: list[int], table: SlotTable) -> dict[int, tuple[Part, ...]]:
@@ -255,3 +297,25 @@ def _batch(groups: list[SlotPairs]) -> PairBatch | None:
     slots = tuple(g.slot for g in groups)
     return PairBatch(torch.tensor(slots, dtype=torch.long), rows.view(-1), None if unweighted else weights.view(-1, 1),
                      width, rank, (slots, rank))
+
+
+def _goes_dense(t: int, groups: list[SlotPairs]) -> bool:
+    """Whether t rows with the pairs `groups` multiply densely (DENSE_MIN_PAIRS_PER_ROW, DENSE_MAX_ROWS,
+    DENSE_CELLS_PER_PAIR)."""
+    pairs = sum(g.count for g in groups)
+    return (pairs > DENSE_MIN_PAIRS_PER_ROW * t and t <= DENSE_MAX_ROWS
+            and t * len(groups) <= DENSE_CELLS_PER_PAIR * pairs)
+
+
+def _dense(rows: torch.Tensor, groups: list[SlotPairs]) -> DenseRows:
+    """The dense layout of `groups` (in slot order) over `rows` ([t] increasing: every row with a pair in them)."""
+    position = torch.full((int(rows[-1]) + 1,), -1, dtype=torch.long)  # row -> its index among `rows`
+    position[rows] = torch.arange(rows.numel())
+    weights = torch.zeros(rows.numel(), len(groups))  # [t, G]
+    for g_index, g in enumerate(groups):
+        r = torch.arange(g.rows.start, g.rows.stop) if isinstance(g.rows, slice) else g.rows  # [count]
+        weights[position[r], g_index] = 1.0 if g.weights is None else g.weights.flatten()
+    ranks = [g.rank for g in groups]
+    rank = None if None in ranks else max(ranks)
+    slots = tuple(g.slot for g in groups)
+    return DenseRows(_rows(rows), torch.tensor(slots, dtype=torch.long), weights, rank, (slots, rank))

@@ -81,10 +81,14 @@ TOL = {torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2}, torch.float32: {"rtol": 1e-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("step", list(STEPS))
 @pytest.mark.parametrize("scale", [1.0, 0.5])
-def test_add_lora_linear_matches_vllm(step, dtype, scale):
+def test_add_lora_linear_matches_vllm(step, dtype, scale, layout):
     (theirs, ours), t, _ = _wrappers(step)
     p = ours.pairs
-    assert (len(p.runs), len(p.loop), 0 if p.batch is None else p.batch.slots.numel()) == PATHS[step]
+    if layout == "by_slot":
+        assert (len(p.runs), len(p.loop), 0 if p.batch is None else p.batch.slots.numel()) == PATHS[step]
+    else:  # the rows outside runs, all of them dense
+        assert (len(p.runs), p.loop, p.batch) == (PATHS[step][0], (), None)
+        assert (0 if p.dense is None else p.dense.slots.numel()) == PATHS[step][1] + PATHS[step][2]
     torch.manual_seed(0)
     a = tuple(_stacked(RANK, HIDDEN, dtype, seed=i) for i in range(3))
     b = tuple(_stacked(n, RANK, dtype, seed=10 + i) for i, n in enumerate(QKV_SLICES))
@@ -180,10 +184,10 @@ def test_group_rows_slices_runs_and_indexes_scattered_rows():
     assert group_rows(torch.tensor([-1, -1])) == [] and group_rows(torch.empty(0, dtype=torch.long)) == []
 
 
-def test_padded_rows_beyond_the_mapping_are_left_alone():
+def test_padded_rows_beyond_the_mapping_are_left_alone(layout):
     """If the layer sees more rows than the step's mapping (padding), the extra rows get nothing."""
     (_, ours), t, _ = _wrappers("decode")
-    assert ours.pairs.batch is not None
+    assert (ours.pairs.batch if layout == "by_slot" else ours.pairs.dense) is not None
     dtype = torch.float32
     a = tuple(_stacked(RANK, HIDDEN, dtype, seed=i) for i in range(3))
     b = tuple(_stacked(n, RANK, dtype, seed=10 + i) for i, n in enumerate(QKV_SLICES))

@@ -91,7 +91,7 @@ def _expected(y0, x, a, b, tokens, scale, ids=IDS):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("step", list(STEPS))
 @pytest.mark.parametrize("scale", [1.0, 0.5])
-def test_mixture_rows_get_their_mixture_of_the_union(step, dtype, scale):
+def test_mixture_rows_get_their_mixture_of_the_union(step, dtype, scale, layout):
     wrapper, t = _wrapper(step)
     a, b = _stacked(seed=1)
     a, b = tuple(w.to(dtype) for w in a), tuple(w.to(dtype) for w in b)
@@ -118,7 +118,7 @@ def _expected_pairs(step: str) -> dict[tuple[int, int], float]:
 
 
 @pytest.mark.parametrize("step", list(STEPS))
-def test_each_row_asks_for_its_adapter_or_its_mixtures_experts(step):
+def test_each_row_asks_for_its_adapter_or_its_mixtures_experts(step, layout):
     wrapper, _ = _wrapper(step)
     table = wrapper.pairs.table()
     assert table == pytest.approx(_expected_pairs(step))
@@ -138,11 +138,13 @@ def test_contiguous_rows_on_one_id_are_runs_with_their_experts_side_by_side():
     assert wrapper.pairs.table().keys() >= {(33, IDS.index(X0)), (34, IDS.index(X0)), (35, IDS.index(12))}
 
 
-def test_member_slots_are_multiplied_by_their_block_rank_only():
-    wrapper, _ = _wrapper("members_only")
-    assert wrapper.pairs.batch is not None and wrapper.pairs.batch.rank == BLOCK
-    wrapper, _ = _wrapper("decode")  # an ordinary adapter among the slots: the batch keeps every row
-    assert wrapper.pairs.batch.rank is None
+def test_member_slots_are_multiplied_by_their_block_rank_only(layout):
+    def rest(step):  # the layout of the rows outside runs
+        wrapper, _ = _wrapper(step)
+        return wrapper.pairs.batch if layout == "by_slot" else wrapper.pairs.dense
+
+    assert rest("members_only").rank == BLOCK
+    assert rest("decode").rank is None  # an ordinary adapter among the slots: every row of the slots is kept
 
 
 def test_a_step_that_uses_some_experts_reads_their_slots_only():
@@ -186,7 +188,7 @@ def test_logits_of_mixture_rows_ignore_the_placeholder_slots():
     torch.testing.assert_close(y, reference.lora_linear(y0, x, (a,), (b,), slots, 1.0, (40,)).float())
 
 
-def test_gathered_weights_are_reused_until_a_slot_is_written_or_members_move():
+def test_gathered_weights_are_reused_until_a_slot_is_written_or_members_move(layout):
     from vllm.lora.layers.utils import LoRAMapping
 
     wrapper, t = _wrapper("decode")

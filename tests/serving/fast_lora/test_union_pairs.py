@@ -96,7 +96,7 @@ CASES = {  # experts, shared, distinct mixtures, rows
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("scale", [1.0, 0.5])
-def test_every_mixture_row_gets_its_mixture(case, dtype, scale):
+def test_every_mixture_row_gets_its_mixture(case, dtype, scale, layout):
     experts, shared, mixtures, rows = CASES[case]
     ids, tokens, mix, layout = _step(experts, shared, mixtures, rows, seed=len(case))
     wrapper = _wrapper(ids, tokens)
@@ -111,7 +111,8 @@ def test_every_mixture_row_gets_its_mixture(case, dtype, scale):
     torch.testing.assert_close(y, expected, **tol)
 
 
-def test_many_mixtures_read_only_the_experts_they_use():
+def test_many_mixtures_read_only_the_experts_they_use(layout):
+    rows_layout = layout
     ids, tokens, mix, layout = _step(1023, True, 40, 64, seed=5)
     wrapper = _wrapper(ids, tokens)
     table = wrapper.pairs.table()
@@ -121,9 +122,14 @@ def test_many_mixtures_read_only_the_experts_they_use():
     assert len(table) == sum(len(mix[t]) for t in tokens if t in mix) + tokens.count(11)  # one pair per weight
     a, b = _stacked(ids, layout, seed=1)
     wrapper.add_lora_linear(torch.zeros(64, sum(SLICES)), torch.randn(64, HIDDEN), a, b, 1.0, SLICES)
-    g = wrapper.pairs.batch.slots.numel()
+    g = (wrapper.pairs.batch or wrapper.pairs.dense).slots.numel()
     assert len(wrapper.gathered.entries) == 2 * len(SLICES)  # one gather of G experts per tensor, not of 1,023
-    assert all(v[2].shape[0] == g for v in wrapper.gathered.entries.values())
+    if rows_layout == "by_slot":  # [G, r, H] and [G, n, r]
+        assert all(v[2].shape[0] == g for v in wrapper.gathered.entries.values())
+    else:  # [G·r, H] and [n, G·r], r: the block rank, or all of a slot's rows with an ordinary adapter among them
+        r = wrapper.pairs.dense.rank or RANK
+        assert sorted(v[2].shape for v in wrapper.gathered.entries.values()) == sorted(
+            [(g * r, HIDDEN)] * len(SLICES) + [(n, g * r) for n in SLICES])
 
 
 def test_a_sparse_mixture_needs_only_its_own_experts_in_slots():
@@ -138,3 +144,13 @@ def test_a_sparse_mixture_needs_only_its_own_experts_in_slots():
     ids[2] = 12
     with pytest.raises(RuntimeError, match=r"experts \[321\] are not in a slot"):
         step_pairs(torch.tensor([0]), ids)
+
+
+def test_rows_with_many_pairs_each_go_dense_and_others_by_slot():
+    mixtures = _wrapper(*_step(6, False, 3, 16, seed=1)[:2]).pairs  # 16 rows over 3 mixtures of a few experts
+    assert mixtures.dense is not None and (mixtures.loop, mixtures.batch) == ((), None)
+    ids = [member_id(UnionLayout(1, 8, BLOCK), e) for e in range(8)]
+    singles = step_pairs(torch.arange(16) % 8, ids)  # 16 rows over 8 experts, one pair each: 8 cells per pair
+    assert singles.dense is None and singles.batch is not None
+    many = _wrapper(*_step(1023, True, 40, 64, seed=5)[:2]).pairs  # 64 rows over dozens of experts
+    assert many.dense is None and many.batch is not None
