@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import signal
 import sys
 import time
@@ -23,6 +24,7 @@ from mode_cotd import paths
 from mode_cotd.errors import ConfigError, StudentError
 from mode_cotd.settings import add_settings_flags, load_config_file, nest_dotted
 from serving.components import resolve_settings
+from serving.http_path import choose_http_path, direct_ingress_env, free_port
 from serving.settings import ServeSettings, from_dict
 
 DEFAULT_BUNDLE = paths.REPO_ROOT / "bundles" / "residual"
@@ -114,12 +116,16 @@ def main(argv: list[str]) -> int:
     import ray
     from ray import serve
 
+    proxy_port = settings.port
+    if choose_http_path(settings, joins_cluster=args.ray_address is not None) == "direct":
+        os.environ.update(direct_ingress_env(settings.port))  # before ray.init: its processes inherit them
+        proxy_port = free_port(settings.host)
     started = time.monotonic()
     try:
         ray.init(address=args.ray_address, num_cpus=args.ray_num_cpus, include_dashboard=False)
         for stop_signal in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which sets its own SIGTERM handler
             signal.signal(stop_signal, _stop)
-        serve.start(http_options={"host": settings.host, "port": settings.port})
+        serve.start(http_options={"host": settings.host, "port": proxy_port})
         serve.run(build_app(settings), name=settings.app_name, route_prefix=settings.route_prefix, blocking=False)
         base = f"http://{settings.host}:{settings.port}{settings.route_prefix.rstrip('/')}"
         _wait_until_ready(f"{base}/health", args.startup_timeout_s)

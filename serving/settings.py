@@ -249,9 +249,13 @@ class ServeSettings:
     student: str | None = None
     """Student name or HF folder (None: the default student, SmolLM2-135M-Instruct)."""
     host: str = "127.0.0.1"
-    """HTTP host the Serve proxy binds."""
+    """HTTP host the server binds."""
     port: int = 8000
-    """HTTP port the Serve proxy binds."""
+    """HTTP port the server binds."""
+    http_path: str = "auto"
+    """How `mode-cotd serve` takes HTTP (serving/http_path.py): "direct" (the ingress replica itself listens on
+    host:port; one process fewer on every streamed chunk), "proxy" (Serve's HTTP proxy on host:port forwards to the
+    ingress replicas), or "auto": direct with one ingress replica on a Ray it starts itself, else proxy."""
     app_name: str = "mode-cotd"
     """Ray Serve application name."""
     route_prefix: str = "/"
