@@ -24,7 +24,7 @@ from mode_cotd import paths
 from mode_cotd.errors import ConfigError, StudentError
 from mode_cotd.settings import add_settings_flags, load_config_file, nest_dotted
 from serving.components import resolve_settings
-from serving.http_path import choose_http_path, direct_ingress_env, free_port
+from serving.http_path import choose_http_path, direct_ingress_env, free_port, require_free_port
 from serving.settings import ServeSettings, from_dict
 
 DEFAULT_BUNDLE = paths.REPO_ROOT / "bundles" / "residual"
@@ -116,6 +116,7 @@ def main(argv: list[str]) -> int:
     import ray
     from ray import serve
 
+    require_free_port(settings.host, settings.port)
     proxy_port = settings.port
     if choose_http_path(settings, joins_cluster=args.ray_address is not None) == "direct":
         os.environ.update(direct_ingress_env(settings.port))  # before ray.init: its processes inherit them

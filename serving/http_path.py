@@ -51,3 +51,16 @@ def free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def require_free_port(host: str, port: int) -> None:
+    """ConfigError when something already listens on host:port. Checked before Ray starts: with direct HTTP the
+    ingress replica would otherwise retry in the background while another server answered /health on the port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # closed connections in TIME_WAIT do not count
+        try:
+            s.bind((host, port))
+            s.listen(1)
+        except OSError as e:
+            raise ConfigError(f"{host}:{port} is in use ({e.strerror}): is another server running there? Stop it, "
+                              "or serve on another --port") from None

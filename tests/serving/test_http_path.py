@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from mode_cotd.errors import ConfigError
-from serving.http_path import choose_http_path, direct_ingress_env, free_port
+from serving.http_path import choose_http_path, direct_ingress_env, free_port, require_free_port
 from serving.settings import AutoscalingSettings, DeploymentSettings, ServeSettings
 
 
@@ -47,3 +47,13 @@ def test_the_proxy_port_is_free():
     port = free_port("127.0.0.1")
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))  # raises if something held it
+
+
+def test_a_port_something_listens_on_is_refused_before_anything_starts():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"127.0.0.1:{port} is in use"):
+            require_free_port("127.0.0.1", port)
+    require_free_port("127.0.0.1", port)  # closed: free again
