@@ -186,30 +186,27 @@ def pair_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Te
         y[:, :width].add_(acc.to(y.dtype))  # rows without pairs add exactly 0
 
 
-def _gather_a(stacked: torch.Tensor, bt: PairBatch) -> torch.Tensor:
-    """The batch's slots' A, `[G, r, H]`, from A `[S, 1, R, H]` (r = bt.rank, all R when None)."""
+def _gather_a(stacked: torch.Tensor, bt: PairBatch | DenseRows) -> torch.Tensor:
+    """The slots' A, `[G, r, H]`, from A `[S, 1, R, H]` (r = bt.rank, all R when None)."""
     s, h = stacked.shape[0], stacked.shape[-1]
     return stacked.reshape(s, -1, h)[:, : bt.rank].index_select(0, bt.slots)
 
 
-def _gather_b(stacked: torch.Tensor, bt: PairBatch) -> torch.Tensor:
-    """The batch's slots' B, `[G, n, r]`, from B `[S, 1, n, R]`."""
+def _gather_b(stacked: torch.Tensor, bt: PairBatch | DenseRows) -> torch.Tensor:
+    """The slots' B, `[G, n, r]`, from B `[S, 1, n, R]`."""
     s, n = stacked.shape[0], stacked.shape[-2]
     return stacked.reshape(s, n, -1)[:, :, : bt.rank].index_select(0, bt.slots)
 
 
 def _dense_a(stacked: torch.Tensor, d: DenseRows, rounded_to: torch.dtype) -> torch.Tensor:
     """The dense slots' A blocks stacked, `[G·r, H]`, rounded to `rounded_to` and held in ACCUMULATE."""
-    s, h = stacked.shape[0], stacked.shape[-1]
-    a = stacked.reshape(s, -1, h)[:, : d.rank].index_select(0, d.slots)  # [G, r, H]
-    return _acc(a.reshape(-1, h), rounded_to)
+    return _acc(_gather_a(stacked, d).flatten(0, 1), rounded_to)
 
 
 def _dense_b(stacked: torch.Tensor, d: DenseRows, rounded_to: torch.dtype) -> torch.Tensor:
     """The dense slots' B blocks side by side, `[n, G·r]`, rounded to `rounded_to` and held in ACCUMULATE."""
-    s, n = stacked.shape[0], stacked.shape[-2]
-    b = stacked.reshape(s, n, -1)[:, :, : d.rank].index_select(0, d.slots)  # [G, n, r]
-    return _acc(b.transpose(0, 1).reshape(n, -1), rounded_to)
+    b = _gather_b(stacked, d)  # [G, n, r]
+    return _acc(b.transpose(0, 1).reshape(b.shape[1], -1), rounded_to)
 
 
 def _dense_lora_linear(acc: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor],

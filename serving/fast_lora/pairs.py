@@ -263,6 +263,11 @@ def _rows(rows: torch.Tensor) -> Rows:
     return slice(first, last + 1) if last - first + 1 == rows.numel() else rows
 
 
+def _indices(rows: Rows) -> torch.Tensor:
+    """Rows as an index tensor `[t]`."""
+    return torch.arange(rows.start, rows.stop) if isinstance(rows, slice) else rows
+
+
 def _split(groups: list[SlotPairs]) -> tuple[list[SlotPairs], list[SlotPairs]]:
     """(loop, batch): the slots with the most pairs loop while padding all the rest to the largest count would
     exceed MAX_PADDING; a lone slot left loops too."""
@@ -286,7 +291,7 @@ def _batch(groups: list[SlotPairs]) -> PairBatch | None:
     rows = torch.empty(len(groups), width, dtype=torch.long)  # [G, width]
     weights = torch.zeros(len(groups), width)  # [G, width]; padding: 0
     for i, g in enumerate(groups):
-        r = torch.arange(g.rows.start, g.rows.stop) if isinstance(g.rows, slice) else g.rows  # [count]
+        r = _indices(g.rows)  # [count]
         rows[i, : g.count] = r
         rows[i, g.count :] = r[0]
         weights[i, : g.count] = 1.0 if g.weights is None else g.weights.flatten()
@@ -313,8 +318,7 @@ def _dense(rows: torch.Tensor, groups: list[SlotPairs]) -> DenseRows:
     position[rows] = torch.arange(rows.numel())
     weights = torch.zeros(rows.numel(), len(groups))  # [t, G]
     for g_index, g in enumerate(groups):
-        r = torch.arange(g.rows.start, g.rows.stop) if isinstance(g.rows, slice) else g.rows  # [count]
-        weights[position[r], g_index] = 1.0 if g.weights is None else g.weights.flatten()
+        weights[position[_indices(g.rows)], g_index] = 1.0 if g.weights is None else g.weights.flatten()
     ranks = [g.rank for g in groups]
     rank = None if None in ranks else max(ranks)
     slots = tuple(g.slot for g in groups)
