@@ -145,9 +145,21 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
             raise BundleError(f"{path}: unsupported tensor {key!r} (only lora_A/lora_B weights)")
         if not t.is_floating_point() or t.dim() != 2:
             raise BundleError(f"{path}: {key} must be a 2-D float tensor, got {t.dtype} {list(t.shape)}")
-        if not torch.isfinite(t).all():
-            raise BundleError(f"{path}: {key} has non-finite values")
+    if not _all_finite(list(tensors.values())):  # one check over all; then find which, to name it
+        bad = next(key for key, t in tensors.items() if not torch.isfinite(t).all())
+        raise BundleError(f"{path}: {bad} has non-finite values")
     return tensors
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every value of every tensor is finite: per dtype, the tensors laid end to end, whose min and max are
+    both finite exactly when every value is (NaN propagates through both). An adapter has ~400 small tensors: an
+    isfinite each took ~25 µs, half the time of loading a bundle of 1,000 experts; this takes ~3 ms for them all."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        if t.numel():
+            by_dtype.setdefault(t.dtype, []).append(t.reshape(-1))
+    return all(bool(torch.isfinite(v)) for flat in by_dtype.values() for v in torch.aminmax(torch.cat(flat)))
 
 
 def _pattern_value(patterns: dict, module_name: str, default):

@@ -220,3 +220,17 @@ def test_composite_loaded_by_peft_matches_merged_reference(tiny_student, tmp_pat
         got = served(ids).logits
     assert (want - base_logits).abs().max() > 1e-2
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, bad, dtype):
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    tensors = {PREFIX + f"{m}.lora_{x}.weight": torch.randn(*shape).to(dtype)
+               for m in ("q_proj", "v_proj") for x, shape in (("A", (4, 16)), ("B", (8, 4)))}
+    folder = write_folder(tmp_path / "fine", config, tensors)
+    assert load_adapter(folder).r == 4
+    tensors[PREFIX + "v_proj.lora_B.weight"][5, 2] = bad
+    folder = write_folder(tmp_path / "bad", config, tensors)
+    with pytest.raises(BundleError, match=r"v_proj\.lora_B\.weight has non-finite values"):
+        load_adapter(folder)
