@@ -28,7 +28,7 @@ from serving.bundle_source import is_uri, local_bundle
 from serving.composition_jobs import CompositionJobs
 from serving.engine import VllmEngine, cpu_threads_bind, vllm_lora_rank
 from serving.fast_lora.plugin import applies_here as fast_lora_applies
-from serving.mixture_union import MixtureUnion
+from serving.mixture_union import ExpertFacts, MixtureUnion
 from serving.prompts import PromptRenderer
 from serving.protocol import Backend, StudentEngine
 from serving.router import GateRouter
@@ -174,7 +174,9 @@ def student_service(
     if settings.engine.mixture_union and settings.engine.fast_lora and fast_lora_applies():
         grid = route_table(settings, bundle).grid
         pinned, joined = union_experts(bundle, state)
-        union = MixtureUnion.for_experts(pinned, cache_dir, grid_units(grid), rank, bundle.shared)
+        verified = {name: ExpertFacts(e.record.r, tuple(e.record.target_modules), dict(e.record.files))
+                    for name, e in bundle.experts.items()}  # load_bundle read and checked them
+        union = MixtureUnion.for_experts(pinned, cache_dir, grid_units(grid), rank, bundle.shared, known=verified)
     cache = AdapterCache(
         experts=experts,
         cache_dir=cache_dir,

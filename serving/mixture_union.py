@@ -32,12 +32,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from mode_cotd.adapter import LoraAdapter, adapter_from_modules, file_checksums, load_adapter, save_adapter
+from mode_cotd.adapter import adapter_from_modules, file_checksums, load_adapter, save_adapter
 from mode_cotd.errors import ModeCotdError
 from mode_cotd.mixture import Mixture
 from mode_cotd.routes import expert_adapter, mixture_adapter
@@ -72,10 +73,13 @@ class MixtureUnion:
 
     @classmethod
     def for_experts(cls, experts: dict[str, Path], cache_dir: Path, grid_units: int,
-                    max_lora_rank: int, shared: str | None = None, sparse: bool | None = None) -> MixtureUnion | None:
+                    max_lora_rank: int, shared: str | None = None, sparse: bool | None = None,
+                    known: Mapping[str, ExpertFacts] | None = None) -> MixtureUnion | None:
         """The union of `experts` (`shared`, one of them, last), writing the placeholder if needed; None (logged)
         when they are not eligible. `sparse`: the mixture ids' form (None: by the union's size,
-        UnionLayout.sized; True: sparse ids even for a small union, False: dense ids, where they fit)."""
+        UnionLayout.sized; True: sparse ids even for a small union, False: dense ids, where they fit).
+        `known`: the facts of experts already read and verified (a loaded bundle's records), so their folders are
+        not read again (a thousand experts took ~30 s here); the others are read from their folders."""
         if shared is not None and shared not in experts:
             raise ValueError(f"the shared adapter {shared!r} is not one of the experts {sorted(experts)}")
         names = tuple(sorted(n for n in experts if n != shared)) + ((shared,) if shared is not None else ())
@@ -83,20 +87,18 @@ class MixtureUnion:
                 or not 1 <= grid_units <= mixture_ids.MAX_UNITS:
             logger.info("mixture union off: %d experts, grid of %d units", len(names), grid_units)
             return None
-        ranks, first = {}, None
+        facts = {}
         for name in names:  # one at a time: a union of a thousand experts is never in memory at once
-            adapter = load_adapter(experts[name])
-            why = _ineligible(name, adapter, max_lora_rank)
+            facts[name] = (known or {}).get(name) or ExpertFacts.read(experts[name])
+            why = _ineligible(name, facts[name], max_lora_rank)
             if why:
                 logger.warning("mixture union off, mixtures are served as composites: %s", why)
                 return None
-            ranks[name] = adapter.r
-            first = first or adapter
-        rank = max(ranks.values())  # b: smaller experts' blocks end in zero rows
+        rank = max(f.rank for f in facts.values())  # b: smaller experts' blocks end in zero rows
         digest = hashlib.sha256()
         for name in names:
             digest.update(name.encode("utf-8") + b"\0")
-            for file, sha in file_checksums(experts[name]).items():
+            for file, sha in sorted(facts[name].files.items()):
                 digest.update(f"{file}={sha}\n".encode())
         layout = UnionLayout.sized(digest.digest()[0] & mixture_ids.MAX_FAMILY, len(names), rank,
                                    shared is not None, grid_units)
@@ -104,7 +106,7 @@ class MixtureUnion:
             layout = dataclasses.replace(layout, sparse=sparse)  # ValueError: too many experts for dense ids
         members = tuple(LoraTarget(expert_adapter(name), mixture_ids.member_id(layout, i), str(experts[name]))
                         for i, name in enumerate(names))
-        placeholder = _write_placeholder(Path(cache_dir), first)
+        placeholder = _write_placeholder(Path(cache_dir), experts[names[0]])
         return cls(layout, names, members, placeholder, grid_units, shared)
 
     def member(self, expert: str) -> LoraTarget | None:
@@ -128,24 +130,44 @@ class MixtureUnion:
         return LoraTarget(mixture_adapter(spec.mixture), lora_id, str(self.placeholder))
 
 
-def _ineligible(name: str, adapter: LoraAdapter, max_lora_rank: int) -> str | None:
+@dataclass(frozen=True)
+class ExpertFacts:
+    """What the union needs of one expert."""
+
+    rank: int
+    """Its LoRA rank r."""
+    target_modules: tuple[str, ...]
+    """The modules it adapts."""
+    files: dict[str, str]
+    """sha256 of each of its files (relative path -> hex digest): the union's family digest is made of them."""
+
+    @classmethod
+    def read(cls, folder: Path) -> ExpertFacts:
+        """The facts of the adapter in `folder` (read and checked: mode_cotd.adapter.load_adapter)."""
+        adapter = load_adapter(folder)
+        return cls(adapter.r, tuple(adapter.target_modules), file_checksums(folder))
+
+
+def _ineligible(name: str, facts: ExpertFacts, max_lora_rank: int) -> str | None:
     """Why this expert cannot be in a union, or None."""
-    if adapter.r > min(max_lora_rank, mixture_ids.MAX_BLOCK_RANK):
-        return f"expert {name!r} has rank {adapter.r}, over the engine's max LoRA rank {max_lora_rank}"
-    bad = sorted(set(adapter.target_modules) & set(UNSUPPORTED_MODULES))
+    if facts.rank > min(max_lora_rank, mixture_ids.MAX_BLOCK_RANK):
+        return f"expert {name!r} has rank {facts.rank}, over the engine's max LoRA rank {max_lora_rank}"
+    bad = sorted(set(facts.target_modules) & set(UNSUPPORTED_MODULES))
     if bad:
         return f"expert {name!r} has LoRA on {bad}, which the union does not apply"
     return None
 
 
-def _write_placeholder(cache_dir: Path, like: LoraAdapter) -> Path:
-    """A rank-1 all-zero adapter on one of `like`'s modules (checksummed; rewritten when damaged)."""
+def _write_placeholder(cache_dir: Path, expert: Path) -> Path:
+    """A rank-1 all-zero adapter on one of the modules of the adapter in `expert` (checksummed; rewritten when
+    damaged)."""
     folder = cache_dir / PLACEHOLDER
     try:
         check_seal(folder)
         return folder
     except (OSError, ValueError, ModeCotdError):  # missing or damaged: write it again
         pass
+    like = load_adapter(expert)
     path, (a, b) = next(iter(like.modules().items()))
     module = {path: (torch.zeros(1, a.shape[1]), torch.zeros(b.shape[0], 1))}  # A [1, in], B [out, 1]
     cache_dir.mkdir(parents=True, exist_ok=True)
