@@ -16,16 +16,18 @@ import os
 import re
 import typing
 from collections.abc import AsyncIterator, Sequence
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from mode_cotd.adapter import load_adapter
 from mode_cotd.compute_dtype import resolve_dtype
 from mode_cotd.errors import ConfigError
 from mode_cotd.lora_rank import supported_lora_rank
 from serving.errors import ApiError, InternalError, InvalidRequest, ServiceUnavailable
+from serving.expert_paging import ExpertPager, PagingError, min_resident
 from serving.fast_lora import plugin as fast_lora
 from serving.lora_admission import LoraAdmission
 from serving.protocol import GenerationDelta, LoraTarget, SamplingSettings, TokenLogprob
@@ -163,6 +165,8 @@ class VllmEngine:
         self.cpu_bind = cpu_threads_bind(settings.cpu_threads_bind, local_rank, sorted(os.sched_getaffinity(0)))
         self._llm = None
         self.admission = LoraAdmission(settings.max_loras)
+        self.pager: ExpertPager | None = None
+        """Pages the union's experts in and out of their slots (engine.resident_experts), or None: all pinned."""
 
     @property
     def ready(self) -> bool:
@@ -171,8 +175,9 @@ class VllmEngine:
     async def start(self, pinned: Sequence[LoraTarget] = ()) -> None:
         """Create the engine (in a thread, so the caller's event loop keeps answering health checks).
 
-        `pinned` adapters are loaded and pinned before any request: they never leave their slots,
-        which come on top of `max_loras`.
+        `pinned` adapters (the mixture union's members) get slots of their own on top of `max_loras`. They are
+        loaded and pinned before any request and never leave their slots, or, with `engine.resident_experts` = K
+        below their number, the first K are, and the pager (serving/expert_paging.py) swaps them on demand.
         """
         fast_lora.check(self.settings.fast_lora)  # the installed vLLM is one the grouped ops support
         if self.cpu_bind != "auto":  # "auto" leaves the variable as the environment set it (vLLM's default: auto)
@@ -181,16 +186,33 @@ class VllmEngine:
 
         if pinned:
             _check_union_wrapper(self.settings.fast_lora)
-        args = engine_args(self.student, self.settings, self.max_lora_rank, self.max_model_len, len(pinned))
-        self._check_slot_memory(args.max_loras, len(pinned), args.dtype)
+        limit = self._resident_limit(pinned)
+        resident = list(pinned)[:limit]
+        args = engine_args(self.student, self.settings, self.max_lora_rank, self.max_model_len, len(resident))
+        self._check_slot_memory(args.max_loras, len(resident), args.dtype)
         llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         try:
-            await self._pin(llm, pinned)
+            await self._pin(llm, resident)
         except BaseException:
             llm.shutdown()
             raise
         self.admission = LoraAdmission(self.settings.max_loras, [t.lora_id for t in pinned])
+        if limit < len(pinned):
+            self.pager = ExpertPager(pinned, limit, lambda target: self._page_in(llm, target),
+                                     lambda target: self._unpin(llm, target), [t.lora_id for t in resident])
+            logger.info("%d of the union's %d experts resident, the others paged in on demand", limit, len(pinned))
         self._llm = llm
+
+    def _resident_limit(self, pinned: Sequence[LoraTarget]) -> int:
+        """How many of the union's experts may be in slots at once (all of them without engine.resident_experts)."""
+        limit = self.settings.resident_experts
+        if not pinned or limit is None or limit >= len(pinned):
+            return len(pinned)
+        pager_min = min_resident(ExpertPager.layout_of(pinned[0].lora_id))
+        if limit < pager_min:
+            raise ConfigError(f"engine.resident_experts = {limit}: one request of this union can need {pager_min} "
+                              f"experts in slots at once; set it to at least {pager_min}")
+        return limit
 
     def _check_slot_memory(self, slots: int, pinned: int, dtype: str) -> None:
         """Refuse, before vLLM allocates them, LoRA slots that host memory cannot hold (the CPU platform: there the
@@ -217,6 +239,20 @@ class VllmEngine:
             if not (added and pinned_ok):
                 raise ConfigError(f"vLLM did not load and pin adapter {target.name} ({target.path})")
 
+    async def _page_in(self, llm: Any, target: LoraTarget) -> None:
+        """Load and pin a paged expert, its folder read and checked here first: a folder vLLM cannot load would
+        raise inside its engine core."""
+        adapter = await asyncio.to_thread(load_adapter, target.path)  # BundleError naming the file
+        if adapter.r > self.max_lora_rank:
+            raise ConfigError(f"rank {adapter.r} is over the engine's max LoRA rank {self.max_lora_rank}")
+        await self._pin(llm, [target])
+
+    @staticmethod
+    async def _unpin(llm: Any, target: LoraTarget) -> None:
+        """Unload a paged expert: vLLM's remove_lora frees its slot and host copy, pin included."""
+        if not await llm.remove_lora(target.lora_id):
+            logger.warning("vLLM held no adapter %s to remove", target.name)
+
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSettings, lora: LoraTarget | None
     ) -> AsyncIterator[GenerationDelta]:
@@ -230,11 +266,24 @@ class VllmEngine:
             params = sampling_params(sampling)
         except VLLMValidationError as e:  # e.g. n > 1 with greedy decoding: the client's mistake, a 400
             raise InvalidRequest(str(e), param=e.parameter) from e
-        async with self.admission.hold(None if lora is None else lora.lora_id):
+        lora_id = None if lora is None else lora.lora_id
+        async with self.admission.hold(lora_id), self._paged(lora_id):
             deltas = self._stream(request_id, prompt_token_ids, params, lora_request, sampling)
             async with aclosing(deltas):  # closing this generator early closes the stream (vLLM aborts)
                 async for delta in deltas:
                     yield delta
+
+    @asynccontextmanager
+    async def _paged(self, lora_id: int | None) -> AsyncIterator[None]:
+        """Hold the union experts `lora_id` reads in their slots (nothing to do when all are pinned)."""
+        if self.pager is None:
+            yield
+            return
+        try:
+            async with self.pager.hold(lora_id):
+                yield
+        except PagingError as e:
+            raise InternalError(str(e)) from e
 
     async def _stream(self, request_id: str, prompt_token_ids: list[int], params: Any, lora_request: Any,
                       sampling: SamplingSettings) -> AsyncIterator[GenerationDelta]:
@@ -309,6 +358,13 @@ class VllmEngine:
 
     async def lora_slots_in_use(self) -> int:
         return len(await self._llm.list_loras()) if self._llm is not None else 0
+
+    def paging_stats(self) -> dict[str, int]:
+        pager = self.pager
+        if pager is None:
+            return {}
+        return {"experts_resident": len(pager.resident), "expert_page_ins": pager.page_ins,
+                "expert_page_outs": pager.page_outs}
 
     def queue_depth(self) -> int:
         return self._llm.get_num_unfinished_requests() if self._llm is not None else 0

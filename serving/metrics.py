@@ -95,6 +95,11 @@ class ServingMetrics:
             "mode_cotd_engine_unfinished_requests",
             "Requests in vLLM (waiting or running) per student replica, read when /metrics is scraped",
             ["replica"], registry=r)
+        self.paging = {key: Gauge(f"mode_cotd_{key}", text, ["replica"], registry=r) for key, text in (
+            ("experts_resident", "Experts of the union in LoRA slots where they are paged, read at scrape time"),
+            ("expert_page_ins", "Union experts loaded on demand since the replica started, read at scrape time"),
+            ("expert_page_outs", "Union experts unloaded to make room since the replica started, read at scrape time"),
+        )}
         self.student_open = Gauge(
             "mode_cotd_student_open_requests",
             "Requests a student replica holds (building an adapter, waiting or running), read at scrape time",
@@ -142,6 +147,9 @@ class ServingMetrics:
         replica = str(stats.get("replica") or "0")
         self.engine_unfinished.labels(replica).set(stats.get("engine_unfinished", 0))
         self.student_open.labels(replica).set(stats.get("open", 0))
+        for key, gauge in self.paging.items():
+            if key in stats:
+                gauge.labels(replica).set(stats[key])
 
     def exposition(self) -> tuple[bytes, str]:
         """The Prometheus text of every series, and its content type."""

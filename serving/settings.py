@@ -114,6 +114,12 @@ class EngineSettings:
     """Compile the student with LoRA as vLLM compiles it without (Dynamo traced once, Inductor), the grouped ops
     running as custom ops (serving/fast_lora/compiled_ops.py): faster steps, a start ~150 s longer here (200 s, not 50).
     vLLM's CPU backend with fast_lora only (vLLM itself never compiles a CPU LoRA engine); off with enforce_eager."""
+    resident_experts: int | None = None
+    """Experts of the mixture union kept in LoRA slots at once. None: every expert loaded and pinned at start (one
+    slot and one host copy each; a union of 1,000 needs ~20 GiB here and minutes to start). K: K slots for the
+    union, filled on demand: a request's experts are loaded and pinned while it runs, the least recently used
+    idle one unloaded when a slot is needed, requests waiting while all K are in use (serving/expert_paging.py).
+    At least the experts one request can weigh: 2 (3 with a shared adapter) for a union of over 16 experts."""
     mixture_union: bool = True
     """Serve mixtures without composites: the bundle's experts pinned in vLLM, each mixture an id that encodes
     its weights, applied by the grouped ops (serving/mixture_union.py). Needs fast_lora, experts on linear

@@ -80,6 +80,7 @@ def check_slot_memory(slots: int, pinned: int, per_slot: int | None, available: 
             f"the engine's {slots} LoRA slots ({pinned} pinned experts of the mixture union + the route table's "
             f"own) need ~{need / 2**30:.1f} GiB ({per_slot / 2**20:.1f} MiB each at max_lora_rank and the engine's "
             f"dtype, plus {per_pinned_copy / 2**20:.1f} MiB per pinned expert for vLLM's host copy), over "
-            f"{SLOT_MEMORY_SHARE:.0%} of the {available / 2**30:.1f} GiB available: serve a bundle with "
-            "fewer experts, lower engine.max_lora_rank or engine.max_loras, use bfloat16, or turn the union off "
+            f"{SLOT_MEMORY_SHARE:.0%} of the {available / 2**30:.1f} GiB available: keep fewer experts in slots "
+            "(--engine-resident-experts K: the others paged in on demand), serve a bundle with fewer experts, "
+            "lower engine.max_lora_rank or engine.max_loras, use bfloat16, or turn the union off "
             "(--no-engine-mixture-union: mixtures as composites, experts loaded on demand)")

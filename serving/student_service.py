@@ -122,7 +122,8 @@ class StudentService:
 
     def stats(self) -> dict:
         """Live counts for /metrics: requests held here, and unfinished in vLLM."""
-        return {"replica": self.replica, "open": self.open, "engine_unfinished": self.engine.queue_depth()}
+        return {"replica": self.replica, "open": self.open, "engine_unfinished": self.engine.queue_depth(),
+                **self.engine.paging_stats()}
 
     def _report(self, lease: Lease | None, slots: int) -> AdapterReport:
         if lease is None:

@@ -58,6 +58,8 @@ class FakeEngine:
         self.loaded: set[int] = set()
         self.aborted: list[str] = []
         self.pinned: list[LoraTarget] = []
+        self.paging: dict[str, int] = {}
+        """What paging_stats reports (a test sets it)."""
 
     @property
     def ready(self) -> bool:
@@ -105,6 +107,9 @@ class FakeEngine:
 
     def queue_depth(self) -> int:
         return 0
+
+    def paging_stats(self) -> dict[str, int]:
+        return dict(self.paging)
 
     def shutdown(self) -> None:
         self.started = False

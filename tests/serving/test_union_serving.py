@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+from mode_cotd.errors import BundleError
 from serving.fast_lora import mixture_ids
 from serving.mixture_union import PLACEHOLDER
 from serving.settings import EngineSettings
@@ -108,3 +111,25 @@ def test_the_union_family_follows_the_expert_files(tiny_student, tmp_path):
     save_adapter(random_adapter(tiny_student, r=4, seed=99), experts["b"])  # b retrained: another union
     changed = MixtureUnion.for_experts(experts, tmp_path / "cache", 20, 16)
     assert changed.layout.family != union.layout.family  # 7 bits of a digest: deterministic for these seeds
+
+
+def test_known_experts_are_not_read_again(tiny_student, tmp_path):
+    from mode_cotd.adapter import WEIGHTS_NAME
+    from serving.mixture_union import ExpertFacts, MixtureUnion
+
+    experts = _experts(tiny_student, tmp_path, {"a": 4, "b": 8})
+    read = {name: ExpertFacts.read(path) for name, path in experts.items()}
+    union = MixtureUnion.for_experts(experts, tmp_path / "cache", 20, 16)
+    assert MixtureUnion.for_experts(experts, tmp_path / "cache", 20, 16, known=read) == union  # the same union
+    (experts["b"] / WEIGHTS_NAME).write_bytes(b"not read")  # known: its folder is not opened
+    assert MixtureUnion.for_experts(experts, tmp_path / "cache", 20, 16, known={"b": read["b"]}) == union
+    with pytest.raises(BundleError, match="unreadable safetensors"):  # unknown: read, and refused
+        MixtureUnion.for_experts(experts, tmp_path / "cache", 20, 16, known={"a": read["a"]})
+
+
+def test_paging_counts_reach_metrics_only_where_experts_are_paged(served):
+    text = lambda: served.client.get("/metrics", headers=served.auth_headers).text
+    assert "mode_cotd_expert_page_ins{" not in text()  # every expert pinned: no series
+    served.engine.paging = {"experts_resident": 64, "expert_page_ins": 130, "expert_page_outs": 66}
+    assert served.sample("mode_cotd_experts_resident") == 64
+    assert served.sample("mode_cotd_expert_page_ins") == 130 and served.sample("mode_cotd_expert_page_outs") == 66
