@@ -25,12 +25,12 @@ def top_logprobs(output) -> list[dict[int, float]]:
     return [{token: lp.logprob for token, lp in position.items()} for position in output.outputs[0].logprobs]
 
 
-def main(student: str, expert_a: str, expert_b: str) -> None:
+def main(student: str, expert_a: str, expert_b: str, dtype: str = "bfloat16") -> None:
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
     from vllm.platforms import current_platform
 
-    llm = LLM(model=student, enable_lora=True, max_lora_rank=8, max_loras=4, max_model_len=512, dtype="bfloat16",
+    llm = LLM(model=student, enable_lora=True, max_lora_rank=8, max_loras=4, max_model_len=512, dtype=dtype,
               seed=0, kv_cache_memory_bytes=256 * 2**20)
     params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True, logprobs=TOP_LOGPROBS)
     a, b = LoRARequest("a", 1, expert_a), LoRARequest("b", 2, expert_b)
@@ -51,4 +51,4 @@ def main(student: str, expert_a: str, expert_b: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])
