@@ -35,7 +35,7 @@ FLAGS = {
     "--prefix-caching": "prefix_caching", "--stream-interval": "stream_interval",
     "--student": "student", "--bundle": "bundle", "--seed": "seed", "--experts-table": "experts_table",
     "--experts-in-flight": "experts_in_flight", "--experts-rank": "experts_rank", "--experts-dtype": "experts_dtype",
-    "--experts-cache": "experts_cache",
+    "--experts-cache": "experts_cache", "--experts-paged": "experts_paged", "--experts-resident": "experts_resident",
 }
 """Flag -> the BenchConfig field it sets over the preset (help: the field's docstring)."""
 

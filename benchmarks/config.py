@@ -58,6 +58,12 @@ class BenchConfig:
     experts_table: tuple[int, ...] = (10, 100, 1000)
     """Union sizes of the many-experts table, one server each on a bundle of that many synthetic experts
     (benchmarks/experts_table.py); () skips it."""
+    experts_paged: tuple[int, ...] = (1000,)
+    """Union sizes served again with only `experts_resident` experts in LoRA slots, the others paged in on demand
+    (serving/expert_paging.py): one more row each, after the table's; () skips them."""
+    experts_resident: int = 128
+    """Experts in slots in the paged rows (`mode-cotd serve --engine-resident-experts`): 128 holds the 64 top-2
+    mixtures of the widest column at once."""
     experts_in_flight: tuple[int, ...] = (1, 16, 64)
     """Distinct explicit top-2 mixtures in flight, one column of the many-experts table each."""
     experts_rank: int = 8
@@ -117,7 +123,7 @@ PRESETS: dict[str, BenchConfig] = {
         output_tokens=16, concurrencies=(8,), requests_per_level=8, warmup_requests=2, peft_requests=3,
         scaling_in_flight=(1, 4, 16), scaling_concurrency=16, scaling_requests=16, scaling_output_tokens=4,
         hit_rate_requests=64, hit_rate_output_tokens=1, poisson_rates=(), new_vs_cached_pairs=4,
-        experts_table=(), compile=False),  # a compiled engine starts ~2 min later: the quick run would pass 10 minutes
+        experts_table=(), experts_paged=(), compile=False),  # a compiled engine starts ~2 min later: the quick run would pass 10 minutes
 }
 """Named configurations; `mode-cotd bench --quick` runs "quick"."""
 

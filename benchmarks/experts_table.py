@@ -14,6 +14,10 @@ For each E in `config.experts_table` (10, 100, 1,000 in a full run):
   - the memory each expert added over the smallest union, against its estimate (serving/slot_memory.py: every
     pinned expert holds a slot of `max_lora_rank`, and vLLM keeps a host copy of its tensors).
 
+Then, for each E in `config.experts_paged`, the same row with only `config.experts_resident` experts in slots
+(`--engine-resident-experts`: the others paged in and out on demand, serving/expert_paging.py), with the
+experts it paged in and out, and its gate throughput over the smallest union's (pinned) row.
+
 Every mixture sums to 1 on the grid, so the union serves them all through mixture ids; the table records
 how many requests it did (`union_requests`) and how many composites were built (should be 0).
 """
@@ -97,11 +101,15 @@ negative for 1,000 experts once building their bundle had filled the page cache 
 
 
 def experts_row(count: int, bundle: Path, student: Path | None, config: BenchConfig, prompts: Sequence[Prompt],
-                student_name: str, logs: Path, save: Callable, echo: Echo = print) -> dict[str, Any]:
-    """One row of the table: serve `bundle` (E = count experts), measure, stop."""
+                student_name: str, logs: Path, save: Callable, echo: Echo = print,
+                resident: int | None = None) -> dict[str, Any]:
+    """One row of the table: serve `bundle` (E = count experts; `resident` of them in slots, None: all), measure,
+    stop."""
     folder = student or resolve_student(None)
     per_slot, copy = (f(folder, config.experts_rank, config.experts_dtype) for f in (slot_bytes, adapter_bytes))
-    row: dict[str, Any] = {"experts": count, "rank": config.experts_rank,
+    paged = resident is not None and resident < count
+    label = f"{count}-paged" if paged else str(count)
+    row: dict[str, Any] = {"experts": count, "resident": resident if paged else count, "rank": config.experts_rank,
                            "slot_mib": None if per_slot is None else round(per_slot / 2**20, 2),
                            "host_copy_mib": None if copy is None else round(copy / 2**20, 2)}
     with tempfile.TemporaryDirectory(prefix="mode-cotd-bench-composites-") as composites:
@@ -110,33 +118,39 @@ def experts_row(count: int, bundle: Path, student: Path | None, config: BenchCon
         spec = servers.mode_cotd_spec(Path(composites), bundle, student,
                                       ["--engine-dtype", config.experts_dtype, "--engine-max-lora-rank",
                                        str(config.experts_rank), "--engine-kv-cache-memory-bytes",
-                                       str(KV_CACHE_BYTES), *config.serve_args],
+                                       str(KV_CACHE_BYTES),
+                                       *(["--engine-resident-experts", str(resident)] if paged else []),
+                                       *config.serve_args],
                                       prefix_caching=config.prefix_caching,
                                       stream_interval=config.stream_interval)
-        spec.name = f"mode-cotd-{count}-experts"
+        spec.name = f"mode-cotd-{label}-experts"
         with servers.running(spec, logs) as srv:
             row["startup_s"] = round(srv.startup_s, 1)
             row["pss_gib"] = round(tree_pss_bytes(srv.process.pid) / 2**30, 2)
-            echo(f"[bench] {count} experts: ready in {srv.startup_s:.0f} s, {row['pss_gib']} GiB (PSS of its processes)")
+            echo(f"[bench] {label} experts: ready in {srv.startup_s:.0f} s, {row['pss_gib']} GiB (PSS of its processes)")
             first = prom.scrape(srv.base_url)
             row["student"] = scaling_baseline(srv.base_url, student_name, prompts, config,
-                                              lambda name, r: save(f"experts-{count}-{name}", r))
+                                              lambda name, r: save(f"experts-{label}-{name}", r))
             # the gate route under the student baseline's load (the scaling rows'), so the two compare
             n = config.scaling_requests
             specs = request_specs(SCENARIOS["e"], [prompts[i % len(prompts)] for i in range(n)],
                                   config.scaling_output_tokens, student_name, "")
             loadgen.run(srv.base_url, specs[: config.warmup_requests], concurrency=1)
             records = loadgen.run(srv.base_url, specs, concurrency=config.scaling_concurrency)
-            save(f"experts-{count}-gate", records)
+            save(f"experts-{label}-gate", records)
             row["gate"] = {"concurrency": config.scaling_concurrency, **summarise(records)}
             fresh = FreshMixtures(distinct_mixtures(expert_names(count), config.mixture_k, config.mixture_grid,
                                                     sum(config.experts_in_flight), config.seed + count))
             row["mixtures"] = [scaling_row(srv.base_url, m, prompts, config, fresh,
-                                           lambda name, r: save(f"experts-{count}-{name}", r))
+                                           lambda name, r: save(f"experts-{label}-{name}", r))
                                for m in config.experts_in_flight]
             session = prom.delta(first, prom.scrape(srv.base_url))
             row["union_requests"] = prom.total(session, "mode_cotd_mixture_union_requests_total")
             row["composite_builds"] = prom.total(session, "mode_cotd_composite_builds_total")
+            if paged:  # gauges since the server started
+                last = prom.scrape(srv.base_url)
+                row["page_ins"] = prom.total(last, "mode_cotd_expert_page_ins")
+                row["page_outs"] = prom.total(last, "mode_cotd_expert_page_outs")
     base = row["student"]["output_throughput_tok_s"]
     row["gate_vs_student"] = ratio(row["gate"]["output_throughput_tok_s"], base)
     for m in row["mixtures"]:
@@ -157,3 +171,11 @@ def add_ratios(table: list[dict[str, Any]]) -> dict[str, Any]:
     smallest = first["gate"]["output_throughput_tok_s"]
     return {str(r["experts"]): ratio((r.get("gate") or {}).get("output_throughput_tok_s"), smallest)
             for r in table}
+
+
+def paged_ratios(table: dict[str, Any]) -> None:
+    """Each paged row's gate throughput over the smallest pinned union's (`gate_vs_smallest`), in the row."""
+    rows = table.get("rows") or []
+    smallest = (rows[0].get("gate") or {}).get("output_throughput_tok_s") if rows else None
+    for r in table.get("paged_rows") or []:
+        r["gate_vs_smallest"] = ratio((r.get("gate") or {}).get("output_throughput_tok_s"), smallest)

@@ -196,26 +196,29 @@ def markdown(results: dict[str, Any], command: str | None = None) -> str:
 
 
 def _experts_table(table: dict[str, Any]) -> list[str]:
-    """The many-experts table's markdown (none without rows)."""
-    rows = table.get("rows") or []
-    if not rows:
+    """The many-experts table's markdown (none without rows): the pinned rows, then the paged ones."""
+    rows, paged = table.get("rows") or [], table.get("paged_rows") or []
+    if not rows and not paged:
         return []
-    in_flight = [m["in_flight"] for m in rows[0]["mixtures"]]
+    in_flight = [m["in_flight"] for m in (rows or paged)[0]["mixtures"]]
+    smallest = table.get("gate_vs_smallest") or {}
     lines = ["", "## Many experts: one server per union size (synthetic experts, top-2 gate)", "",
-             _row(["experts", "start s", "memory GiB (PSS)", "MiB per added expert (slot + host copy, estimated)", "student tok/s",
-                   "gate tok/s (/ student)",
+             _row(["experts", "in slots", "start s", "memory GiB (PSS)",
+                   "MiB per added expert (slot + host copy, estimated)", "student tok/s", "gate tok/s (/ student)",
                    *(f"{m} mixtures in flight tok/s (/ student)" for m in in_flight), "union requests",
-                   "composites built", "gate / smallest union"]),
-             _row(["---"] * (9 + len(in_flight)))]
-    for r in rows:
-        lines.append(_row([r["experts"], _f(r["startup_s"], 0), _f(r["pss_gib"], 2),
+                   "composites built", "paged in / out", "gate / smallest union"]),
+             _row(["---"] * (11 + len(in_flight)))]
+    for r in [*rows, *paged]:
+        is_paged = r in paged
+        lines.append(_row([r["experts"], r.get("resident", r["experts"]), _f(r["startup_s"], 0), _f(r["pss_gib"], 2),
                            (f"{_f(r.get('pss_per_added_expert_mib'))} ({_f(r.get('slot_mib'))} + "
                            f"{_f(r.get('host_copy_mib'))})"),
                            _f(r["student"]["output_throughput_tok_s"]),
                            f"{_f(r['gate']['output_throughput_tok_s'])} ({_f(r['gate_vs_student'], 3)})",
                            *(f"{_f(m['output_throughput_tok_s'])} ({_f(m['vs_student'], 3)})" for m in r["mixtures"]),
                            _f(r["union_requests"], 0), _f(r["composite_builds"], 0),
-                           _f((table.get("gate_vs_smallest") or {}).get(str(r["experts"])), 3)]))
+                           f"{_f(r.get('page_ins'), 0)} / {_f(r.get('page_outs'), 0)}" if is_paged else "-",
+                           _f(r.get("gate_vs_smallest") if is_paged else smallest.get(str(r["experts"])), 3)]))
     return lines
 
 

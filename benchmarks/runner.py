@@ -23,7 +23,7 @@ from benchmarks import loadgen, peft_baseline, prom, servers, vllm_bench
 from benchmarks.config import BenchConfig
 from benchmarks.environment import describe
 from benchmarks.experts_table import add_ratios as experts_ratios
-from benchmarks.experts_table import cached_bundle, experts_row
+from benchmarks.experts_table import cached_bundle, experts_row, paged_ratios
 from benchmarks.prompts import Prompt, load_prompts, write_jsonl
 from benchmarks.scaling import (
     hit_rate_phase,
@@ -173,7 +173,7 @@ class Runner:
         if "g" in wanted:
             with self.phase("g"):
                 self.peft_scenario()
-        if config.experts_table:
+        if config.experts_table or config.experts_paged:
             self.many_experts()
         self.results["phases_s"]["total"] = round(time.monotonic() - started, 1)
         return self.results
@@ -249,6 +249,15 @@ class Runner:
                                                  self.prompts, self.student_name, self.logs, self.save_records,
                                                  self.echo))
         table["gate_vs_smallest"] = experts_ratios(table["rows"])
+        for count in sorted(config.experts_paged):
+            with self.phase(f"experts-{count}-paged"):
+                bundle = cached_bundle(Path(config.experts_cache).expanduser(), self.student, count,
+                                       config.experts_rank, self.echo)
+                row = experts_row(count, bundle, self.student if config.student else None, config, self.prompts,
+                                  self.student_name, self.logs, self.save_records, self.echo,
+                                  resident=config.experts_resident)
+                table.setdefault("paged_rows", []).append(row)
+        paged_ratios(table)
 
     def cross_check(self, base_url: str) -> None:
         config = self.config

@@ -103,5 +103,23 @@ def test_the_many_experts_table_compares_the_largest_union_with_the_smallest():
     target = results["targets"]["gate_many_experts"]
     assert math.isclose(target["value"], 70 / 90) and target["met"] is False and target["target"] == 0.8
     text = report.markdown(results)
-    assert "## Many experts" in text and "| 1000 | 140 | 5.00 | 2.0 (11.0 + 9.3) | 100.0 | 70.0 (0.700) |" in text
+    assert "## Many experts" in text and "| 1000 | 1000 | 140 | 5.00 | 2.0 (11.0 + 9.3) | 100.0 | 70.0 (0.700) |" in text
     assert "16 mixtures in flight tok/s (/ student)" in text
+
+
+def test_paged_rows_follow_the_pinned_ones_with_their_paging_counts():
+    from benchmarks.experts_table import add_ratios as experts_ratios
+    from benchmarks.experts_table import paged_ratios
+
+    rows = [_experts_row(10, 90.0), _experts_row(1000, 70.0)]
+    paged = {**_experts_row(1000, 45.0), "resident": 128, "page_ins": 300.0, "page_outs": 172.0, "startup_s": 50.0}
+    table = {"rows": rows, "gate_vs_smallest": experts_ratios(rows), "paged_rows": [paged]}
+    paged_ratios(table)
+    assert math.isclose(paged["gate_vs_smallest"], 45 / 90)
+    results = {"scenarios": {}, "experts_table": table}
+    report.add_ratios(results)
+    assert math.isclose(results["targets"]["gate_many_experts"]["value"], 70 / 90)  # the pinned rows' target
+    lines = report.markdown(results).splitlines()
+    pinned = next(i for i, line in enumerate(lines) if line.startswith("| 1000 | 1000 |"))
+    assert lines[pinned + 1].startswith("| 1000 | 128 | 50 |") and lines[pinned + 1].endswith("| 300 / 172 | 0.500 |")
+    assert lines[pinned].endswith("| - | 0.778 |")
