@@ -15,9 +15,11 @@ from typing import Any
 
 from ray.serve import Application
 
+from mode_cotd.bundle import read_manifest
 from mode_cotd.settings import nest_dotted
 from serving import components
-from serving.deployments import IngressDeployment, RouterDeployment, StudentDeployment
+from serving.bundle_source import local_bundle
+from serving.deployments import ColocatedDeployment, IngressDeployment, RouterDeployment, StudentDeployment
 from serving.settings import ServeSettings, from_dict
 
 
@@ -29,11 +31,19 @@ def settings_from_args(args: dict[str, Any] | ServeSettings | None) -> ServeSett
 
 
 def build_app(args: dict[str, Any] | ServeSettings | None = None) -> Application:
-    """The bound Serve application (ingress, router when the bundle has a gate, student)."""
-    settings = components.resolve_settings(settings_from_args(args))
-    bundle = components.load_serving_bundle(settings)
+    """The bound Serve application: ingress, router when the bundle has a gate, and student; or, in the
+    "colocated" layout, the one deployment that holds all three."""
+    return app_for(components.resolve_settings(settings_from_args(args)))
+
+
+def app_for(settings: ServeSettings) -> Application:
+    """build_app for settings already resolved (components.resolve_settings, which validated the bundle: reading
+    a bundle of a thousand experts takes ~30 s, so `mode-cotd serve` reads it once before Ray starts)."""
+    if settings.layout == "colocated":
+        return ColocatedDeployment.options(**settings.front().serve_options()).bind(settings)
+    settings.front()  # ConfigError for an unknown layout
     student = StudentDeployment.options(**settings.student_deployment.serve_options()).bind(settings)
     router = None
-    if bundle.gate is not None:
+    if read_manifest(local_bundle(settings.bundle)).gate is not None:
         router = RouterDeployment.options(**settings.router.serve_options()).bind(settings)
     return IngressDeployment.options(**settings.ingress.serve_options()).bind(settings, router, student)

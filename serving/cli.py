@@ -110,7 +110,7 @@ def main(argv: list[str]) -> int:
     if args.export_runtime is not None:
         return _export_runtime(settings, args.export_runtime)
 
-    from serving.app import build_app  # pulls in Ray Serve: imported when serving, not for --help
+    from serving.app import app_for  # pulls in Ray Serve: imported when serving, not for --help
 
     settings = resolve_settings(settings)  # a missing or bad bundle fails here, before Ray starts
     import ray
@@ -127,7 +127,7 @@ def main(argv: list[str]) -> int:
         for stop_signal in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which sets its own SIGTERM handler
             signal.signal(stop_signal, _stop)
         serve.start(http_options={"host": settings.host, "port": proxy_port})
-        serve.run(build_app(settings), name=settings.app_name, route_prefix=settings.route_prefix, blocking=False)
+        serve.run(app_for(settings), name=settings.app_name, route_prefix=settings.route_prefix, blocking=False)
         base = f"http://{settings.host}:{settings.port}{settings.route_prefix.rstrip('/')}"
         _wait_until_ready(f"{base}/health", args.startup_timeout_s)
         print(f"mode-cotd serve: ready in {time.monotonic() - started:.0f} s. OpenAI API at {base}/v1 "

@@ -51,6 +51,7 @@ def resolve_settings(settings: ServeSettings) -> ServeSettings:
             "(`mode-cotd pipeline --help`), or pass --bundle PATH to a bundle folder."
         )
     cpu_threads_bind(settings.engine.cpu_threads_bind, 0, [0])  # a bad value fails here, not in each replica
+    settings.front()  # so does an unknown layout
     if settings.engine.stream_interval < 1:
         raise ConfigError(f"engine.stream_interval: tokens per streamed chunk must be >= 1, got "
                           f"{settings.engine.stream_interval}")

@@ -1,8 +1,11 @@
-"""The three Ray Serve deployments. Thin: each builds its plain piece (serving.components) and wires it.
+"""The Ray Serve deployments. Thin: each builds its plain piece (serving.components) and wires it.
 
     IngressDeployment   FastAPI app (serving.api) over a RayBackend of the two handles below
     RouterDeployment    GateRouter behind @serve.batch (max batch size and wait from settings)
     StudentDeployment   StudentService: adapter cache + vLLM engine, streaming generation
+    ColocatedDeployment layout "colocated": all three in one replica (FastAPI over the StudentService and the
+                        GateRouter in process): no Ray call between them, so a streamed chunk crosses no
+                        process but vLLM's own; replicas scale the three together
 
 A student replica's constructor returns only once its vLLM engine is loaded, so Serve counts it
 as ready (and routes to it, and stops the replica it replaces in a rollout) only when it can
@@ -15,7 +18,7 @@ wait in Serve's bounded queue until the new replica is up, or 503 + Retry-After 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 
 from ray import serve
@@ -25,10 +28,12 @@ from ray.serve.handle import DeploymentHandle
 
 from serving import components
 from serving.api import create_app
+from serving.backend import LocalBackend
 from serving.errors import ApiError, InternalError, ModelNotFound, ServiceUnavailable
 from serving.metrics import ServingMetrics
 from serving.protocol import GateDecision, GenerationEvent, GenerationRequest
 from serving.settings import ServeSettings
+from serving.student_service import StudentService
 
 
 def as_api_error(exc: BaseException) -> ApiError:
@@ -156,6 +161,52 @@ class RouterDeployment:
 
     async def decide(self, prompt: str) -> GateDecision:
         return await self.decide_batch(prompt)
+
+
+class InProcessBackend(LocalBackend):
+    """LocalBackend whose gate calls go through `decide` (the colocated replica's @serve.batch method)."""
+
+    def __init__(self, student: StudentService, decide: Callable[[str], Awaitable[GateDecision]] | None):
+        super().__init__(student, None)
+        self.decide = decide
+
+    async def route(self, text: str) -> GateDecision:
+        if self.decide is None:
+            return await super().route(text)  # ModelNotFound: no gate
+        return await self.decide(text)
+
+
+@serve.deployment(name="colocated")
+@serve.ingress()
+class ColocatedDeployment:
+    async def __init__(self, settings: ServeSettings):
+        context = serve.get_replica_context()
+        self.settings = settings
+        self.bundle = components.load_serving_bundle(settings)
+        self.service = components.student_service(settings, self.bundle, replica=context.replica_id.unique_id,
+                                                  local_rank=context.rank.local_rank if context.rank is not None else 0)
+        self.router = components.gate_router(settings, self.bundle)
+        self.decide_batch.set_max_batch_size(settings.batching.max_batch_size)
+        self.decide_batch.set_batch_wait_timeout_s(settings.batching.batch_wait_timeout_s)
+        await self.service.start()  # ready to Serve only once vLLM is loaded
+
+    @serve.batch
+    async def decide_batch(self, prompts: list[str]) -> list[GateDecision]:
+        return await asyncio.to_thread(self.router.decide, prompts)  # off the loop that streams the tokens
+
+    def __serve_build_asgi_app__(self):
+        backend = InProcessBackend(self.service, self.decide_batch if self.router is not None else None)
+        routes = components.ingress_routes(self.settings, self.bundle)
+        prompts = components.prompt_renderer(self.settings)
+        jobs = components.composition_jobs(self.settings, self.bundle, routes, backend, prompts)
+        return create_app(backend, routes, prompts, self.settings.api, ServingMetrics(), jobs)
+
+    async def check_health(self) -> None:
+        if not self.service.ready:
+            raise RuntimeError("the student engine stopped")
+
+    def __del__(self) -> None:
+        self.service.shutdown()
 
 
 @serve.deployment(name="ingress")

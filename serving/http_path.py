@@ -25,8 +25,8 @@ def choose_http_path(settings: ServeSettings, joins_cluster: bool) -> str:
     """"direct" or "proxy" for settings.http_path; ConfigError when "direct" cannot be had, saying why."""
     if settings.http_path not in HTTP_PATHS:
         raise ConfigError(f"http_path: expected one of {', '.join(HTTP_PATHS)}, got {settings.http_path!r}")
-    ingress = settings.ingress
-    single = ingress.autoscaling is None and ingress.num_replicas == 1
+    front = settings.front()  # the ingress, or the colocated deployment
+    single = front.autoscaling is None and front.num_replicas == 1
     why_not = ("it joins a running Ray cluster (--ray-address), whose Serve processes did not start with the "
                "direct-ingress environment" if joins_cluster else
                None if single else "the ingress has more than one replica, and direct HTTP gives the port to one")

@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from mode_cotd.errors import ConfigError
 from mode_cotd.settings import settings_from_dict
 
 
@@ -262,6 +263,11 @@ class ServeSettings:
     """How `mode-cotd serve` takes HTTP (serving/http_path.py): "direct" (the ingress replica itself listens on
     host:port; one process fewer on every streamed chunk), "proxy" (Serve's HTTP proxy on host:port forwards to the
     ingress replicas), or "auto": direct with one ingress replica on a Ray it starts itself, else proxy."""
+    layout: str = "split"
+    """How the app's parts map to Ray Serve deployments. "split": an ingress (FastAPI), a router (the gate) and a
+    student (vLLM) deployment, each with its own replicas and resources; every streamed chunk crosses from the
+    student replica to the ingress. "colocated": one deployment whose replicas hold all three (the student's
+    resources and replica count, the ingress's request limits): no Ray call on the hot path."""
     app_name: str = "mode-cotd"
     """Ray Serve application name."""
     route_prefix: str = "/"
@@ -285,6 +291,16 @@ class ServeSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def front(self) -> DeploymentSettings:
+        """The deployment whose replicas take HTTP: the ingress, or in the colocated layout the one deployment,
+        sized as the student (its replicas and resources) with the ingress's limits on requests."""
+        if self.layout == "split":
+            return self.ingress
+        if self.layout != "colocated":
+            raise ConfigError(f"layout: expected 'split' or 'colocated', got {self.layout!r}")
+        return dataclasses.replace(self.student_deployment, max_ongoing_requests=self.ingress.max_ongoing_requests,
+                                   max_queued_requests=self.ingress.max_queued_requests)
 
 
 def from_dict(cls: type, data: Any, where: str = "settings"):

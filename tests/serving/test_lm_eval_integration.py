@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,8 @@ from mode_cotd.adapter import load_adapter, save_adapter
 from mode_cotd.mixing import compose_exact
 from serving.settings import ApiSettings, CacheSettings, EngineSettings, RouterSettings, ServeSettings
 
+from .serve_app import free_port, serve_app
+
 pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.ray]
 
 PROMPT = "Infer the correct answer for the question.\n\nQ: Tom has 3 apples and buys 4 more. How many?\nA: 3 + 4 = 7"
@@ -39,22 +40,11 @@ LM_EVAL_TASKS = "mode_cotd_gen_addsub,mode_cotd_mc_commonsense_qa"
 LIMIT = 4
 """Examples per task: one batch of 4 for the generation task, 20 option continuations (5 batches) for the other."""
 MAX_PROMPTS = 8
-STARTUP_TIMEOUT_S = 420
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle, tiny_student, tmp_path_factory, heavy_lock_for_module):
-    import ray
-    from ray import serve
-
-    from serving.app import build_app
-
     port = free_port()
     settings = ServeSettings(
         bundle=str(tiny_bundle), student=str(tiny_student), host="127.0.0.1", port=port, app_name="mode-cotd-lm-eval",
@@ -65,19 +55,8 @@ def server(tiny_bundle, tiny_student, tmp_path_factory, heavy_lock_for_module):
         cache=CacheSettings(dir=str(tmp_path_factory.mktemp("composites")), max_entries=16),
         api=ApiSettings(default_max_tokens=16, max_prompts=MAX_PROMPTS),
     )
-    started = time.monotonic()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(settings), name=settings.app_name, route_prefix="/", blocking=False)
-        base = f"http://127.0.0.1:{port}"
-        while httpx.get(f"{base}/health", timeout=10).status_code != 200:
-            assert time.monotonic() - started < STARTUP_TIMEOUT_S, "the student did not load"
-            time.sleep(1)
+    with serve_app(settings) as (base, _):
         yield base
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def client(base: str) -> openai.OpenAI:

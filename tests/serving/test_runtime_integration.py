@@ -27,7 +27,8 @@ from serving.settings import (
     ServeSettings,
 )
 
-from .test_serve_integration import PROMPT, free_port
+from .serve_app import free_port
+from .test_serve_integration import PROMPT
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.ray]
 

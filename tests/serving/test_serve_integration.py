@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -30,16 +29,12 @@ from serving.settings import (
     ServeSettings,
 )
 
+from .serve_app import STARTUP_TIMEOUT_S, free_port, serve_app
+
 pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.ray]
 
 PROMPT = "Infer the correct answer for the question.\n\nQ: Tom has 3 apples and buys 4 more. How many?\nA:"
-STARTUP_TIMEOUT_S = 420
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class App:
@@ -64,34 +59,21 @@ class App:
 
 @pytest.fixture(scope="module")
 def app(tiny_bundle, tiny_student, tmp_path_factory, heavy_lock_for_module):
-    import ray
-    from ray import serve
+    # heavy_lock_for_module holds /tmp/heavy.lock (or a parent process does)
+    settings = tiny_app_settings(tiny_bundle, tiny_student, tmp_path_factory.mktemp("composites"), "mode-cotd-test")
+    with serve_app(settings) as (base, startup_s):
+        yield App(base, Path(tiny_student).name, startup_s)
 
-    from serving.app import build_app
 
-    port = free_port()  # heavy_lock_for_module holds /tmp/heavy.lock (or a parent process does)
-    settings = ServeSettings(
-        bundle=str(tiny_bundle), student=str(tiny_student), host="127.0.0.1", port=port,
-        app_name="mode-cotd-test",
-        engine=EngineSettings(max_model_len=1024, max_loras=4, max_cpu_loras=8, max_num_seqs=32,
-                              enforce_eager=True, kv_cache_memory_bytes=64 * 2**20),
-        batching=RouterSettings(max_batch_size=8, batch_wait_timeout_s=0.05),
-        cache=CacheSettings(dir=str(tmp_path_factory.mktemp("composites")), max_entries=16),
-        api=ApiSettings(default_max_tokens=16),
-    )
-    started = time.monotonic()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(settings), name=settings.app_name, route_prefix="/", blocking=False)
-        base = f"http://127.0.0.1:{port}"
-        while httpx.get(f"{base}/health", timeout=10).status_code != 200:
-            assert time.monotonic() - started < STARTUP_TIMEOUT_S, "the student did not load"
-            time.sleep(1)
-        yield App(base, Path(tiny_student).name, time.monotonic() - started)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+def tiny_app_settings(bundle: Path, student: Path, composites: Path, name: str, **fields) -> ServeSettings:
+    """The settings of a test app on the tiny student and bundle, on a free port; `fields` replace others."""
+    return ServeSettings(**{
+        "bundle": str(bundle), "student": str(student), "host": "127.0.0.1", "port": free_port(), "app_name": name,
+        "engine": EngineSettings(max_model_len=1024, max_loras=4, max_cpu_loras=8, max_num_seqs=32,
+                                 enforce_eager=True, kv_cache_memory_bytes=64 * 2**20),
+        "batching": RouterSettings(max_batch_size=8, batch_wait_timeout_s=0.05),
+        "cache": CacheSettings(dir=str(composites), max_entries=16),
+        "api": ApiSettings(default_max_tokens=16), **fields})
 
 
 ROUTES = [
