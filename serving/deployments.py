@@ -26,12 +26,14 @@ from ray.exceptions import NodeDiedError, RayActorError, RayTaskError, WorkerCra
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from mode_cotd.bundle import Bundle
 from serving import components
 from serving.api import create_app
 from serving.backend import LocalBackend
 from serving.errors import ApiError, InternalError, ModelNotFound, ServiceUnavailable
 from serving.metrics import ServingMetrics
-from serving.protocol import GateDecision, GenerationEvent, GenerationRequest
+from serving.protocol import Backend, GateDecision, GenerationEvent, GenerationRequest
+from serving.router import GateRouter
 from serving.settings import ServeSettings
 from serving.student_service import StudentService
 
@@ -114,13 +116,54 @@ class RayBackend:
                 stream.cancel()  # the client went away: the student aborts the request in vLLM
 
 
+def _replica_student(settings: ServeSettings, bundle: Bundle) -> StudentService:
+    """The StudentService of this Serve replica (its id and local rank name it and pick its cores)."""
+    context = serve.get_replica_context()
+    return components.student_service(settings, bundle, replica=context.replica_id.unique_id,
+                                      local_rank=context.rank.local_rank if context.rank is not None else 0)
+
+
+def _api_app(settings: ServeSettings, bundle: Bundle, backend: Backend):
+    """The FastAPI app of an ingress over `backend`."""
+    routes = components.ingress_routes(settings, bundle)
+    prompts = components.prompt_renderer(settings)
+    jobs = components.composition_jobs(settings, bundle, routes, backend, prompts)
+    return create_app(backend, routes, prompts, settings.api, ServingMetrics(), jobs)
+
+
+class _HoldsStudent:
+    """A replica that holds the vLLM engine: unhealthy once it stops, shut down with the replica."""
+
+    service: StudentService
+
+    async def check_health(self) -> None:
+        if not self.service.ready:
+            raise RuntimeError("the student engine stopped")
+
+    def __del__(self) -> None:
+        self.service.shutdown()
+
+
+class _BatchesGate:
+    """A replica that scores prompts with the gate in batches (@serve.batch; size and wait from settings)."""
+
+    router: GateRouter | None
+
+    def _batch_as(self, settings: ServeSettings) -> None:
+        self.decide_batch.set_max_batch_size(settings.batching.max_batch_size)
+        self.decide_batch.set_batch_wait_timeout_s(settings.batching.batch_wait_timeout_s)
+
+    @serve.batch
+    async def decide_batch(self, prompts: list[str]) -> list[GateDecision]:
+        # One result per prompt, in order; if the gate fails, @serve.batch gives every caller the error. In a thread:
+        # off the event loop (the colocated replica's also streams the tokens).
+        return await asyncio.to_thread(self.router.decide, prompts)
+
+
 @serve.deployment(name="student")
-class StudentDeployment:
+class StudentDeployment(_HoldsStudent):
     async def __init__(self, settings: ServeSettings):
-        context = serve.get_replica_context()
-        self.service = components.student_service(settings, components.load_serving_bundle(settings),
-                                                  replica=context.replica_id.unique_id,
-                                                  local_rank=context.rank.local_rank if context.rank is not None else 0)
+        self.service = _replica_student(settings, components.load_serving_bundle(settings))
         await self.service.start()  # ready to Serve only once vLLM is loaded (a raise fails the replica's start)
 
     async def is_ready(self) -> bool:
@@ -136,28 +179,15 @@ class StudentDeployment:
             async for event in events:
                 yield event
 
-    async def check_health(self) -> None:
-        if not self.service.ready:
-            raise RuntimeError("the student engine stopped")
-
-    def __del__(self) -> None:
-        self.service.shutdown()
-
 
 @serve.deployment(name="router")
-class RouterDeployment:
+class RouterDeployment(_BatchesGate):
     def __init__(self, settings: ServeSettings):
         bundle = components.load_serving_bundle(settings)
         self.router = components.gate_router(settings, bundle)
         if self.router is None:
             raise ValueError(f"{settings.bundle}: the bundle has no gate; the app runs without a router")
-        self.decide_batch.set_max_batch_size(settings.batching.max_batch_size)
-        self.decide_batch.set_batch_wait_timeout_s(settings.batching.batch_wait_timeout_s)
-
-    @serve.batch
-    async def decide_batch(self, prompts: list[str]) -> list[GateDecision]:
-        # One result per prompt, in order; if the gate fails, @serve.batch gives every caller the error.
-        return await asyncio.to_thread(self.router.decide, prompts)
+        self._batch_as(settings)
 
     async def decide(self, prompt: str) -> GateDecision:
         return await self.decide_batch(prompt)
@@ -178,35 +208,18 @@ class InProcessBackend(LocalBackend):
 
 @serve.deployment(name="colocated")
 @serve.ingress()
-class ColocatedDeployment:
+class ColocatedDeployment(_HoldsStudent, _BatchesGate):
     async def __init__(self, settings: ServeSettings):
-        context = serve.get_replica_context()
         self.settings = settings
         self.bundle = components.load_serving_bundle(settings)
-        self.service = components.student_service(settings, self.bundle, replica=context.replica_id.unique_id,
-                                                  local_rank=context.rank.local_rank if context.rank is not None else 0)
+        self.service = _replica_student(settings, self.bundle)
         self.router = components.gate_router(settings, self.bundle)
-        self.decide_batch.set_max_batch_size(settings.batching.max_batch_size)
-        self.decide_batch.set_batch_wait_timeout_s(settings.batching.batch_wait_timeout_s)
+        self._batch_as(settings)
         await self.service.start()  # ready to Serve only once vLLM is loaded
 
-    @serve.batch
-    async def decide_batch(self, prompts: list[str]) -> list[GateDecision]:
-        return await asyncio.to_thread(self.router.decide, prompts)  # off the loop that streams the tokens
-
     def __serve_build_asgi_app__(self):
-        backend = InProcessBackend(self.service, self.decide_batch if self.router is not None else None)
-        routes = components.ingress_routes(self.settings, self.bundle)
-        prompts = components.prompt_renderer(self.settings)
-        jobs = components.composition_jobs(self.settings, self.bundle, routes, backend, prompts)
-        return create_app(backend, routes, prompts, self.settings.api, ServingMetrics(), jobs)
-
-    async def check_health(self) -> None:
-        if not self.service.ready:
-            raise RuntimeError("the student engine stopped")
-
-    def __del__(self) -> None:
-        self.service.shutdown()
+        decide = self.decide_batch if self.router is not None else None
+        return _api_app(self.settings, self.bundle, InProcessBackend(self.service, decide))
 
 
 @serve.deployment(name="ingress")
@@ -217,8 +230,4 @@ class IngressDeployment:
         self.backend = RayBackend(router, student, settings.api.student_wait_timeout_s)
 
     def __serve_build_asgi_app__(self):
-        bundle = components.load_serving_bundle(self.settings)
-        routes = components.ingress_routes(self.settings, bundle)
-        prompts = components.prompt_renderer(self.settings)
-        jobs = components.composition_jobs(self.settings, bundle, routes, self.backend, prompts)
-        return create_app(self.backend, routes, prompts, self.settings.api, ServingMetrics(), jobs)
+        return _api_app(self.settings, components.load_serving_bundle(self.settings), self.backend)

@@ -117,7 +117,8 @@ class EngineSettings:
     vLLM's CPU backend with fast_lora only (vLLM itself never compiles a CPU LoRA engine); off with enforce_eager."""
     resident_experts: int | None = None
     """Experts of the mixture union kept in LoRA slots at once. None: every expert loaded and pinned at start (one
-    slot and one host copy each; a union of 1,000 needs ~20 GiB here and minutes to start). K: K slots for the
+    slot and one host copy each; a union of 1,000 rank-8 experts took 16.5 GiB in bfloat16 here and minutes to
+    start, benchmarks/results/paging-20261207/). K: K slots for the
     union, filled on demand: a request's experts are loaded and pinned while it runs, the least recently used
     idle one unloaded when a slot is needed, requests waiting while all K are in use (serving/expert_paging.py).
     At least the experts one request can weigh: 2 (3 with a shared adapter) for a union of over 16 experts."""
