@@ -8,8 +8,9 @@ the base interleaved in one batch.
 orders, so a LoRA output can differ by one bf16 rounding step, and where the top two logits of a
 step were (nearly) equal the argmax can flip, after which the texts go their own ways. So a
 generation must equal vLLM's token for token, or up to a first differing position where both
-engines rank the two tokens within NEAR_TIE nats of each other (one or two bf16 steps of a logit).
-A wrong LoRA op changes the first tokens, by whole nats.
+engines rank the two tokens within NEAR_TIE nats of each other (one or two bf16 steps of a logit), or
+one engine has them exactly tied and the other within TIED_ELSEWHERE. A wrong LoRA op changes the first
+tokens, by whole nats.
 """
 
 import json
@@ -28,6 +29,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.real_student]
 EXPERTS = paths.REPO_ROOT / "bundles" / "default" / "experts"
 NEAR_TIE = 0.25
 """Nats between the two candidates at a first differing position, in both engines, for a flip to count as a tie."""
+TIED_ELSEWHERE = 2 * NEAR_TIE
+"""Nats the other engine may prefer its token by where one engine had an exact tie (gap 0.0: either token was its
+argmax). Two bf16 steps of a logit between 32 and 64, one above 64: measured 0.5 on an Intel Xeon with AMX (union
+against composite, token 37 of 48, CI at 5311085), where the composite's wᵢsᵢBᵢ rounded to bf16 moves a logit by
+more than the union's float32 block scales do."""
 
 
 def _generate(fast_lora: bool, student: Path, dtype: str = "bfloat16") -> dict:
@@ -85,7 +91,9 @@ def same_up_to_near_ties(fast: dict, plain: dict, key: str) -> list[dict]:
         gap_plain = lp_plain[str(p[at])] - lp_plain.get(str(f[at]), float("-inf"))
         flip = {"sequence": f"{key}[{i}]", "position": at, "gap_fast": round(gap_fast, 4),
                 "gap_plain": round(gap_plain, 4)}
-        assert gap_fast <= NEAR_TIE and gap_plain <= NEAR_TIE, (
+        near = gap_fast <= NEAR_TIE and gap_plain <= NEAR_TIE
+        tied_in_one = min(gap_fast, gap_plain) == 0.0 and max(gap_fast, gap_plain) <= TIED_ELSEWHERE
+        assert near or tied_in_one, (
             f"{key}[{i}] differs at token {at} and it was no tie: {flip}; "
             f"fast {fast[key + '_text'][i] if key + '_text' in fast else f[:at + 1]!r}")
         flips.append(flip)
