@@ -126,10 +126,11 @@ def test_many_mixtures_read_only_the_experts_they_use(layout):
     assert len(wrapper.gathered.entries) == 2 * len(SLICES)  # one gather of G experts per tensor, not of 1,023
     if rows_layout == "by_slot":  # [G, r, H] and [G, n, r]
         assert all(v[2].shape[0] == g for v in wrapper.gathered.entries.values())
-    else:  # [G·r, H] and [n, G·r], r: the block rank, or all of a slot's rows with an ordinary adapter among them
+    else:  # Âᵀ [H, G·r] and B̂ᵀ [G·r, n], r: the block rank, or all of a slot's rows with an ordinary adapter among them
         r = wrapper.pairs.dense.rank or RANK
+        assert all(v[2].is_contiguous() for v in wrapper.gathered.entries.values())  # plain (NN) matmuls
         assert sorted(v[2].shape for v in wrapper.gathered.entries.values()) == sorted(
-            [(g * r, HIDDEN)] * len(SLICES) + [(n, g * r) for n in SLICES])
+            [(HIDDEN, g * r)] * len(SLICES) + [(g * r, n) for n in SLICES])
 
 
 def test_a_sparse_mixture_needs_only_its_own_experts_in_slots():
