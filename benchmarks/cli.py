@@ -28,7 +28,7 @@ from mode_cotd.settings import field_docs
 
 FLAGS = {
     "--scenarios": "scenarios", "--output-tokens": "output_tokens", "--concurrency": "concurrencies",
-    "--requests": "requests_per_level", "--rates": "poisson_rates", "--peft-requests": "peft_requests",
+    "--requests": "requests_per_level", "--ratio-waves": "ratio_waves", "--rates": "poisson_rates", "--peft-requests": "peft_requests",
     "--dtype": "dtype", "--expert": "expert", "--mixture-popularity": "mixture_popularity",
     "--mixture-k": "mixture_k", "--mixture-grid": "mixture_grid", "--scaling-in-flight": "scaling_in_flight",
     "--hit-rate-requests": "hit_rate_requests", "--cross-check": "cross_check", "--compile": "compile",

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from mode_cotd.errors import ConfigError
 from mode_cotd.paths import REPO_ROOT
 from mode_cotd.settings import settings_from_dict
 
@@ -29,6 +30,10 @@ class BenchConfig:
     """Closed-loop concurrency levels of the sweep (scenarios a–f)."""
     requests_per_level: int = 16
     """Requests per concurrency level (at least the concurrency itself)."""
+    ratio_waves: int = 3
+    """Waves of requests at the ratio concurrency (the highest): that level sends at least this many times the
+    concurrency. One wave of 16 requests is one batch (~10 s here) whose throughput moved by ~10% between runs;
+    the headline ratios are read there."""
     warmup_requests: int = 4
     """Short requests sent to a scenario before it is measured (compiles, loads its adapter)."""
     poisson_rates: tuple[float, ...] = (0.5, 1.0)
@@ -51,10 +56,12 @@ class BenchConfig:
     """Distinct mixtures in flight at once, one row of the scaling table each."""
     scaling_concurrency: int = 64
     """Requests in flight during each scaling row (spread round robin over its mixtures)."""
-    scaling_requests: int = 64
-    """Requests per scaling row."""
-    scaling_output_tokens: int = 8
-    """Output tokens per scaling request."""
+    scaling_requests: int = 128
+    """Requests per scaling row (two waves at the default concurrency)."""
+    scaling_output_tokens: int = 16
+    """Output tokens per scaling request. Each row is compared with the student route measured right before and
+    right after it (benchmarks/scaling.py: bracketed); 64 requests x 8 tokens (~10 s, mostly prefill) moved by
+    ±10% between runs."""
     experts_table: tuple[int, ...] = (10, 100, 1000)
     """Union sizes of the many-experts table, one server each on a bundle of that many synthetic experts
     (benchmarks/experts_table.py); () skips it."""
@@ -116,11 +123,22 @@ class BenchConfig:
         """The concurrency the headline ratios compare at: the highest of the sweep."""
         return max(self.concurrencies)
 
+    def validate(self) -> None:
+        """ConfigError naming a count that must be positive and is not."""
+        for name in ("requests_per_level", "ratio_waves", "scaling_requests", "scaling_output_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"bench config {name}: expected a positive integer, got {getattr(self, name)}")
+
+    def requests_at(self, concurrency: int) -> int:
+        """Requests of the sweep's level at `concurrency` (requests_per_level, ratio_waves)."""
+        waves = self.ratio_waves if concurrency == self.ratio_concurrency else 1
+        return max(self.requests_per_level, waves * concurrency)
+
 
 PRESETS: dict[str, BenchConfig] = {
     "full": BenchConfig(),
     "quick": BenchConfig(
-        output_tokens=16, concurrencies=(8,), requests_per_level=8, warmup_requests=2, peft_requests=3,
+        output_tokens=16, concurrencies=(8,), requests_per_level=8, ratio_waves=1, warmup_requests=2, peft_requests=3,
         scaling_in_flight=(1, 4, 16), scaling_concurrency=16, scaling_requests=16, scaling_output_tokens=4,
         hit_rate_requests=64, hit_rate_output_tokens=1, poisson_rates=(), new_vs_cached_pairs=4,
         experts_table=(), experts_paged=(), compile=False),  # a compiled engine starts ~2 min later: the quick run would pass 10 minutes

@@ -26,6 +26,7 @@ from benchmarks.experts_table import add_ratios as experts_ratios
 from benchmarks.experts_table import cached_bundle, experts_row, paged_ratios
 from benchmarks.prompts import Prompt, load_prompts, write_jsonl
 from benchmarks.scaling import (
+    bracket,
     hit_rate_phase,
     new_vs_cached_ttft,
     scaling_baseline,
@@ -60,7 +61,7 @@ class Runner:
         self.expert_path = resolve_inside(self.bundle, manifest.experts[config.expert].path)
         self.pool = mixture_pool(self.experts, config.mixture_k, config.mixture_grid, config.seed)
         self.fresh = FreshMixtures(self.pool)
-        count = max(config.requests_per_level, max(config.concurrencies), config.peft_requests,
+        count = max(config.requests_at(config.ratio_concurrency), config.peft_requests,
                     config.scaling_requests, config.hit_rate_requests, config.warmup_requests)
         self.prompts: list[Prompt] = list(prompts) if prompts else load_prompts(count, seed=config.seed)
         self.gate_mixtures: list[dict[str, float] | None] = []
@@ -118,7 +119,7 @@ class Runner:
         level, fresh ones for "distinct", and has no warm-up.
         """
         config, scenario = self.config, SCENARIOS[key]
-        largest = max(config.requests_per_level, config.ratio_concurrency)
+        largest = max(config.requests_at(c) for c in config.concurrencies)
 
         def specs(n: int, max_tokens: int):
             mixtures = self.mixtures_for_f(n) if scenario.route == "mixtures" else None
@@ -130,7 +131,7 @@ class Runner:
             loadgen.run(base_url, specs(config.warmup_requests, 4), concurrency=config.warmup_requests)
         levels, at_ratio = {}, []
         for concurrency in config.concurrencies:
-            records = loadgen.run(base_url, specs(max(config.requests_per_level, concurrency), config.output_tokens),
+            records = loadgen.run(base_url, specs(config.requests_at(concurrency), config.output_tokens),
                                   concurrency=concurrency)
             self.save_records(f"{key}-c{concurrency}", records)
             levels[str(concurrency)] = s = summarise(records)
@@ -208,14 +209,7 @@ class Runner:
                     self.results["scaling"]["new_vs_cached"] = new_vs_cached_ttft(
                         srv.base_url, config.new_vs_cached_pairs, self.fresh, self.save_records)
             if config.scaling_in_flight:
-                with self.phase("scaling-student"):
-                    self.results["scaling"]["student_baseline"] = scaling_baseline(
-                        srv.base_url, self.student_name, self.prompts, config, self.save_records)
-            rows = self.results["scaling"].setdefault("rows", [])
-            for in_flight in config.scaling_in_flight:
-                with self.phase(f"scaling-{in_flight}"):
-                    rows.append(scaling_row(srv.base_url, in_flight, self.prompts, config, self.fresh,
-                                            self.save_records))
+                self.scaling_rows(srv.base_url)
             for rate in config.poisson_rates:
                 with self.phase(f"poisson-{rate:g}"):
                     n = config.requests_per_level
@@ -237,6 +231,24 @@ class Runner:
             self.results["scaling"]["session_cache"]["union_requests"] = prom.total(
                 session, "mode_cotd_mixture_union_requests_total")
         self.results["scaling"]["simulated_hit_rate"] = simulated_hit_rates(self.experts, config)
+
+    def scaling_rows(self, base_url: str) -> None:
+        """The scaling rows, each between two runs of its load on the student route (scaling.bracket)."""
+        config, scaling = self.config, self.results["scaling"]
+
+        def baseline(i: int) -> dict[str, Any]:
+            name = "scaling-student" if i == 0 else f"scaling-student-{i}"
+            with self.phase(name):
+                return scaling_baseline(base_url, self.student_name, self.prompts, config, self.save_records, name)
+
+        baselines, rows = [baseline(0)], scaling.setdefault("rows", [])
+        for i, in_flight in enumerate(config.scaling_in_flight, start=1):
+            with self.phase(f"scaling-{in_flight}"):
+                rows.append(scaling_row(base_url, in_flight, self.prompts, config, self.fresh, self.save_records))
+            baselines.append(baseline(i))
+        bracket(rows, baselines)
+        scaling["student_baseline"] = baselines[0]
+        scaling["student_baselines_tok_s"] = [b["output_throughput_tok_s"] for b in baselines]
 
     def many_experts(self) -> None:
         """The many-experts table (benchmarks/experts_table.py): one server per union size, smallest first."""

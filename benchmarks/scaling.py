@@ -116,18 +116,30 @@ def scaling_row(base_url: str, in_flight: int, prompts: Sequence[Prompt], config
 
 
 def scaling_baseline(base_url: str, student_model: str, prompts: Sequence[Prompt], config: BenchConfig,
-                     save: SaveRecords) -> dict[str, Any]:
+                     save: SaveRecords, name: str = "scaling-student") -> dict[str, Any]:
     """The scaling rows' load on the bare student (no adapter): what their throughput is compared with."""
     specs = [loadgen.RequestSpec(student_model, prompts[i % len(prompts)].text, config.scaling_output_tokens)
              for i in range(config.scaling_requests)]
     records = loadgen.run(base_url, specs, concurrency=config.scaling_concurrency)
-    save("scaling-student", records)
+    save(name, records)
     summary = summarise(records)
     return {"route": "student", "concurrency": config.scaling_concurrency, "requests": config.scaling_requests,
             "output_tokens": config.scaling_output_tokens,
             "output_throughput_tok_s": summary["output_throughput_tok_s"],
             "request_throughput_rps": summary["request_throughput_rps"],
             "ttft_ms": summary["ttft_ms"], "tpot_ms": summary["tpot_ms"], "failed": summary["failed"]}
+
+
+def bracket(rows: list[dict[str, Any]], baselines: Sequence[dict[str, Any]]) -> None:
+    """Give row i the mean student-route throughput of baselines i and i + 1, measured right before and right after
+    it (`student_tok_s`, `student_around_tok_s`): each row is compared with the load next to it in time, so a slow
+    drift of the machine or the server moves both sides of its ratio alike."""
+    if len(baselines) != len(rows) + 1:
+        raise ValueError(f"{len(rows)} scaling rows need {len(rows) + 1} student baselines, got {len(baselines)}")
+    for row, before, after in zip(rows, baselines, baselines[1:], strict=False):
+        around = [before.get("output_throughput_tok_s"), after.get("output_throughput_tok_s")]
+        row["student_around_tok_s"] = around
+        row["student_tok_s"] = None if None in around else sum(around) / 2
 
 
 def new_vs_cached_ttft(base_url: str, pairs: int, fresh: FreshMixtures, save: SaveRecords) -> dict[str, Any]:

@@ -28,6 +28,15 @@ def test_quick_preset_and_overrides():
     assert off.poisson_rates == () and off.experts_table == ()
 
 
+def test_the_ratio_level_sends_several_waves():
+    full = _config(["--concurrency", "1,4,16"])
+    assert [full.requests_at(c) for c in (1, 4, 16)] == [16, 16, 16 * full.ratio_waves] and full.ratio_waves == 3
+    assert _config(["--ratio-waves", "2", "--requests", "40"]).requests_at(16) == 40
+    assert PRESETS["quick"].requests_at(8) == 8
+    with pytest.raises(ConfigError, match="ratio_waves: expected a positive integer, got 0"):
+        _config(["--ratio-waves", "0"])
+
+
 def test_serve_flags_pass_through():
     config = _config(["--quick", "--serve-args", "--engine-max-loras 8", "--vllm-args", "--max-num-seqs 32"],
                      ["--no-engine-fast-lora"])

@@ -123,3 +123,35 @@ def test_paged_rows_follow_the_pinned_ones_with_their_paging_counts():
     pinned = next(i for i, line in enumerate(lines) if line.startswith("| 1000 | 1000 |"))
     assert lines[pinned + 1].startswith("| 1000 | 128 | 50 |") and lines[pinned + 1].endswith("| 300 / 172 | 0.500 |")
     assert lines[pinned].endswith("| - | 0.778 |")
+
+
+def test_each_scaling_row_is_compared_with_the_student_route_around_it():
+    from benchmarks.scaling import bracket
+
+    results = fake_results()
+    rows = results["scaling"]["rows"]  # 30, 7.5, 1.875, 0.46875 tok/s
+    baselines = [{"output_throughput_tok_s": v} for v in (40.0, 20.0, 10.0, 2.5, 0.5)]
+    bracket(rows, baselines)
+    assert rows[0]["student_around_tok_s"] == [40.0, 20.0] and rows[0]["student_tok_s"] == 30.0
+    results["scaling"]["student_baseline"] = {"concurrency": 64, "output_throughput_tok_s": 40.0,
+                                              "ttft_ms": {"p50": 1.0}, "tpot_ms": {"p50": 2.0}, "failed": 0}
+    report.add_ratios(results)
+    per_row = results["targets"]["mixtures_vs_student"]["value"]
+    assert per_row == {"1": 1.0, "4": 7.5 / 15.0, "16": 1.875 / 6.25, "64": 0.46875 / 1.5}  # not / the first (40)
+    assert "| 1 | 64 | 30.0 | 40.0 / 20.0 |" in report.markdown(results)
+
+
+def test_bracketing_needs_one_baseline_more_than_rows():
+    import pytest
+
+    from benchmarks.scaling import bracket
+
+    with pytest.raises(ValueError, match="4 scaling rows need 5 student baselines, got 4"):
+        bracket([{}] * 4, [{"output_throughput_tok_s": 1.0}] * 4)
+
+
+def test_a_row_without_its_neighbours_falls_back_to_the_first_baseline():
+    results = fake_results()
+    results["scaling"]["student_baseline"] = {"output_throughput_tok_s": 60.0}
+    report.add_ratios(results)
+    assert results["targets"]["mixtures_vs_student"]["value"]["1"] == 0.5
