@@ -31,14 +31,16 @@ def test_a_tiny_bench_against_a_real_server(tiny_student, bench_bundle, tmp_path
     results = Runner(config, tmp_path, prompts=prompts).run()
     assert results["errors"] == {}, results["errors"]
 
+    n = config.requests_at(3)  # the ratio level: ratio_waves (3) waves of 3
+    assert n == 9
     for key, route in (("c", "base"), ("d", "expert"), ("e", "gate"), ("f", "mixture")):
         level = results["scenarios"][key]["levels"]["3"]
-        assert level["completed"] == 6 and level["failed"] == 0, (key, level)
-        assert level["output_tokens"] == 6 * 5, key  # ignore_eos: exactly 5 tokens each
+        assert level["completed"] == n and level["failed"] == 0, (key, level)
+        assert level["output_tokens"] == n * 5, key  # ignore_eos: exactly 5 tokens each
         records = [json.loads(line) for line in (tmp_path / "records" / f"{key}-c3.jsonl").read_text().splitlines()]
         assert {r["served"]["route"] for r in records} == {route}, key
     f_records = [json.loads(line) for line in (tmp_path / "records" / "f-c3.jsonl").read_text().splitlines()]
-    assert len({json.dumps(r["mixture"], sort_keys=True) for r in f_records}) == 6  # distinct weight vectors
+    assert len({json.dumps(r["mixture"], sort_keys=True) for r in f_records}) == n  # distinct weight vectors
 
     rows = results["scaling"]["rows"]
     assert [r["in_flight"] for r in rows] == [1, 3]
@@ -48,6 +50,10 @@ def test_a_tiny_bench_against_a_real_server(tiny_student, bench_bundle, tmp_path
     assert results["scaling"]["session_cache"]["builds"] == 0
     base = results["scaling"]["student_baseline"]
     assert base["failed"] == 0 and base["output_throughput_tok_s"] > 0
+    around = results["scaling"]["student_baselines_tok_s"]  # before row 1, between the rows, after row 3
+    assert len(around) == 3 and all(v > 0 for v in around)
+    assert [r["student_around_tok_s"] for r in rows] == [around[:2], around[1:]]
+    assert (tmp_path / "records" / "scaling-student-2.jsonl").is_file()
     hit = results["scaling"]["hit_rate"]
     assert hit["union_requests"] == 12 and hit["cache_hits"] + hit["cache_misses"] == 0 and hit["hit_rate"] == 1
     new_vs_cached = results["scaling"]["new_vs_cached"]
