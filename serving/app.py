@@ -41,7 +41,6 @@ def app_for(settings: ServeSettings) -> Application:
     a bundle of a thousand experts takes ~30 s, so `mode-cotd serve` reads it once before Ray starts)."""
     if settings.layout == "colocated":
         return ColocatedDeployment.options(**settings.front().serve_options()).bind(settings)
-    settings.front()  # ConfigError for an unknown layout
     student = StudentDeployment.options(**settings.student_deployment.serve_options()).bind(settings)
     router = None
     if read_manifest(local_bundle(settings.bundle)).gate is not None:

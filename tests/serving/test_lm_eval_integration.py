@@ -42,7 +42,6 @@ LIMIT = 4
 MAX_PROMPTS = 8
 
 
-
 @pytest.fixture(scope="module")
 def server(tiny_bundle, tiny_student, tmp_path_factory, heavy_lock_for_module):
     port = free_port()

@@ -36,7 +36,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.ray]
 PROMPT = "Infer the correct answer for the question.\n\nQ: Tom has 3 apples and buys 4 more. How many?\nA:"
 
 
-
 class App:
     def __init__(self, base: str, student_name: str, startup_seconds: float):
         self.base = base
