@@ -46,6 +46,8 @@ if [ "$backend" = cpu ]; then
 fi
 "$VENV/bin/python" -c 'import vllm, peft, ray, fastapi, transformers' 2>&1 | grep -v -i warning || true
 "$VENV/bin/python" -c 'import vllm, peft, ray, fastapi, transformers; print("[setup] imports ok: vllm", vllm.__version__)'
+# the LoRA ops' fused CPU kernel (serving/fast_lora/pair_kernel.cpp), compiled now rather than by the first engine
+"$VENV/bin/python" -m serving.fast_lora.native
 if ! command -v prometheus >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "[setup] installing Debian's prometheus for tests/deploy/test_prometheus.py"
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus) \

@@ -28,8 +28,9 @@ from functools import partial
 
 import torch
 
+from serving.fast_lora import native
 from serving.fast_lora.gather_cache import GatherCache, cached
-from serving.fast_lora.pairs import DenseRows, PairBatch, Run, StepPairs
+from serving.fast_lora.pairs import DenseRows, FlatPairs, PairBatch, Run, StepPairs
 from serving.fast_lora.segments import Group, Rows
 
 ACCUMULATE = torch.float32
@@ -136,10 +137,16 @@ def pair_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Te
     `pairs.runs` multiply their slice of rows by their parts' blocks side by side; `pairs.dense` multiplies its
     rows by its G slots' blocks side by side (transposed: `[H, G·r]`, `[G·r, nᵢ]`, kept in `cache` between
     steps); `pairs.loop` slots multiply on the slot's weights in place; `pairs.batch` gathers its G slots' weights
-    `[G, r, H]`, `[G, nᵢ, r]` (kept in `cache`) and runs one bmm pair per slice over all positions.
+    `[G, r, H]`, `[G, nᵢ, r]` (kept in `cache`) and runs one bmm pair per slice over all positions. In float32,
+    `pairs.flat` replaces those three and the short runs with one call of the fused kernel
+    (serving.fast_lora.native) when it is built; the long runs (`pairs.flat_runs`) stay matmuls.
     """
     width = sum(output_slices)
     direct = y.dtype == torch.float32  # nothing to round: add every product straight into y
+    if _fused_lora_linear(y, x, lora_a, lora_b, pairs.flat, scale, buffer_dtype, cache):
+        for run in pairs.flat_runs:
+            _run_lora_linear(y, x, lora_a, lora_b, run, scale, output_slices, buffer_dtype, y.dtype, cache)
+        return
     acc = y if direct else torch.zeros(y.shape[0], width, dtype=ACCUMULATE)  # [T, N]
     for run in pairs.runs:
         _run_lora_linear(acc, x, lora_a, lora_b, run, scale, output_slices, buffer_dtype, y.dtype, cache)
@@ -184,6 +191,38 @@ def pair_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Te
         _add_rows(acc, bt.rows, products)
     if not direct:
         y[:, :width].add_(acc.to(y.dtype))  # rows without pairs add exactly 0
+
+
+def _fusable(y: torch.Tensor, x: torch.Tensor, tensors: Sequence[torch.Tensor], buffer_dtype: torch.dtype) -> bool:
+    """Whether the fused kernel computes exactly what the torch layouts would: everything float32 (no rounding
+    between the products), y and the weights laid out row by row."""
+    return (buffer_dtype == torch.float32 and y.dtype == x.dtype == torch.float32 and y.stride(-1) == 1
+            and all(t.dtype == torch.float32 and t.stride(-1) == 1 for t in tensors))
+
+
+def _flat_b_t(stacked: torch.Tensor, flat: FlatPairs) -> torch.Tensor:
+    """The flat groups' B blocks transposed, `[G, r, n]` contiguous, from B `[S, 1, n, R]` (r = flat.rank, all R
+    when None)."""
+    s, n = stacked.shape[0], stacked.shape[-2]
+    return stacked.reshape(s, n, -1)[:, :, : flat.rank].index_select(0, flat.slots).transpose(1, 2).contiguous()
+
+
+def _fused_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor],
+                       lora_b: Sequence[torch.Tensor], flat: FlatPairs | None, scale: float,
+                       buffer_dtype: torch.dtype, cache: GatherCache | None) -> bool:
+    """y[rows[p], oᵢ:oᵢ+nᵢ] += (scale · weights[p] · x[rows[p]] @ Aᵢ[s]ᵀ) @ Bᵢ[s]ᵀ for every flat pair p of group
+    (slot s), in one call of the fused kernel; the transposed B blocks `[G, r, nᵢ]` are kept in `cache`. Returns
+    False, having done nothing, when there are no flat pairs or the kernel cannot compute them (not float32, not
+    built): the torch layouts serve them."""
+    if flat is None or not _fusable(y, x, [*lora_a, *lora_b], buffer_dtype):
+        return False
+    fused = native.kernel()
+    if fused is None:
+        return False
+    bts = [cached(cache, b, ("flat", flat.key), partial(_flat_b_t, b, flat)) for b in lora_b]  # [G, r, nᵢ] each
+    fused.pair_lora(y, x if x.stride(-1) == 1 else x.contiguous(), list(lora_a), bts, flat.slots, flat.starts,
+                    flat.ranks, flat.rows, flat.weights, float(scale))
+    return True
 
 
 def _gather_a(stacked: torch.Tensor, bt: PairBatch | DenseRows) -> torch.Tensor:

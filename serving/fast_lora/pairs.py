@@ -18,6 +18,9 @@ mixtures in the step:
 - `dense`: the other rows, when few and with many pairs each (mixtures of a few experts: t rows over G slots, more
   pairs than rows, t·G ≤ DENSE_CELLS_PER_PAIR × pairs): every row times every slot's block, at weight 0 where the row has no pair:
   one matmul pair per layer slice over the G slots' blocks side by side, added straight into y's rows;
+- `flat`: the pairs outside runs and those of short runs, as flat index tensors grouped by slot, for the fused
+  CPU kernel (serving.fast_lora.native), which the op prefers whenever it can run (float32): then only the
+  `flat_runs` (long runs, a prefill chunk's) multiply as matmuls, and the other layouts go unused;
 - otherwise `loop`: among the other rows' pairs, slots with too many of them to pad the rest to: one matmul pair
   each; and `batch`: the other slots, each padded to the same number of pairs: their weights gathered once per
   layer slice, one batched matmul pair over all of them, the products added back by row in one call.
@@ -47,6 +50,13 @@ between (bf16 greedy outputs equal to vLLM's, tests/serving/fast_lora/test_greed
 DENSE_MAX_ROWS = 128
 """...and while they are at most this many rows (the probe measured up to 64; a prefill chunk of scattered rows
 beyond that stays with the batch's bmm)."""
+FLAT_MAX_PAIRS = 1024
+"""A step's flat pairs, at most this many, are laid out `flat` for the fused kernel (a decode step's rows; a
+prefill chunk of scattered rows beyond that multiplies faster as matmuls)."""
+FLAT_RUN_MAX_PAIRS = 96
+"""Runs of at most this many pairs (rows × parts) go flat too. Measured (benchmarks/results/issue22-20261208/
+NOTES.md): 16-64 decode rows on one expert ran 2-2.5x faster in the kernel than as a run, 128 rows ~1.2x; 16 rows
+on a top-2 mixture 1.6x, 64 rows the same."""
 MAX_PADDING = 2.0
 """The batch pads each slot's pairs to the largest count while that at most doubles the pairs; slots with the most
 pairs move to `loop` until it does."""
@@ -129,6 +139,27 @@ class DenseRows:
 
 
 @dataclass(frozen=True)
+class FlatPairs:
+    """The pairs outside runs, grouped by slot, as the fused kernel takes them (serving.fast_lora.native): group g
+    is slot slots[g]; its pairs are positions starts[g] .. starts[g+1] of `rows` and `weights`."""
+
+    slots: torch.Tensor
+    """[G] int64: each group's slot, increasing."""
+    starts: torch.Tensor
+    """[G+1] int64: where each group's pairs start (and the last one ends)."""
+    ranks: torch.Tensor
+    """[G] int64: each group's SlotPairs.rank; -1 for all of the slot's rows."""
+    rows: torch.Tensor
+    """[P] int64: each pair's row, increasing within a group."""
+    weights: torch.Tensor
+    """[P] float32: each pair's weight."""
+    rank: int | None
+    """The largest rank of the G slots when all have one, else None (all of the slots' rows)."""
+    key: tuple
+    """(slots, rank): what the gathered weights depend on (serving.fast_lora.gather_cache)."""
+
+
+@dataclass(frozen=True)
 class StepPairs:
     """A step's pairs: `runs` one by one; the other rows `dense`, or their `loop` slots one by one and the rest in
     one `batch`."""
@@ -141,13 +172,26 @@ class StepPairs:
     pairs: int
     """Pairs of the step, over all slots."""
     dense: DenseRows | None = None
+    flat: FlatPairs | None = None
+    """The pairs of `dense`, `loop`, `batch` and the short runs together, flat (None past FLAT_MAX_PAIRS or with
+    none)."""
+    flat_runs: tuple[Run, ...] = ()
+    """With `flat`: the runs it leaves out (longer than FLAT_RUN_MAX_PAIRS), multiplied as matmuls."""
+
+    def flat_table(self) -> dict[tuple[int, int], float]:
+        """Every pair as (row, slot) -> weight as the fused kernel's layout serves them (`flat` and `flat_runs`);
+        equal to `table()` whenever `flat` is set (for tests and debugging)."""
+        out = _runs_table(self.flat_runs)
+        if self.flat is not None:
+            f = self.flat
+            for g, slot in enumerate(f.slots.tolist()):
+                for p in range(int(f.starts[g]), int(f.starts[g + 1])):
+                    out[(int(f.rows[p]), slot)] = float(f.weights[p])
+        return out
 
     def table(self) -> dict[tuple[int, int], float]:
         """Every pair as (row, slot) -> weight, whichever part serves it (for tests and debugging)."""
-        out = {}
-        for run in self.runs:
-            for part in run.parts:
-                out.update({(row, part.slot): part.weight for row in range(run.rows.start, run.rows.stop)})
+        out = _runs_table(self.runs)
         for g in self.loop:
             rows = range(g.rows.start, g.rows.stop) if isinstance(g.rows, slice) else g.rows.tolist()
             weights = [1.0] * g.count if g.weights is None else g.weights.flatten().tolist()
@@ -165,6 +209,11 @@ class StepPairs:
             for row, weights in zip(rows, d.weights.tolist()):
                 out.update({(row, slot): w for slot, w in zip(d.slots.tolist(), weights) if w})
         return out
+
+
+def _runs_table(runs: tuple[Run, ...]) -> dict[tuple[int, int], float]:
+    return {(row, part.slot): part.weight for run in runs for part in run.parts
+            for row in range(run.rows.start, run.rows.stop)}
 
 
 NO_PAIRS = StepPairs((), (), None, 0, 0)
@@ -199,7 +248,14 @@ def step_pairs(indices: torch.Tensor, lora_index_to_id: list[int | None]) -> Ste
     loop, batched = _split(groups) if dense is None else ([], [])
     mixture_rows = sum(int((indices == slot).sum()) for slot in present if slot in table.mixtures)
     pairs = sum(r.count * len(r.parts) for r in runs) + sum(g.count for g in groups)
-    return StepPairs(tuple(runs), tuple(loop), _batch(batched), mixture_rows, pairs, dense)
+    short = [r for r in runs if r.count * len(r.parts) <= FLAT_RUN_MAX_PAIRS]
+    flat_rows = rest.clone()
+    for run in short:
+        flat_rows[run.rows] = True
+    flat_groups = _slot_pairs(indices, flat_rows, parts, table.member_ranks) if short else groups
+    flat = _flat(flat_groups) if flat_groups and sum(g.count for g in flat_groups) <= FLAT_MAX_PAIRS else None
+    flat_runs = tuple(r for r in runs if r.count * len(r.parts) > FLAT_RUN_MAX_PAIRS) if flat is not None else ()
+    return StepPairs(tuple(runs), tuple(loop), _batch(batched), mixture_rows, pairs, dense, flat, flat_runs)
 
 
 def _parts(present: list[int], table: SlotTable) -> dict[int, tuple[Part, ...]]:
@@ -302,6 +358,21 @@ def _batch(groups: list[SlotPairs]) -> PairBatch | None:
     slots = tuple(g.slot for g in groups)
     return PairBatch(torch.tensor(slots, dtype=torch.long), rows.view(-1), None if unweighted else weights.view(-1, 1),
                      width, rank, (slots, rank))
+
+
+def _flat(groups: list[SlotPairs]) -> FlatPairs:
+    """The flat layout of `groups` (in slot order)."""
+    counts = [g.count for g in groups]
+    starts = torch.zeros(len(groups) + 1, dtype=torch.long)
+    starts[1:] = torch.tensor(counts).cumsum(0)
+    rows = torch.cat([_indices(g.rows) for g in groups])  # [P]
+    weights = torch.cat([torch.ones(g.count) if g.weights is None else g.weights.flatten() for g in groups])
+    ranks = [g.rank for g in groups]
+    rank = None if None in ranks else max(ranks)
+    slots = tuple(g.slot for g in groups)
+    return FlatPairs(torch.tensor(slots, dtype=torch.long), starts,
+                     torch.tensor([-1 if r is None else r for r in ranks], dtype=torch.long), rows,
+                     weights.to(torch.float32).contiguous(), rank, (slots, rank))
 
 
 def _goes_dense(t: int, groups: list[SlotPairs]) -> bool:

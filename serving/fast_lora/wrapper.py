@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-from serving.fast_lora import compiled_ops
+from serving.fast_lora import compiled_ops, native
 from serving.fast_lora.gather_cache import GatherCache
 from serving.fast_lora.ops import grouped_expand, grouped_lora_logits, grouped_shrink, pair_lora_linear
 from serving.fast_lora.pairs import NO_PAIRS, StepPairs, step_pairs
@@ -55,6 +55,7 @@ class PunicaWrapperGrouped(PunicaWrapperCPU):
         """Slot weights gathered for earlier steps, reused while the same slots are in use (gather_cache)."""
         self.op_key = compiled_ops.register(self)
         """This wrapper's key for the custom ops a compiled model calls (serving.fast_lora.compiled_ops)."""
+        native.kernel()  # load (or build) the fused kernel now, while the engine starts, not in its first step
 
     def update_metadata(self, mapping: LoRAMapping, lora_index_to_id: list[int | None], max_loras: int,
                         vocab_size: int, **kwargs: Any) -> None:

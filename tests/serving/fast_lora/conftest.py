@@ -5,12 +5,20 @@ from __future__ import annotations
 import pytest
 
 
-@pytest.fixture(params=["dense", "by_slot"])
+@pytest.fixture(params=["fused", "dense", "by_slot"])
 def layout(request, monkeypatch):
-    """How the rows outside runs are multiplied (serving.fast_lora.pairs): `dense` (every step small enough) or
-    `by_slot` (never dense: loop and batch), so that each test that takes it checks both."""
-    from serving.fast_lora import pairs
+    """How the rows outside runs are multiplied (serving.fast_lora.pairs): `fused` (the native kernel, in float32),
+    `dense` (every step small enough) or `by_slot` (never dense: loop and batch), so that each test that takes it
+    checks all three. The kernel must build here, unless MODE_COTD_NATIVE_LORA=0 turns it off."""
+    from serving.fast_lora import native, pairs
 
+    if request.param == "fused":
+        if native.disabled():
+            pytest.skip(f"{native.ENV}=0")
+        assert native.kernel() is not None, native.unavailable_reason()
+        monkeypatch.setattr(pairs, "FLAT_MAX_PAIRS", 10**9)
+        return request.param
+    monkeypatch.setattr(pairs, "FLAT_MAX_PAIRS", -1)  # no flat layout: the torch layouts serve
     dense = request.param == "dense"
     monkeypatch.setattr(pairs, "DENSE_CELLS_PER_PAIR", 10.0**9 if dense else 0.0)
     monkeypatch.setattr(pairs, "DENSE_MAX_ROWS", 10**9 if dense else 0)

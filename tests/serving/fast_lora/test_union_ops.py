@@ -141,7 +141,7 @@ def test_contiguous_rows_on_one_id_are_runs_with_their_experts_side_by_side():
 def test_member_slots_are_multiplied_by_their_block_rank_only(layout):
     def rest(step):  # the layout of the rows outside runs
         wrapper, _ = _wrapper(step)
-        return wrapper.pairs.batch if layout == "by_slot" else wrapper.pairs.dense
+        return {"by_slot": wrapper.pairs.batch, "dense": wrapper.pairs.dense, "fused": wrapper.pairs.flat}[layout]
 
     assert rest("members_only").rank == BLOCK
     assert rest("decode").rank is None  # an ordinary adapter among the slots: every row of the slots is kept

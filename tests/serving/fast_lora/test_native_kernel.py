@@ -1,0 +1,145 @@
+"""The fused pair kernel (serving/fast_lora/pair_kernel.cpp) against a float64 loop over its pairs, its input checks,
+and the torch layouts taking over when it is off.
+
+It must build wherever the tests run (a C++ compiler is part of the setup), unless MODE_COTD_NATIVE_LORA=0 turns
+it off, in which case the kernel's own tests skip and the op tests check the torch layouts only.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from serving.fast_lora import native
+
+HIDDEN = 37  # not a multiple of the kernel's 16 lanes: its tails run too
+SLICES = (40, 19, 16)
+SLOTS, RANK = 6, 8
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    if native.disabled():
+        pytest.skip(f"{native.ENV}=0")
+    built = native.kernel()
+    assert built is not None, native.unavailable_reason()
+    return built
+
+
+def _weights(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    a = [torch.randn(SLOTS, 1, RANK, HIDDEN, generator=g) for _ in SLICES]  # [S, 1, R, H]
+    b = [torch.randn(SLOTS, 1, n, RANK, generator=g) for n in SLICES]  # [S, 1, n, R]
+    return a, b
+
+
+def _groups():
+    """(slot, rank or -1, [(row, weight)]): row 2 in three groups, a group of rank 3, one of all RANK rows, one of 6
+    pairs (a block of four and one of two)."""
+    return [(1, 3, [(0, 1.0), (2, 0.25)]), (2, -1, [(2, 0.5), (4, 1.0), (5, -2.0)]), (4, 8, [(2, 0.125)]),
+            (5, 5, []), (0, 6, [(0, 1.0), (1, 2.0), (3, 0.5), (4, -1.0), (5, 0.25), (6, 1.5)])]
+
+
+def _flat(groups, b):
+    slots = torch.tensor([g[0] for g in groups])
+    starts = torch.tensor([0] + [len(g[2]) for g in groups]).cumsum(0)
+    ranks = torch.tensor([g[1] for g in groups])
+    rows = torch.tensor([r for g in groups for r, _ in g[2]], dtype=torch.long)
+    weights = torch.tensor([w for g in groups for _, w in g[2]], dtype=torch.float32)
+    bts = [bi[:, 0].index_select(0, slots).transpose(1, 2).contiguous() for bi in b]  # [G, R, n]
+    return slots, starts, ranks, rows, weights, bts
+
+
+def _expected(y, x, a, b, groups, scale):
+    """y[row, oᵢ:oᵢ+nᵢ] + scale·w · x[row] @ Aᵢ[s][:r]ᵀ @ Bᵢ[s][:, :r]ᵀ per pair, in float64."""
+    out = y.double().clone()
+    for slot, rank, pairs in groups:
+        r = RANK if rank < 0 else rank
+        for row, w in pairs:
+            offset = 0
+            for ai, bi, n in zip(a, b, SLICES):
+                h = x[row].double() @ ai[slot, 0, :r].double().t()  # [r]
+                out[row, offset : offset + n] += scale * w * (h @ bi[slot, 0, :, :r].double().t())
+                offset += n
+    return out
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_the_kernel_adds_each_pairs_product_at_its_weight_and_rank(kernel, scale):
+    a, b = _weights(seed=0)
+    x = torch.randn(7, HIDDEN, generator=torch.Generator().manual_seed(1))
+    y = torch.randn(7, sum(SLICES) + 3, generator=torch.Generator().manual_seed(2))  # 3 columns past the slices
+    expected = _expected(y, x, a, b, _groups(), scale)
+    slots, starts, ranks, rows, weights, bts = _flat(_groups(), b)
+    kernel.pair_lora(y, x, a, bts, slots, starts, ranks, rows, weights, scale)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-4)
+    assert torch.equal(y[:, sum(SLICES):], torch.randn(7, sum(SLICES) + 3, generator=torch.Generator().manual_seed(2))[
+        :, sum(SLICES):])  # columns past the slices untouched
+
+
+def test_the_kernel_reads_strided_x_and_a_stacked_without_the_middle_dimension(kernel):
+    a, b = _weights(seed=3)
+    a3 = [ai[:, 0] for ai in a]  # [S, R, H]
+    x = torch.randn(HIDDEN, 7).t()  # [7, H], columns strided: the op makes it contiguous, the kernel refuses it
+    y = torch.zeros(7, sum(SLICES))
+    slots, starts, ranks, rows, weights, bts = _flat(_groups(), b)
+    with pytest.raises(RuntimeError, match="x must be contiguous in its last dimension"):
+        kernel.pair_lora(y, x, a3, bts, slots, starts, ranks, rows, weights, 1.0)
+    kernel.pair_lora(y, x.contiguous(), a3, bts, slots, starts, ranks, rows, weights, 1.0)
+    torch.testing.assert_close(y.double(), _expected(torch.zeros(7, sum(SLICES)), x, a, b, _groups(), 1.0),
+                               rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda f: {**f, "rows": torch.tensor([0, 2, 2, 4, 5, 9, 0, 1, 3, 4, 5, 6])}, "a pair's row is out of range"),
+    (lambda f: {**f, "rows": torch.tensor([0, 2, 4, 2, 5, 2, 0, 1, 3, 4, 5, 6])}, "group 1's rows must increase"),
+    (lambda f: {**f, "slots": torch.tensor([1, 2, 4, 6, 0])}, "group 3's slot 6 is out of range"),
+    (lambda f: {**f, "ranks": torch.tensor([3, -1, 9, 5, 6])}, "group 2's rank 9 exceeds its blocks"),
+    (lambda f: {**f, "weights": f["weights"].double()}, "weights must be a float32 CPU tensor"),
+    (lambda f: {**f, "rows": f["rows"].int()}, "index tensors are contiguous int64"),
+    (lambda f: {**f, "starts": torch.tensor([0, 2, 5, 6, 6])}, r"starts \[G\+1\] and ranks \[G\]"),
+    (lambda f: {**f, "bt": f["bt"][:2]}, "one A and one gathered B per slice"),
+])
+def test_bad_input_is_refused_before_anything_is_written(kernel, change, message):
+    a, b = _weights(seed=4)
+    x = torch.randn(7, HIDDEN)
+    y = torch.randn(7, sum(SLICES))
+    before = y.clone()
+    slots, starts, ranks, rows, weights, bts = _flat(_groups(), b)
+    f = change({"slots": slots, "starts": starts, "ranks": ranks, "rows": rows, "weights": weights, "bt": bts})
+    with pytest.raises(RuntimeError, match=message):
+        kernel.pair_lora(y, x, a, f["bt"], f["slots"], f["starts"], f["ranks"], f["rows"], f["weights"], 1.0)
+    assert torch.equal(y, before)
+
+
+def test_the_build_name_changes_with_the_source_torch_and_the_cpu(monkeypatch):
+    name = native.build_name()
+    assert name.startswith("mode_cotd_pair_lora_") and name == native.build_name()
+    monkeypatch.setattr(native, "_cpu_flags", lambda: "flags : another cpu")
+    assert native.build_name() != name
+
+
+def test_with_the_kernel_off_the_op_falls_back_to_the_torch_layouts(monkeypatch, caplog):
+    from serving.fast_lora.mixture_ids import UnionLayout, encode, member_id
+    from serving.fast_lora.ops import pair_lora_linear
+    from serving.fast_lora.pairs import step_pairs
+
+    layout = UnionLayout(family=3, experts=3, block_rank=4)
+    ids = [member_id(layout, e) for e in range(3)] + [encode(layout, [1, 1, 0], 2)]
+    pairs = step_pairs(torch.tensor([3, 0, 2, 3, 1]), ids)
+    assert pairs.flat is not None
+    a = [torch.randn(4, 1, RANK, HIDDEN) for _ in SLICES]
+    b = [torch.randn(4, 1, n, RANK) for n in SLICES]
+    x, y0 = torch.randn(5, HIDDEN), torch.randn(5, sum(SLICES))
+    results = {}
+    for env in ("1", "0"):
+        monkeypatch.setenv(native.ENV, env)
+        monkeypatch.setattr(native, "_loaded", {})
+        monkeypatch.setattr(native, "_reason", {})
+        y = y0.clone()
+        pair_lora_linear(y, x, a, b, pairs, 0.5, SLICES)
+        results[env] = y
+    assert native.unavailable_reason() == f"{native.ENV}=0 turns the fused LoRA kernel off"
+    assert "the fused kernel is not used" in caplog.text
+    if not native.disabled():
+        torch.testing.assert_close(results["0"], results["1"], rtol=1e-5, atol=1e-5)
