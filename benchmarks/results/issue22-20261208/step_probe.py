@@ -2,7 +2,8 @@
 by layout: the fused kernel (serving/fast_lora/pair_kernel.cpp) against the torch layouts (batch, dense).
 
 Steps: e (the gate route: 14 single-expert rows and 2 top-2 mixture rows over 10 experts), f16 / f64 (16 / 64
-rows, each on one of 16 top-2 mixtures of 10 experts), d (one expert, 16 rows: one run, the same in every layout).
+rows, each on one of 16 top-2 mixtures of 10 experts), d (one expert, 16 rows: flat in the kernel's layout, a
+run of one matmul pair per slice in the others).
 Run: .venv/bin/python benchmarks/results/issue22-20261208/step_probe.py
 """
 import random
