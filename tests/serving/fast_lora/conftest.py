@@ -26,7 +26,7 @@ def layout(request, monkeypatch):
     """How the rows outside runs are multiplied (serving.fast_lora.pairs): `fused` (the native kernel, in float32),
     `dense` (every step small enough) or `by_slot` (never dense: loop and batch), so that each test that takes it
     checks all three. The kernel must build wherever a C++ compiler is found (MODE_COTD_NATIVE_LORA=0 turns it off)."""
-    from serving.fast_lora import native, pairs
+    from serving.fast_lora import pairs
 
     if request.param == "fused":
         native_kernel_or_skip()
