@@ -9,7 +9,7 @@ route's shape (16 rows over 10 experts) it ran ~3x faster than the batched layou
 The kernel is compiled with the machine's own instruction set (`-march=native`) on first use, into torch's
 extensions folder (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), under a name that hashes the source,
 the torch version and the CPU's flags, so a folder shared by different machines never loads a foreign build.
-`make setup` builds it ahead (`python -m serving.fast_lora.native`), so an engine's first step does not wait ~40 s
+`make setup` builds it ahead (`python -m serving.fast_lora.native`), so an engine's start does not wait ~35 s
 for the compiler. Without a C++ compiler, or with MODE_COTD_NATIVE_LORA=0, the op keeps its torch layouts; the
 reason is logged once.
 """
@@ -86,7 +86,7 @@ def kernel() -> ModuleType | None:
     if "kernel" not in _loaded:
         try:
             _loaded["kernel"] = build()
-            _log.info("mode-cotd LoRA ops: fused kernel %s loaded", build_name())
+            _log.info("mode-cotd LoRA ops: fused kernel %s loaded", _loaded["kernel"].__name__)
         except NativeKernelError as e:
             _loaded["kernel"], _reason["kernel"] = None, str(e)
             _log.warning("mode-cotd LoRA ops: the fused kernel is not used (%s); the torch layouts serve instead", e)

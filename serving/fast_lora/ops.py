@@ -201,10 +201,8 @@ def _fusable(y: torch.Tensor, x: torch.Tensor, tensors: Sequence[torch.Tensor], 
 
 
 def _flat_b_t(stacked: torch.Tensor, flat: FlatPairs) -> torch.Tensor:
-    """The flat groups' B blocks transposed, `[G, r, n]` contiguous, from B `[S, 1, n, R]` (r = flat.rank, all R
-    when None)."""
-    s, n = stacked.shape[0], stacked.shape[-2]
-    return stacked.reshape(s, n, -1)[:, :, : flat.rank].index_select(0, flat.slots).transpose(1, 2).contiguous()
+    """The flat groups' B blocks transposed, `[G, r, n]` contiguous (r = flat.rank, all R when None)."""
+    return _gather_b(stacked, flat).transpose(1, 2).contiguous()
 
 
 def _fused_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor],
@@ -231,7 +229,7 @@ def _gather_a(stacked: torch.Tensor, bt: PairBatch | DenseRows) -> torch.Tensor:
     return stacked.reshape(s, -1, h)[:, : bt.rank].index_select(0, bt.slots)
 
 
-def _gather_b(stacked: torch.Tensor, bt: PairBatch | DenseRows) -> torch.Tensor:
+def _gather_b(stacked: torch.Tensor, bt: PairBatch | DenseRows | FlatPairs) -> torch.Tensor:
     """The slots' B, `[G, n, r]`, from B `[S, 1, n, R]`."""
     s, n = stacked.shape[0], stacked.shape[-2]
     return stacked.reshape(s, n, -1)[:, :, : bt.rank].index_select(0, bt.slots)

@@ -55,8 +55,8 @@ FLAT_MAX_PAIRS = 1024
 prefill chunk of scattered rows beyond that multiplies faster as matmuls)."""
 FLAT_RUN_MAX_PAIRS = 96
 """Runs of at most this many pairs (rows × parts) go flat too. Measured (benchmarks/results/issue22-20261208/
-NOTES.md): 16-64 decode rows on one expert ran 2-2.5x faster in the kernel than as a run, 128 rows ~1.2x; 16 rows
-on a top-2 mixture 1.6x, 64 rows the same."""
+NOTES.md): 32-64 decode rows on one expert ran 1.9-2.4x faster in the kernel than as a run, 128 rows 1.2-1.4x;
+16 rows on a top-2 mixture 1.6x, 64 rows the same."""
 MAX_PADDING = 2.0
 """The batch pads each slot's pairs to the largest count while that at most doubles the pairs; slots with the most
 pairs move to `loop` until it does."""
