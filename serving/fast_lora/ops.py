@@ -138,15 +138,14 @@ def pair_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Te
     rows by its G slots' blocks side by side (transposed: `[H, G·r]`, `[G·r, nᵢ]`, kept in `cache` between
     steps); `pairs.loop` slots multiply on the slot's weights in place; `pairs.batch` gathers its G slots' weights
     `[G, r, H]`, `[G, nᵢ, r]` (kept in `cache`) and runs one bmm pair per slice over all positions. In float32,
-    `pairs.flat` replaces those three and the short runs with one call of the fused kernel
-    (serving.fast_lora.native) when it is built; the long runs (`pairs.flat_runs`) stay matmuls.
+    and in bfloat16 steps with a mixture row, `pairs.flat` replaces those three and the short runs with one call
+    of the fused kernel (serving.fast_lora.native) when it is built; the long runs (`pairs.flat_runs`) stay
+    matmuls.
     """
+    if _fused_lora_linear(y, x, lora_a, lora_b, pairs, scale, output_slices, buffer_dtype, cache):
+        return
     width = sum(output_slices)
     direct = y.dtype == torch.float32  # nothing to round: add every product straight into y
-    if _fused_lora_linear(y, x, lora_a, lora_b, pairs.flat, scale, buffer_dtype, cache):
-        for run in pairs.flat_runs:
-            _run_lora_linear(y, x, lora_a, lora_b, run, scale, output_slices, buffer_dtype, y.dtype, cache)
-        return
     acc = y if direct else torch.zeros(y.shape[0], width, dtype=ACCUMULATE)  # [T, N]
     for run in pairs.runs:
         _run_lora_linear(acc, x, lora_a, lora_b, run, scale, output_slices, buffer_dtype, y.dtype, cache)
@@ -194,10 +193,12 @@ def pair_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Te
 
 
 def _fusable(y: torch.Tensor, x: torch.Tensor, tensors: Sequence[torch.Tensor], buffer_dtype: torch.dtype) -> bool:
-    """Whether the fused kernel computes exactly what the torch layouts would: everything float32 (no rounding
-    between the products), y and the weights laid out row by row."""
-    return (buffer_dtype == torch.float32 and y.dtype == x.dtype == torch.float32 and y.stride(-1) == 1
-            and all(t.dtype == torch.float32 and t.stride(-1) == 1 for t in tensors))
+    """Whether the fused kernel computes what the torch layouts would: weights, x and y all float32 (every product
+    added straight into y), or all bfloat16 (the products summed in float32, h rounded to bfloat16 before the
+    expand and the sum once into y, as the torch layouts do); the weights laid out row by row."""
+    dtype = y.dtype
+    return (buffer_dtype == torch.float32 and dtype in (torch.float32, torch.bfloat16) and x.dtype == dtype
+            and y.stride(-1) == 1 and all(t.dtype == dtype and t.stride(-1) == 1 for t in tensors))
 
 
 def _flat_b_t(stacked: torch.Tensor, flat: FlatPairs) -> torch.Tensor:
@@ -205,21 +206,44 @@ def _flat_b_t(stacked: torch.Tensor, flat: FlatPairs) -> torch.Tensor:
     return _gather_b(stacked, flat).transpose(1, 2).contiguous()
 
 
+GATHER_MAX_GROUPS = 32
+"""Float32 steps with at most this many flat groups (slots) give the kernel their B blocks gathered and
+transposed, kept in the gather cache from step to step (a gate over tens of experts uses the same slots step after
+step); past it, and always in bfloat16, the kernel reads B in place and transposes one slot's block at a time:
+nothing to allocate, cache or evict when the step's slots change every step (a gate over a thousand experts)."""
+
+
 def _fused_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor],
-                       lora_b: Sequence[torch.Tensor], flat: FlatPairs | None, scale: float,
+                       lora_b: Sequence[torch.Tensor], pairs: StepPairs, scale: float, output_slices: Sequence[int],
                        buffer_dtype: torch.dtype, cache: GatherCache | None) -> bool:
     """y[rows[p], oᵢ:oᵢ+nᵢ] += (scale · weights[p] · x[rows[p]] @ Aᵢ[s]ᵀ) @ Bᵢ[s]ᵀ for every flat pair p of group
-    (slot s), in one call of the fused kernel; the transposed B blocks `[G, r, nᵢ]` are kept in `cache`. Returns
-    False, having done nothing, when there are no flat pairs or the kernel cannot compute them (not float32, not
-    built): the torch layouts serve them."""
+    (slot s), in one call of the fused kernel, then the long runs (`pairs.flat_runs`) as matmuls. In bfloat16 the
+    products are summed in float32 (h rounded to bfloat16 before the expand) and the sum rounded into y once, as
+    the torch layouts do; only steps with a mixture row go there, so that steps of one adapter per row keep vLLM's
+    own sums (tests/serving/fast_lora/test_greedy_equivalence.py). Returns False, having done nothing, when there
+    are no flat pairs or the kernel cannot compute them (another dtype, not built): the torch layouts serve them."""
+    flat = pairs.flat
     if flat is None or not _fusable(y, x, [*lora_a, *lora_b], buffer_dtype):
+        return False
+    direct = y.dtype == torch.float32
+    if not direct and pairs.mixture_rows == 0:
         return False
     fused = native.kernel()
     if fused is None:
         return False
-    bts = [cached(cache, b, ("flat", flat.key), partial(_flat_b_t, b, flat)) for b in lora_b]  # [G, r, nᵢ] each
-    fused.pair_lora(y, x if x.stride(-1) == 1 else x.contiguous(), list(lora_a), bts, flat.slots, flat.starts,
-                    flat.ranks, flat.rows, flat.weights, float(scale))
+    width = sum(output_slices)
+    acc = y if direct else torch.zeros(y.shape[0], width, dtype=ACCUMULATE)  # [T, N]
+    x32 = x.to(ACCUMULATE)  # [T, H]
+    x32 = x32 if x32.stride(-1) == 1 else x32.contiguous()
+    in_place = not direct or flat.slots.numel() > GATHER_MAX_GROUPS
+    bs = list(lora_b) if in_place else [cached(cache, b, ("flat", flat.key), partial(_flat_b_t, b, flat))
+                                        for b in lora_b]  # stacked [S, 1, nᵢ, R], or gathered [G, r, nᵢ]
+    fused.pair_lora(acc, x32, list(lora_a), bs, flat.slots, flat.starts, flat.ranks, flat.rows, flat.weights,
+                    float(scale), in_place, not direct)
+    for run in pairs.flat_runs:
+        _run_lora_linear(acc, x, lora_a, lora_b, run, scale, output_slices, buffer_dtype, y.dtype, cache)
+    if not direct:
+        y[:, :width].add_(acc.to(y.dtype))  # rows without pairs add exactly 0
     return True
 
 

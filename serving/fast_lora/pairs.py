@@ -51,8 +51,11 @@ DENSE_MAX_ROWS = 128
 """...and while they are at most this many rows (the probe measured up to 64; a prefill chunk of scattered rows
 beyond that stays with the batch's bmm)."""
 FLAT_MAX_PAIRS = 1024
-"""A step's flat pairs, at most this many, are laid out `flat` for the fused kernel (a decode step's rows; a
-prefill chunk of scattered rows beyond that multiplies faster as matmuls)."""
+"""A step whose pairs outside runs are at most this many is laid out `flat` for the fused kernel, with its short
+runs (a decode step's rows; a prefill chunk of scattered rows beyond that multiplies faster as matmuls). The short
+runs' pairs do not count: a prefill chunk of ~48 sequences of ~43 tokens, each on its own top-2 mixture (~4,100
+pairs), ran 15-30% faster in the kernel than as 48 runs, in float32 and bfloat16
+(benchmarks/results/issue22-20261208b/layout_probe.txt)."""
 FLAT_RUN_MAX_PAIRS = 96
 """Runs of at most this many pairs (rows × parts) go flat too. Measured (benchmarks/results/issue22-20261208/
 NOTES.md): 32-64 decode rows on one expert ran 1.9-2.4x faster in the kernel than as a run, 128 rows 1.2-1.4x;
@@ -173,8 +176,8 @@ class StepPairs:
     """Pairs of the step, over all slots."""
     dense: DenseRows | None = None
     flat: FlatPairs | None = None
-    """The pairs of `dense`, `loop`, `batch` and the short runs together, flat (None past FLAT_MAX_PAIRS or with
-    none)."""
+    """The pairs of `dense`, `loop`, `batch` and the short runs together, flat (None with more than FLAT_MAX_PAIRS
+    outside runs, or with none)."""
     flat_runs: tuple[Run, ...] = ()
     """With `flat`: the runs it leaves out (longer than FLAT_RUN_MAX_PAIRS), multiplied as matmuls."""
 
@@ -253,7 +256,7 @@ def step_pairs(indices: torch.Tensor, lora_index_to_id: list[int | None]) -> Ste
     for run in short:
         flat_rows[run.rows] = True
     flat_groups = _slot_pairs(indices, flat_rows, parts, table.member_ranks) if short else groups
-    flat = _flat(flat_groups) if flat_groups and sum(g.count for g in flat_groups) <= FLAT_MAX_PAIRS else None
+    flat = _flat(flat_groups) if flat_groups and sum(g.count for g in groups) <= FLAT_MAX_PAIRS else None
     flat_runs = tuple(r for r in runs if r.count * len(r.parts) > FLAT_RUN_MAX_PAIRS) if flat is not None else ()
     return StepPairs(tuple(runs), tuple(loop), _batch(batched), mixture_rows, pairs, dense, flat, flat_runs)
 

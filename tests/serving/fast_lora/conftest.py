@@ -21,16 +21,20 @@ def native_kernel_or_skip():
     return built
 
 
-@pytest.fixture(params=["fused", "dense", "by_slot"])
+@pytest.fixture(params=["fused", "fused_in_place", "dense", "by_slot"])
 def layout(request, monkeypatch):
-    """How the rows outside runs are multiplied (serving.fast_lora.pairs): `fused` (the native kernel, in float32),
-    `dense` (every step small enough) or `by_slot` (never dense: loop and batch), so that each test that takes it
-    checks all three. The kernel must build wherever a C++ compiler is found (MODE_COTD_NATIVE_LORA=0 turns it off)."""
-    from serving.fast_lora import pairs
+    """How the rows outside runs are multiplied (serving.fast_lora.pairs): `fused` (the native kernel; float32 reads
+    B gathered while the step has few slots, bfloat16 in place), `fused_in_place` (the kernel reading B in place
+    whatever the slots), `dense` (every step small enough) or `by_slot` (never dense: loop and batch), so that each
+    test that takes it checks all four. The kernel must build wherever a C++ compiler is found
+    (MODE_COTD_NATIVE_LORA=0 turns it off)."""
+    from serving.fast_lora import ops, pairs
 
-    if request.param == "fused":
+    if request.param.startswith("fused"):
         native_kernel_or_skip()
         monkeypatch.setattr(pairs, "FLAT_MAX_PAIRS", 10**9)
+        if request.param == "fused_in_place":
+            monkeypatch.setattr(ops, "GATHER_MAX_GROUPS", -1)
         return request.param
     monkeypatch.setattr(pairs, "FLAT_MAX_PAIRS", -1)  # no flat layout: the torch layouts serve
     dense = request.param == "dense"

@@ -13,7 +13,7 @@ import torch
 from serving.fast_lora import native
 
 HIDDEN = 37  # not a multiple of the kernel's 16 lanes: its tails run too
-SLICES = (40, 19, 16)
+SLICES = (40, 19, 16, 83)  # 83: the expand's 64-wide, 16-wide and one-by-one loops
 SLOTS, RANK = 6, 8
 
 
@@ -96,7 +96,7 @@ def test_the_kernel_reads_strided_x_and_a_stacked_without_the_middle_dimension(k
     (lambda f: {**f, "weights": f["weights"].double()}, "weights must be a float32 CPU tensor"),
     (lambda f: {**f, "rows": f["rows"].int()}, "index tensors are contiguous int64"),
     (lambda f: {**f, "starts": torch.tensor([0, 2, 5, 6, 6])}, r"starts \[G\+1\] and ranks \[G\]"),
-    (lambda f: {**f, "bt": f["bt"][:2]}, "one A and one gathered B per slice"),
+    (lambda f: {**f, "bt": f["bt"][:2]}, "one A and one B per slice"),
 ])
 def test_bad_input_is_refused_before_anything_is_written(kernel, change, message):
     a, b = _weights(seed=4)
@@ -107,6 +107,70 @@ def test_bad_input_is_refused_before_anything_is_written(kernel, change, message
     f = change({"slots": slots, "starts": starts, "ranks": ranks, "rows": rows, "weights": weights, "bt": bts})
     with pytest.raises(RuntimeError, match=message):
         kernel.pair_lora(y, x, a, f["bt"], f["slots"], f["starts"], f["ranks"], f["rows"], f["weights"], 1.0)
+    assert torch.equal(y, before)
+
+
+def _in_place(b, dtype):
+    return [bi.to(dtype) for bi in b]  # vLLM's stacked B [S, 1, n, R]
+
+
+@pytest.mark.parametrize("squeeze", [False, True])
+def test_the_kernel_reads_b_in_place_as_it_reads_b_gathered(kernel, squeeze):
+    a, b = _weights(seed=5)
+    x = torch.randn(7, HIDDEN, generator=torch.Generator().manual_seed(6))
+    y0 = torch.randn(7, sum(SLICES), generator=torch.Generator().manual_seed(7))
+    slots, starts, ranks, rows, weights, bts = _flat(_groups(), b)
+    stacked = [bi[:, 0] if squeeze else bi for bi in b]  # [S, n, R] or [S, 1, n, R]
+    y_gathered, y_in_place = y0.clone(), y0.clone()
+    kernel.pair_lora(y_gathered, x, a, bts, slots, starts, ranks, rows, weights, 0.5)
+    kernel.pair_lora(y_in_place, x, a, stacked, slots, starts, ranks, rows, weights, 0.5, True)
+    assert torch.equal(y_in_place, y_gathered)  # the same sums in the same order
+    torch.testing.assert_close(y_in_place.double(), _expected(y0, x, a, b, _groups(), 0.5), rtol=1e-5, atol=1e-4)
+
+
+def _expected_rounded(y, x, a, b, groups, scale):
+    """As _expected, with h rounded to bfloat16 before the expand (the weights as given, bfloat16 widened)."""
+    out = y.double().clone()
+    for slot, rank, pairs in groups:
+        r = RANK if rank < 0 else rank
+        for row, w in pairs:
+            offset = 0
+            for ai, bi, n in zip(a, b, SLICES):
+                h = (scale * w * (x[row].double() @ ai[slot, 0, :r].double().t())).to(torch.bfloat16).double()
+                out[row, offset : offset + n] += h @ bi[slot, 0, :, :r].double().t()
+                offset += n
+    return out
+
+
+def test_bfloat16_weights_are_widened_and_h_is_rounded_to_bfloat16_with_round_h(kernel):
+    a32, b32 = _weights(seed=8)
+    a, b = [ai.to(torch.bfloat16) for ai in a32], _in_place(b32, torch.bfloat16)
+    x = torch.randn(7, HIDDEN, generator=torch.Generator().manual_seed(9))
+    y0 = torch.zeros(7, sum(SLICES))
+    slots, starts, ranks, rows, weights, _ = _flat(_groups(), b32)
+    rounded, unrounded = y0.clone(), y0.clone()
+    kernel.pair_lora(rounded, x, a, b, slots, starts, ranks, rows, weights, 0.5, True, True)
+    kernel.pair_lora(unrounded, x, a, b, slots, starts, ranks, rows, weights, 0.5, True, False)
+    torch.testing.assert_close(rounded.double(), _expected_rounded(y0, x, a, b, _groups(), 0.5), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(unrounded.double(), _expected(y0, x, a, b, _groups(), 0.5), rtol=1e-5, atol=1e-4)
+    assert not torch.equal(rounded, unrounded)
+
+
+@pytest.mark.parametrize("weights_of, in_place, message", [
+    (lambda a, b: (a, [bi.to(torch.bfloat16) for bi in b]), True, "B must be a CPU tensor of the weights' dtype"),
+    (lambda a, b: ([ai.to(torch.bfloat16) for ai in a], b), True, "B must be a CPU tensor of the weights' dtype"),
+    (lambda a, b: ([ai.half() for ai in a], [bi.half() for bi in b]), True, "float32 or bfloat16, not Half"),
+    (lambda a, b: ([ai.to(torch.bfloat16) for ai in a], [bi.to(torch.bfloat16) for bi in b]), False,
+     "bfloat16 weights need b_in_place"),
+])
+def test_weights_of_other_or_mixed_dtypes_are_refused(kernel, weights_of, in_place, message):
+    a, b = weights_of(*_weights(seed=10))
+    y = torch.randn(7, sum(SLICES))
+    before = y.clone()
+    slots, starts, ranks, rows, weights, bts = _flat(_groups(), _weights(seed=10)[1])
+    with pytest.raises(RuntimeError, match=message):
+        kernel.pair_lora(y, torch.randn(7, HIDDEN), a, b if in_place else bts, slots, starts, ranks, rows, weights,
+                         1.0, in_place)
     assert torch.equal(y, before)
 
 

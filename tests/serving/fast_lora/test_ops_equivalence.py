@@ -86,7 +86,7 @@ def test_add_lora_linear_matches_vllm(step, dtype, scale, layout):
     p = ours.pairs
     if layout == "by_slot":
         assert (len(p.runs), len(p.loop), 0 if p.batch is None else p.batch.slots.numel()) == PATHS[step]
-    elif layout == "fused":  # the rows outside runs and the short runs flat, every pair once
+    elif layout.startswith("fused"):  # the rows outside runs and the short runs flat, every pair once
         assert (p.flat is None) == (not p.table()) and p.flat_table() == pytest.approx(p.table())
         assert all(r.count * len(r.parts) > pairs.FLAT_RUN_MAX_PAIRS for r in p.flat_runs)
     else:  # the rows outside runs, all of them dense
@@ -190,7 +190,7 @@ def test_group_rows_slices_runs_and_indexes_scattered_rows():
 def test_padded_rows_beyond_the_mapping_are_left_alone(layout):
     """If the layer sees more rows than the step's mapping (padding), the extra rows get nothing."""
     (_, ours), t, _ = _wrappers("decode")
-    assert {"by_slot": ours.pairs.batch, "dense": ours.pairs.dense, "fused": ours.pairs.flat}[layout] is not None
+    assert {"by_slot": ours.pairs.batch, "dense": ours.pairs.dense, "fused": ours.pairs.flat, "fused_in_place": ours.pairs.flat}[layout] is not None
     dtype = torch.float32
     a = tuple(_stacked(RANK, HIDDEN, dtype, seed=i) for i in range(3))
     b = tuple(_stacked(n, RANK, dtype, seed=10 + i) for i, n in enumerate(QKV_SLICES))
