@@ -48,16 +48,18 @@ def _flat(groups, b):
     return slots, starts, ranks, rows, weights, bts
 
 
-def _expected(y, x, a, b, groups, scale):
-    """y[row, oᵢ:oᵢ+nᵢ] + scale·w · x[row] @ Aᵢ[s][:r]ᵀ @ Bᵢ[s][:, :r]ᵀ per pair, in float64."""
+def _expected(y, x, a, b, groups, scale, round_h=False):
+    """y[row, oᵢ:oᵢ+nᵢ] + scale·w · x[row] @ Aᵢ[s][:r]ᵀ @ Bᵢ[s][:, :r]ᵀ per pair, in float64 (`round_h`: h, scale and
+    weight applied, rounded to bfloat16 before the expand; the weights as given, bfloat16 widened)."""
     out = y.double().clone()
     for slot, rank, pairs in groups:
         r = RANK if rank < 0 else rank
         for row, w in pairs:
             offset = 0
             for ai, bi, n in zip(a, b, SLICES):
-                h = x[row].double() @ ai[slot, 0, :r].double().t()  # [r]
-                out[row, offset : offset + n] += scale * w * (h @ bi[slot, 0, :, :r].double().t())
+                h = scale * w * (x[row].double() @ ai[slot, 0, :r].double().t())  # [r]
+                h = h.to(torch.bfloat16).double() if round_h else h
+                out[row, offset : offset + n] += h @ bi[slot, 0, :, :r].double().t()
                 offset += n
     return out
 
@@ -128,20 +130,6 @@ def test_the_kernel_reads_b_in_place_as_it_reads_b_gathered(kernel, squeeze):
     torch.testing.assert_close(y_in_place.double(), _expected(y0, x, a, b, _groups(), 0.5), rtol=1e-5, atol=1e-4)
 
 
-def _expected_rounded(y, x, a, b, groups, scale):
-    """As _expected, with h rounded to bfloat16 before the expand (the weights as given, bfloat16 widened)."""
-    out = y.double().clone()
-    for slot, rank, pairs in groups:
-        r = RANK if rank < 0 else rank
-        for row, w in pairs:
-            offset = 0
-            for ai, bi, n in zip(a, b, SLICES):
-                h = (scale * w * (x[row].double() @ ai[slot, 0, :r].double().t())).to(torch.bfloat16).double()
-                out[row, offset : offset + n] += h @ bi[slot, 0, :, :r].double().t()
-                offset += n
-    return out
-
-
 def test_bfloat16_weights_are_widened_and_h_is_rounded_to_bfloat16_with_round_h(kernel):
     a32, b32 = _weights(seed=8)
     a, b = [ai.to(torch.bfloat16) for ai in a32], _in_place(b32, torch.bfloat16)
@@ -151,8 +139,8 @@ def test_bfloat16_weights_are_widened_and_h_is_rounded_to_bfloat16_with_round_h(
     rounded, unrounded = y0.clone(), y0.clone()
     kernel.pair_lora(rounded, x, a, b, slots, starts, ranks, rows, weights, 0.5, True, True)
     kernel.pair_lora(unrounded, x, a, b, slots, starts, ranks, rows, weights, 0.5, True, False)
-    torch.testing.assert_close(rounded.double(), _expected_rounded(y0, x, a, b, _groups(), 0.5), rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(unrounded.double(), _expected(y0, x, a, b, _groups(), 0.5), rtol=1e-5, atol=1e-4)
+    for y, round_h in ((rounded, True), (unrounded, False)):
+        torch.testing.assert_close(y.double(), _expected(y0, x, a, b, _groups(), 0.5, round_h), rtol=1e-5, atol=1e-4)
     assert not torch.equal(rounded, unrounded)
 
 
