@@ -27,7 +27,7 @@ from mode_cotd.atomic import write_text_atomic
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = ("README.md", "docs/performance.md")
 """The files (repository-relative) whose figure blocks are generated."""
-LATEST_FULL = "benchmarks/results/full-20261208"
+LATEST_FULL = "benchmarks/results/full-20261208b"
 """The latest committed full `mode-cotd bench` run: the one README and docs/performance.md quote."""
 
 ROWS = (
