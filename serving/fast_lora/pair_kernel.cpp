@@ -189,6 +189,8 @@ inline void transpose_16x8(Lanes t[8], const Lanes v[8]) {
 }
 
 // out[k·n + o] = B[o·os + k] for k < rank, o < n: one slot's B block transposed (and widened) for `expand`.
+// Lane shuffles serve blocks of 8 columns (rank-8 slots) only; other widths take the scalar loop, measured
+// 1.5-3x slower than reading a cached gather (benchmarks/results/issue22-20261208b/layout_probe.txt).
 template <typename W>
 void transpose_block(float* out, const W* b, int64_t os, int64_t rank, int64_t n) {
   int64_t o = 0;
@@ -216,10 +218,6 @@ void check_weight(const torch::Tensor& t, torch::ScalarType dtype, const char* n
               c10::toString(dtype), "), not ", c10::toString(t.scalar_type()));
   TORCH_CHECK(t.stride(-1) == 1, name, " must be contiguous in its last dimension");
 }
-
-}  // namespace
-
-namespace {
 
 // The loop over groups, slices and blocks of pairs, for weights of type W.
 template <typename W>
@@ -346,7 +344,7 @@ void pair_lora(torch::Tensor y, torch::Tensor x, std::vector<torch::Tensor> a, s
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pair_lora", &pair_lora, "y[rows[p], oᵢ:oᵢ+nᵢ] += (scale·weights[p]) · B̂ᵢ[g]ᵀ Aᵢ[slots[g]] x[rows[p]] for each group g's pairs p "
         "(B̂ᵢ gathered [G, r, nᵢ] float32, or with b_in_place Bᵢ[slots[g]]ᵀ read from the stacked B)",
-        pybind11::arg("y"), pybind11::arg("x"), pybind11::arg("a"), pybind11::arg("bt"), pybind11::arg("slots"),
+        pybind11::arg("y"), pybind11::arg("x"), pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("slots"),
         pybind11::arg("starts"), pybind11::arg("ranks"), pybind11::arg("rows"), pybind11::arg("weights"),
         pybind11::arg("scale"), pybind11::arg("b_in_place") = false, pybind11::arg("round_h") = false);
 }
